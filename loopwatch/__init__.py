@@ -1,0 +1,76 @@
+"""loopwatch: an event-loop watchdog for asyncio, on stock asyncio and uvloop alike.
+
+Only re-exports live here. They are loaded on first use (PEP 562), so that the start-up check
+behind ``LOOPWATCH=1`` can import ``loopwatch._bootstrap`` without importing asyncio.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._config import Settings
+    from ._dispatch import Exporter
+    from ._events import (
+        CoroutineNeverAwaited,
+        Event,
+        LoopStalled,
+        SlowCallback,
+        TaskExceptionUnretrieved,
+        TaskLeaked,
+        TaskOrphaned,
+    )
+    from ._loops import install, new_event_loop, new_uvloop_event_loop, uninstall
+    from ._policy import EventLoopPolicy
+
+__all__ = [
+    "CoroutineNeverAwaited",
+    "Event",
+    "EventLoopPolicy",
+    "Exporter",
+    "LoopStalled",
+    "Settings",
+    "SlowCallback",
+    "TaskExceptionUnretrieved",
+    "TaskLeaked",
+    "TaskOrphaned",
+    "__version__",
+    "install",
+    "new_event_loop",
+    "new_uvloop_event_loop",
+    "uninstall",
+]
+
+__version__ = "0.1.0"
+
+# name -> module that defines it
+_LAZY = {
+    "CoroutineNeverAwaited": "._events",
+    "Event": "._events",
+    "EventLoopPolicy": "._policy",
+    "Exporter": "._dispatch",
+    "LoopStalled": "._events",
+    "Settings": "._config",
+    "SlowCallback": "._events",
+    "TaskExceptionUnretrieved": "._events",
+    "TaskLeaked": "._events",
+    "TaskOrphaned": "._events",
+    "install": "._loops",
+    "new_event_loop": "._loops",
+    "new_uvloop_event_loop": "._loops",
+    "uninstall": "._loops",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loopwatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,94 @@
+"""The ``loopwatch`` command: ``loopwatch run [OPTIONS] -- COMMAND`` and ``loopwatch demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from ._config import PREFIX, SPECS, SettingError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopwatch",
+        description="An event-loop watchdog for asyncio and uvloop.",
+    )
+    parser.add_argument("--version", action="version", version=f"loopwatch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a command with loopwatch on (LOOPWATCH=1)",
+        description=(
+            "Run COMMAND with LOOPWATCH=1 and each option below turned into its LOOPWATCH_* "
+            "variable. Every Python process it starts from this environment is watched, "
+            "subprocesses included. A bare 'python' or 'python3' runs this interpreter."
+        ),
+        usage="loopwatch run [OPTIONS] -- COMMAND [ARGS...]",
+    )
+    for spec in SPECS.values():
+        run.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            dest=spec.name,
+            metavar=spec.name.split("_")[-1].upper(),
+            help=f"{spec.doc} Sets {spec.env}. Accepts {spec.accepted}.",
+        )
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="what to run")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a small service under the watchdog and show what it finds",
+        description="Start a small HTTP service on 127.0.0.1, block its loop, and show the finding.",
+    )
+    demo.add_argument("--uvloop", action="store_true", help="run the service on uvloop")
+    demo.add_argument(
+        "--requests", type=int, default=6, metavar="N", help="requests the demo client sends"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(parser, args)
+    if args.command == "demo":
+        from ._demo import main as demo_main
+
+        return demo_main(uvloop=args.uvloop, requests=args.requests)
+    parser.print_help()
+    return 2
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        parser.error("run needs a command after --, e.g. loopwatch run -- python app.py")
+    env = dict(os.environ)
+    env[PREFIX] = "1"
+    for spec in SPECS.values():
+        value = getattr(args, spec.name)
+        if value is None:
+            continue
+        try:
+            spec.coerce(value, "--" + spec.name.replace("_", "-"))
+        except SettingError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+        env[spec.env] = value
+    if command[0] in ("python", "python3"):
+        command[0] = sys.executable
+    program = shutil.which(command[0], path=env.get("PATH"))
+    if program is None:
+        print(f"loopwatch: command not found: {command[0]}", file=sys.stderr)
+        return 127
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(program, command, env)
+    return 0  # pragma: no cover - exec does not return

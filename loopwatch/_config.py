@@ -1,0 +1,241 @@
+"""The one settings object, and the only place that reads the environment.
+
+Why one place: loopwatch is switched on from the environment of a process it did not write
+(``LOOPWATCH=1``), so every variable it honours must be listed, validated and documented together.
+``docs/reference/configuration.md`` is generated from ``SPECS`` below, so the two cannot drift.
+Nothing outside ``LOOPWATCH*`` is ever read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+PREFIX: Final = "LOOPWATCH"
+LOG_MODES: Final = ("auto", "structlog", "logging", "json", "off")
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"", "0", "false", "no", "off"})
+
+
+class SettingError(ValueError):
+    """A setting has a value loopwatch cannot use; the message names it and what is accepted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob loopwatch has. Environment: ``LOOPWATCH_<NAME>``; keyword: ``<name>``."""
+
+    slow_callback_ms: float = 100.0
+    stall_ms: float = 2000.0
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    log: str = "auto"
+    log_file: str | None = None
+
+    @property
+    def slow_callback_s(self) -> float:
+        return self.slow_callback_ms / 1000.0
+
+    @property
+    def stall_s(self) -> float:
+        return self.stall_ms / 1000.0
+
+    def replace(self, **overrides: Any) -> Settings:
+        """Return a copy with keyword overrides, each validated as the environment would be.
+
+        Raises ``TypeError`` for an unknown name and ``SettingError`` for a bad value: in code, a
+        mistake is the caller's to see at once (the environment path only reports and goes on).
+        """
+        if not overrides:
+            return self
+        values: dict[str, Any] = {}
+        for name, value in overrides.items():
+            spec = SPECS.get(name)
+            if spec is None:
+                known = ", ".join(sorted(SPECS))
+                raise TypeError(f"loopwatch: unknown setting {name!r}; known settings: {known}")
+            values[name] = spec.coerce(value, name)
+        return dataclasses.replace(self, **values)
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """How one setting is parsed and documented."""
+
+    name: str
+    parse: Callable[[str], Any]
+    accepted: str
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return f"{PREFIX}_{self.name.upper()}"
+
+    def coerce(self, value: Any, label: str) -> Any:
+        if value is None and SPECS_OPTIONAL.get(self.name, False):
+            return None
+        text = value if isinstance(value, str) else repr(value)
+        if not isinstance(value, str):
+            # Keyword arguments may be numbers already; run them through the same rules.
+            value = str(value)
+        try:
+            return self.parse(value)
+        except (ValueError, TypeError):
+            raise SettingError(
+                f"loopwatch: {label}={text!r} is not accepted; expected {self.accepted}"
+            ) from None
+
+
+def _positive_ms(text: str) -> float:
+    value = float(text.strip())
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _port(text: str) -> int | None:
+    text = text.strip()
+    if text == "":
+        return None
+    port = int(text, 10)
+    if not 0 <= port <= 65535:
+        raise ValueError(text)
+    return port
+
+
+def _addr(text: str) -> str:
+    text = text.strip()
+    if not text or any(c.isspace() for c in text):
+        raise ValueError(text)
+    return text
+
+
+def _log_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in LOG_MODES:
+        raise ValueError(text)
+    return mode
+
+
+def _path(text: str) -> str | None:
+    return text if text.strip() else None
+
+
+SPECS: Final[dict[str, Spec]] = {
+    s.name: s
+    for s in (
+        Spec(
+            "slow_callback_ms",
+            _positive_ms,
+            "a number of milliseconds above 0",
+            "A callback or task step that holds the loop this long is reported "
+            "(`loopwatch.slow_callback`).",
+        ),
+        Spec(
+            "stall_ms",
+            _positive_ms,
+            "a number of milliseconds above 0",
+            "A loop still blocked this long is reported while it is still blocked "
+            "(`loopwatch.loop_stalled`).",
+        ),
+        Spec(
+            "metrics_port",
+            _port,
+            "a port number from 0 to 65535 (0 picks a free port)",
+            "Serve Prometheus metrics at `http://ADDR:PORT/metrics`. Unset: no endpoint.",
+        ),
+        Spec(
+            "metrics_addr",
+            _addr,
+            "an address to bind, such as 127.0.0.1 or 0.0.0.0",
+            "Address of the metrics endpoint. Keep the default unless the endpoint must be "
+            "reached from another host.",
+        ),
+        Spec(
+            "log",
+            _log_mode,
+            "one of " + ", ".join(LOG_MODES),
+            "Where events go: `auto` (structlog if the program configured it, else stdlib "
+            "logging), `structlog`, `logging`, `json` (JSON lines), `off`.",
+        ),
+        Spec(
+            "log_file",
+            _path,
+            "a file path",
+            "With `json`: append the JSON lines to this file instead of standard error.",
+        ),
+    )
+}
+SPECS_OPTIONAL: Final = {"metrics_port": True, "log_file": True}
+
+
+def enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether ``LOOPWATCH`` asks for zero-code activation. Unknown words say so and stay off."""
+    raw = environ.get(PREFIX, "")
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word not in _FALSE:
+        report(f"loopwatch: {PREFIX}={raw!r} is not accepted; expected 1 to turn it on or 0 to keep it off; loopwatch stays off")
+    return False
+
+
+def from_environ(
+    environ: Mapping[str, str] = os.environ,
+    *,
+    on_error: Callable[[str], None] | None = None,
+) -> Settings:
+    """Read every ``LOOPWATCH_*`` variable. A bad value is reported once and its default kept."""
+    say = on_error or report
+    values: dict[str, Any] = {}
+    for spec in SPECS.values():
+        raw = environ.get(spec.env)
+        if raw is None:
+            continue
+        try:
+            values[spec.name] = spec.coerce(raw, spec.env)
+        except SettingError as exc:
+            default = getattr(Settings(), spec.name)
+            say(f"{exc}; using the default ({default!r})")
+    return Settings(**values)
+
+
+_environ_cache: tuple[tuple[tuple[str, str], ...], Settings] | None = None
+
+
+def environ_settings() -> Settings:
+    """``from_environ()`` for this process, read once: a bad value is reported once, not per loop.
+
+    Read again only if the ``LOOPWATCH_*`` variables changed since (tests change them).
+    """
+    global _environ_cache
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX + "_")))
+    cached = _environ_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    settings = from_environ()
+    _environ_cache = (key, settings)
+    return settings
+
+
+def report(line: str) -> None:
+    """One line on standard error: how loopwatch tells a person that it changed course."""
+    try:
+        sys.stderr.write(line.rstrip("\n") + "\n")
+        sys.stderr.flush()
+    except Exception:  # a closed or broken stderr must not become the host's problem
+        pass
+
+
+def env_for(settings: Mapping[str, Any]) -> dict[str, str]:
+    """The environment variables that carry these keyword settings (for ``loopwatch run``)."""
+    out: dict[str, str] = {}
+    for name, value in settings.items():
+        if value is None:
+            continue
+        out[SPECS[name].env] = str(value)
+    return out

@@ -1,0 +1,140 @@
+"""The event records: one frozen, slotted class per finding.
+
+Slots because a flood of events must stay cheap to hold; frozen because an event is handed to
+several exporters, in several threads, and none of them may change what the others see.
+Every field is plain data (str, float, list of str): an event never holds a frame, a task, a
+coroutine or an exception, so keeping one keeps nothing of the program alive.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """A finding. ``event`` is its name; the other attributes are its fields."""
+
+    event: ClassVar[str] = "loopwatch.event"
+    time: float = field(default_factory=time.time)
+    pid: int = field(default_factory=os.getpid)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The name under ``event`` and every field, in declaration order; lists are copied."""
+        out: dict[str, Any] = {"event": self.event}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @property
+    def place(self) -> str | None:
+        """Where in the program this finding points: the block's location or the creation site."""
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlowCallback(Event):
+    """A callback or task step held the loop for ``threshold_s`` or more (reported when it ends)."""
+
+    event: ClassVar[str] = "loopwatch.slow_callback"
+    duration_s: float
+    threshold_s: float
+    task: str | None
+    coroutine: str | None
+    location: str | None
+    stack: tuple[str, ...]
+    loop: str
+
+    @property
+    def place(self) -> str | None:
+        return self.location
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoopStalled(Event):
+    """The loop has been blocked for ``blocked_s`` and still is (reported while it is)."""
+
+    event: ClassVar[str] = "loopwatch.loop_stalled"
+    blocked_s: float
+    task: str | None
+    coroutine: str | None
+    location: str | None
+    stack: tuple[str, ...]
+    loop: str
+
+    @property
+    def place(self) -> str | None:
+        return self.location
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskLeaked(Event):
+    """A task was still pending when its loop, scope or test ended."""
+
+    event: ClassVar[str] = "loopwatch.task_leaked"
+    task: str
+    coroutine: str
+    created_at: str | None
+    age_s: float
+    awaiting: str | None
+
+    @property
+    def place(self) -> str | None:
+        return self.created_at
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskOrphaned(Event):
+    """A pending task was destroyed by the garbage collector: nobody held it."""
+
+    event: ClassVar[str] = "loopwatch.task_orphaned"
+    task: str
+    coroutine: str
+    created_at: str | None
+
+    @property
+    def place(self) -> str | None:
+        return self.created_at
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskExceptionUnretrieved(Event):
+    """A task ended with an exception that nobody retrieved."""
+
+    event: ClassVar[str] = "loopwatch.task_exception_unretrieved"
+    task: str
+    coroutine: str
+    created_at: str | None
+    exception: str
+
+    @property
+    def place(self) -> str | None:
+        return self.created_at
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoroutineNeverAwaited(Event):
+    """A coroutine object was created and dropped without being awaited."""
+
+    event: ClassVar[str] = "loopwatch.coroutine_never_awaited"
+    coroutine: str
+    location: str | None
+
+    @property
+    def place(self) -> str | None:
+        return self.location
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    SlowCallback,
+    LoopStalled,
+    TaskLeaked,
+    TaskOrphaned,
+    TaskExceptionUnretrieved,
+    CoroutineNeverAwaited,
+)
+EVENT_NAMES: tuple[str, ...] = tuple(t.event for t in EVENT_TYPES)

@@ -1,0 +1,87 @@
+"""Post-import hooks: run a function once a module has been imported, without importing it.
+
+Used by the zero-code start-up so that ``LOOPWATCH=1`` in a process that never imports asyncio
+costs nothing beyond reading the settings.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from importlib.abc import Loader, MetaPathFinder
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any
+
+
+_hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
+
+
+def when_imported(name: str, hook: Callable[[ModuleType], None]) -> None:
+    """Call ``hook(module)`` once ``name`` is imported (now, if it already is)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        _call(name, hook, module)
+        return
+    _hooks.setdefault(name, []).append(hook)
+    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
+
+
+def _call(name: str, hook: Callable[[ModuleType], None], module: ModuleType) -> None:
+    try:
+        hook(module)
+    except Exception as exc:  # noqa: BLE001
+        from ._config import report
+
+        report(f"loopwatch: hooking {name} failed ({type(exc).__name__}: {exc}); it is not watched")
+
+
+class _PostImportFinder(MetaPathFinder):
+    """Finds nothing itself: it lets the other finders find a hooked module, then wraps its loader."""
+
+    def __init__(self) -> None:
+        self._busy: set[str] = set()
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname not in _hooks or fullname in self._busy:
+            return None
+        self._busy.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._busy.discard(fullname)
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _HookedLoader(spec.loader, fullname)
+        return spec
+
+
+class _HookedLoader(Loader):
+    def __init__(self, loader: Any, name: str) -> None:
+        self._loader = loader
+        self._name = name
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)  # type: ignore[no-any-return]
+
+    def exec_module(self, module: ModuleType) -> None:
+        # Put the real loader back first: importlib.resources and friends read spec.loader.
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        module.__loader__ = self._loader
+        self._loader.exec_module(module)
+        for hook in _hooks.pop(self._name, []):
+            _call(self._name, hook, module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)

@@ -1,0 +1,122 @@
+"""Places in code: ``path:line in function``, and which files are the program's own.
+
+Classifying a file costs a few string operations; each file name is classified once and cached
+(a dict lookup afterwards, ~30 ns), so walking a stack of 50 frames stays in the microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import sysconfig
+from types import CodeType, FrameType
+from typing import Final
+
+_LOOPWATCH_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# The bundled demo plays the part of a user's program: its frames are "own code".
+_DEMO_DIR: Final = _LOOPWATCH_DIR + "demo" + os.sep
+_ASYNCIO_DIR: Final = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
+
+
+def _library_dirs() -> tuple[str, ...]:
+    dirs: set[str] = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.add(os.path.abspath(path) + os.sep)
+    for path in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix):
+        dirs.add(os.path.join(os.path.abspath(path), "lib") + os.sep)
+    return tuple(sorted(dirs))
+
+
+_LIBRARY_DIRS: Final = _library_dirs()
+_MACHINERY_DIRS: list[str] = [_ASYNCIO_DIR, _LOOPWATCH_DIR]
+_own_cache: dict[str, bool] = {}
+_machinery_cache: dict[str, bool] = {}
+
+
+def _machinery_dirs() -> list[str]:
+    """asyncio's and loopwatch's folders, and uvloop's once it has been imported."""
+    if len(_MACHINERY_DIRS) == 2:
+        uvloop = sys.modules.get("uvloop")
+        path = getattr(uvloop, "__file__", None)
+        if path:
+            _MACHINERY_DIRS.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+            _machinery_cache.clear()
+    return _MACHINERY_DIRS
+
+
+def is_machinery(filename: str) -> bool:
+    """True for asyncio's, uvloop's and loopwatch's own files: frames a finding looks past."""
+    dirs = _machinery_dirs()  # first: it empties the cache when uvloop has just arrived
+    known = _machinery_cache.get(filename)
+    if known is None:
+        path = os.path.abspath(filename) if not filename.startswith("<") else filename
+        known = path.startswith(tuple(dirs)) and not path.startswith(_DEMO_DIR)
+        _machinery_cache[filename] = known
+    return known
+
+
+def is_own_code(filename: str) -> bool:
+    """True for the program's own files: not the standard library, site-packages or loopwatch."""
+    known = _own_cache.get(filename)
+    if known is None:
+        if filename.startswith("<"):
+            known = False
+        else:
+            path = os.path.abspath(filename)
+            known = path.startswith(_DEMO_DIR) or not (
+                path.startswith(_LOOPWATCH_DIR)
+                or path.startswith(_LIBRARY_DIRS)
+                or f"{os.sep}site-packages{os.sep}" in path
+                or f"{os.sep}dist-packages{os.sep}" in path
+            )
+        _own_cache[filename] = known
+    return known
+
+
+def place(code: CodeType, lineno: int | None) -> str:
+    """``path:line in function`` for a code object and a line."""
+    return f"{code.co_filename}:{lineno if lineno is not None else '?'} in {code.co_name}"
+
+
+def frame_place(frame: FrameType) -> str:
+    return place(frame.f_code, frame.f_lineno)
+
+
+def frames_outermost_first(frame: FrameType | None) -> list[FrameType]:
+    frames: list[FrameType] = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    frames.reverse()
+    return frames
+
+
+def innermost_own(frames: list[FrameType]) -> FrameType | None:
+    """The innermost frame of the program's own code, else the innermost non-machinery frame."""
+    for frame in reversed(frames):
+        if is_own_code(frame.f_code.co_filename):
+            return frame
+    for frame in reversed(frames):
+        if not is_machinery(frame.f_code.co_filename):
+            return frame
+    return frames[-1] if frames else None
+
+
+def callback_entry(frames: list[FrameType]) -> FrameType | None:
+    """The frame where the loop handed control to the running callback or task step.
+
+    The loop thread's stack reads, outermost first: whatever started the loop, then the loop's
+    own machinery (asyncio or uvloop, and loopwatch's run wrapper), then the callback. The first
+    frame after the outermost run of machinery is the callback's: a fresh frame object for every
+    plain callback, and the coroutine's own frame for a task step.
+    """
+    in_machinery = False
+    for frame in frames:
+        if is_machinery(frame.f_code.co_filename):
+            in_machinery = True
+        elif in_machinery:
+            return frame
+    return None

@@ -1,0 +1,87 @@
+"""The process-wide state of an active loopwatch: settings, the dispatcher, the watchdog, lag.
+
+Created by the first ``install()``, loop factory or policy, or by ``LOOPWATCH=1``; torn down whole
+by ``uninstall()``. A forked child keeps the settings and exporters but none of the threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from . import _config
+from ._config import Settings
+from ._dispatch import Dispatcher
+from ._stats import Histogram
+from ._watchdog import Watchdog
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dispatcher = Dispatcher()
+        self.watchdog = Watchdog()
+        self.lag = Histogram()
+        from .exporters import from_settings
+
+        for exporter in from_settings(settings):
+            self.dispatcher.add_exporter(exporter)
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self.dispatcher.close()
+
+    def after_fork_in_child(self) -> None:
+        self.watchdog.after_fork_in_child()
+        self.dispatcher.after_fork_in_child()
+
+
+_lock = threading.RLock()
+_current: Runtime | None = None
+_fork_hook_installed = False
+
+
+def current() -> Runtime | None:
+    return _current
+
+
+def activate(**overrides: Any) -> Runtime:
+    """The active runtime, created from the environment (and these keywords) if there is none.
+
+    Keywords given to a later call update the settings used for loops attached from then on.
+    """
+    global _current
+    with _lock:
+        runtime = _current
+        if runtime is None:
+            settings = _config.environ_settings().replace(**overrides)
+            runtime = _current = Runtime(settings)
+            _install_fork_hook()
+        elif overrides:
+            runtime.settings = runtime.settings.replace(**overrides)
+        return runtime
+
+
+def deactivate() -> None:
+    global _current
+    with _lock:
+        runtime, _current = _current, None
+    if runtime is not None:
+        runtime.close()
+
+
+def _install_fork_hook() -> None:
+    global _fork_hook_installed
+    if _fork_hook_installed or not hasattr(os, "register_at_fork"):
+        return
+    _fork_hook_installed = True
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()
+    runtime = _current
+    if runtime is not None:
+        runtime.after_fork_in_child()

@@ -1,0 +1,359 @@
+"""Blocks seen while they happen: a heartbeat on each loop, one sampler thread for all of them.
+
+A blocked loop cannot report on itself, and on uvloop no callback hook sees I/O callbacks such as
+``data_received``. So each watched loop runs a heartbeat, a timer that re-arms itself every
+``period`` (a tenth of the slow-callback threshold, 10 ms by default) and writes the time it ran.
+Cost on the loop: one timer callback per period, about 2 us, so 0.02% of a core at the default.
+
+One daemon thread watches every loop. It sleeps until the earliest moment a loop could be half a
+threshold late (``beat + threshold/2``), so a healthy loop wakes it about 20 times a second and it
+never polls on a tight timer that would fight the loop for the GIL. When a heartbeat is that late,
+it samples the loop thread's stack (``sys._current_frames``) and running task every ``period``
+until the heartbeat runs again:
+
+- The sample's *signature* is the frame where the loop entered the running callback (a new frame
+  object for each plain callback, the coroutine's own frame for a task step) and the running task.
+  A heartbeat that is late because one loop iteration ran thousands of short callbacks shows a
+  different signature at each sample, so it is not mistaken for one callback blocking.
+- A block starts after the last heartbeat (or after the last sample that showed something else)
+  and ends when the heartbeat runs again, when a different callback is seen, or when the loop
+  stops. Its duration is good to about one period.
+- The first sample is taken at most half a threshold (plus one GIL switch interval, 5 ms) after the
+  block began, comfortably inside the 1.25 x threshold budget.
+
+The thread holds a reference to the sampled frame and task only while the block lasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from . import _places
+from ._config import Settings, report
+from ._events import Event, LoopStalled, SlowCallback
+from ._stats import Histogram
+
+INF = float("inf")
+monotonic = time.monotonic
+
+
+def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def coroutine_name(coro: Any, entry: FrameType | None = None) -> str:
+    """The coroutine's qualified name, looking through the loop's own wrappers.
+
+    ``uvloop.run`` wraps ``main()`` in a coroutine of its own; naming that would tell the user
+    nothing, so a machinery coroutine is named after the frame it is running instead.
+    """
+    code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+    if code is not None and _places.is_machinery(code.co_filename):
+        if entry is not None and entry.f_code.co_flags & inspect.CO_COROUTINE:
+            return entry.f_code.co_qualname
+        frame = getattr(coro, "cr_frame", None)
+        inner = frame.f_locals.get("main") if frame is not None else None
+        if inner is not None and hasattr(inner, "__qualname__"):
+            return str(inner.__qualname__)
+    name = getattr(coro, "__qualname__", None)
+    return str(name) if name else type(coro).__qualname__
+
+
+@dataclass(slots=True)
+class _Sample:
+    at: float
+    entry: FrameType | None
+    task: asyncio.Task[Any] | None
+    frame: FrameType
+
+
+@dataclass(slots=True)
+class _Block:
+    """One callback (or task step) seen holding the loop, while the watchdog follows it."""
+
+    gen: int
+    beat: float
+    entry: FrameType | None
+    task: asyncio.Task[Any] | None
+    first_seen: float
+    last_seen: float
+    start: float
+    task_name: str | None
+    coroutine: str | None
+    location: str | None
+    stack: tuple[str, ...]
+    stalled: bool = False
+
+    def same(self, sample: _Sample) -> bool:
+        return sample.entry is self.entry and sample.task is self.task
+
+
+class LoopState:
+    """What the watchdog knows of one loop: written by the loop's thread, read by the watchdog."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: Settings,
+        *,
+        lag: Histogram,
+        emit: Callable[[Event], None],
+        wake: Callable[[], None],
+    ) -> None:
+        self._loop_ref = weakref.ref(loop)
+        self.kind = loop_kind(loop)
+        self.lag = lag
+        self.emit = emit
+        self._wake = wake
+        self.thread_id: int | None = None
+        self.running = False
+        self.active = True
+        self.gen = 0
+        self.beat = 0.0
+        self.due = 0.0
+        self.stopped_at = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self.block: _Block | None = None
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        self.threshold = settings.slow_callback_s
+        self.stall = settings.stall_s
+        # Heartbeat period: a tenth of the threshold, kept between 1 ms and 100 ms.
+        self.period = min(max(self.threshold / 10.0, 0.001), 0.1)
+        self.first_check = self.threshold / 2.0
+
+    # -- the loop's side (runs in the loop thread) ----------------------------------------
+
+    def run_started(self) -> None:
+        """The loop is about to run (``run_forever`` entered, or watched while running)."""
+        self.thread_id = threading.get_ident()
+        now = monotonic()
+        self.beat = now
+        self.gen += 1
+        self.running = True
+        self._arm(now)
+        self._wake()
+
+    def run_stopped(self) -> None:
+        self.stopped_at = monotonic()
+        self.running = False
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()
+
+    def _arm(self, now: float) -> None:
+        loop = self._loop_ref()
+        if loop is None or not self.active or loop.is_closed():
+            return
+        self.due = now + self.period
+        self._handle = loop.call_later(self.period, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        # Hot-ish path: once per period. A clock read, a bisect, three stores and a timer.
+        now = monotonic()
+        late = now - self.due
+        self.lag.observe(late if late > 0.0 else 0.0)
+        self.beat = now
+        if self.running:
+            self._arm(now)
+
+    def detach(self) -> None:
+        """Stop watching. Safe from any thread: the pending heartbeat runs once more, as a no-op."""
+        self.active = False
+        self.running = False
+
+    # -- the watchdog's side (runs in the watchdog thread) --------------------------------
+
+    def check(self, now: float) -> float:
+        """Look at the loop once; return when to look again."""
+        block = self.block
+        if not self.running or not self.active:
+            if block is not None:
+                self._finish(block, self.stopped_at if self.stopped_at >= block.last_seen else now)
+            return INF
+        gen, beat = self.gen, self.beat
+        if block is not None and (block.gen != gen or block.beat != beat):
+            # The heartbeat ran again (or the loop stopped and started again): the block is over.
+            self._finish(block, beat if block.gen == gen else self.stopped_at)
+            block = None
+        if now - beat < self.first_check:
+            return beat + self.first_check
+        sample = self._sample(now)
+        if sample is None:
+            return now + self.period
+        if block is not None and block.same(sample):
+            block.last_seen = now
+            if not block.stalled and now - block.start >= self.stall:
+                block.stalled = True
+                self._emit_stall(block, sample, now)
+        else:
+            start_after = beat
+            if block is not None:
+                # Something else is running now: the previous callback ended in between.
+                self._finish(block, (block.last_seen + now) / 2.0)
+                start_after = block.last_seen
+            self.block = self._new_block(gen, beat, sample, start_after)
+        # Keep sampling at the heartbeat's period; a loop stalled for good is looked at less often.
+        return now + (self.period if not (self.block and self.block.stalled) else 0.1)
+
+    def _sample(self, now: float) -> _Sample | None:
+        tid = self.thread_id
+        loop = self._loop_ref()
+        if tid is None or loop is None:
+            return None
+        frame = sys._current_frames().get(tid)
+        if frame is None:
+            return None
+        try:
+            task = asyncio.current_task(loop)
+        except RuntimeError:
+            task = None
+        frames = _places.frames_outermost_first(frame)
+        return _Sample(now, _places.callback_entry(frames), task, frame)
+
+    def _new_block(self, gen: int, beat: float, sample: _Sample, start_after: float) -> _Block:
+        frames = _places.frames_outermost_first(sample.frame)
+        own = _places.innermost_own(frames)
+        task = sample.task
+        if start_after == beat:
+            # Nothing else was seen since the last heartbeat. On a loop that is not saturated the
+            # block began within one period of it: take the middle of that window.
+            start = beat + min(self.period, sample.at - beat) / 2.0
+        else:
+            start = (start_after + sample.at) / 2.0
+        return _Block(
+            gen=gen,
+            beat=beat,
+            entry=sample.entry,
+            task=task,
+            first_seen=sample.at,
+            last_seen=sample.at,
+            start=start,
+            task_name=task.get_name() if task is not None else None,
+            coroutine=coroutine_name(task.get_coro(), sample.entry) if task is not None else None,
+            location=_places.frame_place(own) if own is not None else None,
+            stack=tuple(_places.frame_place(f) for f in frames),
+        )
+
+    def _emit_stall(self, block: _Block, sample: _Sample, now: float) -> None:
+        frames = _places.frames_outermost_first(sample.frame)
+        own = _places.innermost_own(frames)
+        self.emit(
+            LoopStalled(
+                blocked_s=round(now - block.start, 6),
+                task=block.task_name,
+                coroutine=block.coroutine,
+                location=_places.frame_place(own) if own is not None else block.location,
+                stack=tuple(_places.frame_place(f) for f in frames),
+                loop=self.kind,
+            )
+        )
+
+    def _finish(self, block: _Block, end: float) -> None:
+        self.block = None
+        duration = max(end, block.last_seen) - block.start
+        if duration >= self.threshold:
+            self.emit(
+                SlowCallback(
+                    duration_s=round(duration, 6),
+                    threshold_s=self.threshold,
+                    task=block.task_name,
+                    coroutine=block.coroutine,
+                    location=block.location,
+                    stack=block.stack,
+                    loop=self.kind,
+                )
+            )
+
+
+class Watchdog:
+    """The one sampler thread; it wakes on the earliest deadline among the loops it watches."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._states: list[LoopState] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def add(self, state: LoopState) -> None:
+        with self._cond:
+            if state not in self._states:
+                self._states.append(state)
+            self._ensure_thread()
+            self._cond.notify()
+
+    def remove(self, state: LoopState) -> None:
+        with self._cond:
+            if state in self._states:
+                self._states.remove(state)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._ensure_thread()
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._states.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        self._thread = None
+
+    def after_fork_in_child(self) -> None:
+        """A forked child has none of its parent's threads; start afresh when a loop runs."""
+        self._cond = threading.Condition()
+        self._thread = None
+
+    def _ensure_thread(self) -> None:
+        if self._stopping or (self._thread is not None and self._thread.is_alive()):
+            return
+        thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
+        self._thread = thread
+        thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the watchdog must never take the host down
+            report(f"loopwatch: the watchdog thread failed ({type(exc).__name__}: {exc}); block detection is off")
+
+    def _loop(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                if self._stopping:
+                    return
+                states = list(self._states)
+            now = monotonic()
+            deadline = now + 60.0
+            for state in states:
+                try:
+                    deadline = min(deadline, state.check(now))
+                except Exception as exc:  # noqa: BLE001 - one loop's failure stays with that loop
+                    report(f"loopwatch: watching a loop failed ({type(exc).__name__}: {exc}); that loop is no longer watched")
+                    state.detach()
+                    self.remove(state)
+            with cond:
+                if self._stopping:
+                    return
+                timeout = deadline - monotonic()
+                if timeout > 0:
+                    cond.wait(timeout)

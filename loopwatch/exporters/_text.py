@@ -1,0 +1,37 @@
+"""How an event reads as text: one line, place and duration first, then the stack below it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._events import Event
+from .._places import is_own_code
+
+# Shown first, in this order, when the event has them: what a person scans for.
+_FIRST = ("duration_s", "blocked_s", "location", "created_at", "task", "coroutine")
+_SKIP = frozenset({"event", "time", "pid", "stack"})
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if value >= 0.001 else f"{value:.6f}"
+    text = str(value)
+    return repr(text) if (" " in text or not text) else text
+
+
+def filename_of(place: str) -> str:
+    """The file of a ``path:line in function`` place."""
+    return place.rsplit(" in ", 1)[0].rsplit(":", 1)[0]
+
+
+def render(event: Event, *, full_stack: bool = False) -> str:
+    """``name key=value ...`` on one line, then the stack indented, the program's frames only."""
+    data = event.as_dict()
+    keys = [k for k in _FIRST if k in data] + [
+        k for k in data if k not in _FIRST and k not in _SKIP
+    ]
+    head = " ".join([event.event] + [f"{k}={_value(data[k])}" for k in keys if data[k] is not None])
+    stack = data.get("stack") or []
+    if not full_stack:
+        stack = [p for p in stack if is_own_code(filename_of(p))] or stack
+    return "\n".join([head, *(f"    {p}" for p in stack)])
