@@ -21,11 +21,13 @@ def start() -> None:
     global _started
     if _started or os.environ.get("LOOPWATCH", "").strip().lower() in _OFF:
         return
+    # Set first: site can process one site-packages folder twice (through a lib64 link), and
+    # a setting is reported once whatever happens next.
+    _started = True
     from . import _config
 
     if not _config.enabled():
         return
-    _started = True
     _config.environ_settings()  # reports bad values once, now, where the user will see them
     try:
         from ._import_hooks import when_imported

@@ -43,6 +43,7 @@ from ._events import Event, LoopStalled, SlowCallback
 from ._stats import Histogram
 
 INF = float("inf")
+_HANDLE_RUN = asyncio.Handle._run.__code__
 monotonic = time.monotonic
 
 
@@ -72,6 +73,7 @@ def coroutine_name(coro: Any, entry: FrameType | None = None) -> str:
 class _Sample:
     at: float
     entry: FrameType | None
+    key: FrameType | None
     task: asyncio.Task[Any] | None
     frame: FrameType
 
@@ -82,7 +84,7 @@ class _Block:
 
     gen: int
     beat: float
-    entry: FrameType | None
+    key: FrameType | None
     task: asyncio.Task[Any] | None
     first_seen: float
     last_seen: float
@@ -94,7 +96,9 @@ class _Block:
     stalled: bool = False
 
     def same(self, sample: _Sample) -> bool:
-        return sample.entry is self.entry and sample.task is self.task
+        # A sample with no key (taken inside the loop's own code, between callbacks) is never
+        # "the same": merging those would turn a run of tiny callbacks into one long block.
+        return self.key is not None and sample.key is self.key and sample.task is self.task
 
 
 class LoopState:
@@ -122,6 +126,9 @@ class LoopState:
         self.due = 0.0
         self.stopped_at = 0.0
         self._handle: asyncio.TimerHandle | None = None
+        # Guards ``block``: the watchdog follows it, and the loop thread finishes it when the
+        # loop stops (so a block at the very end of a program is reported before it exits).
+        self._lock = threading.Lock()
         self.block: _Block | None = None
         self.configure(settings)
 
@@ -145,11 +152,15 @@ class LoopState:
         self._wake()
 
     def run_stopped(self) -> None:
-        self.stopped_at = monotonic()
+        self.stopped_at = now = monotonic()
         self.running = False
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.cancel()
+        if self.block is not None:
+            with self._lock:
+                if self.block is not None:
+                    self._finish(self.block, now)
 
     def _arm(self, now: float) -> None:
         loop = self._loop_ref()
@@ -176,6 +187,10 @@ class LoopState:
 
     def check(self, now: float) -> float:
         """Look at the loop once; return when to look again."""
+        with self._lock:
+            return self._check(now)
+
+    def _check(self, now: float) -> float:
         block = self.block
         if not self.running or not self.active:
             if block is not None:
@@ -219,7 +234,13 @@ class LoopState:
         except RuntimeError:
             task = None
         frames = _places.frames_outermost_first(frame)
-        return _Sample(now, _places.callback_entry(frames), task, frame)
+        entry = _places.callback_entry(frames)
+        key = entry
+        if key is None and frames[-1].f_code is _HANDLE_RUN:
+            # A callback with no Python frame of its own (a C function) on stock asyncio: the
+            # handle's _run frame is new for each callback, so it identifies this one.
+            key = frames[-1]
+        return _Sample(now, entry, key, task, frame)
 
     def _new_block(self, gen: int, beat: float, sample: _Sample, start_after: float) -> _Block:
         frames = _places.frames_outermost_first(sample.frame)
@@ -234,7 +255,7 @@ class LoopState:
         return _Block(
             gen=gen,
             beat=beat,
-            entry=sample.entry,
+            key=sample.key,
             task=task,
             first_seen=sample.at,
             last_seen=sample.at,

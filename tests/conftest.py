@@ -1,0 +1,83 @@
+"""Shared fixtures: every loop test runs on stock asyncio and on uvloop, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import loopwatch
+from loopwatch import _runtime
+from loopwatch._events import Event
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": loopwatch.new_event_loop,
+    "uvloop": loopwatch.new_uvloop_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOP_FACTORIES))
+def kind(request: pytest.FixtureRequest) -> str:
+    """The loop under test: ``asyncio`` or ``uvloop``."""
+    return str(request.param)
+
+
+@pytest.fixture
+def factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    return LOOP_FACTORIES[kind]
+
+
+class Recorder(list[Event]):
+    """Events as the dispatcher hands them out, with the monotonic time each one arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived: list[float] = []
+
+    def __call__(self, event: Event) -> None:
+        self.arrived.append(time.monotonic())
+        self.append(event)
+
+    def named(self, name: str) -> list[Event]:
+        return [e for e in self if e.event == name]
+
+    def wait_for(self, count: int, name: str | None = None, timeout: float = 3.0) -> list[Event]:
+        """Wait until ``count`` events (of ``name``) arrived, then a little more for strays."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.named(name) if name else self) >= count:
+                break
+            time.sleep(0.01)
+        time.sleep(0.15)
+        return self.named(name) if name else list(self)
+
+
+@pytest.fixture
+def events() -> Recorder:
+    """Activate loopwatch quietly and record every event it dispatches."""
+    recorder = Recorder()
+    _runtime.activate(log="off").dispatcher.add_sink(recorder)
+    return recorder
+
+
+@pytest.fixture(autouse=True)
+def _uninstall_after() -> Iterator[None]:
+    yield
+    loopwatch.uninstall()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("loopwatch")] == []
+
+
+def line_of(path: str | Path, marker: str) -> int:
+    """The line number of the one line in ``path`` that ends with ``# marker``."""
+    lines = Path(path).read_text().splitlines()
+    found = [i for i, line in enumerate(lines, 1) if line.rstrip().endswith(f"# {marker}")]
+    assert len(found) == 1, f"marker {marker!r} found {len(found)} times"
+    return found[0]
+
+
+def place(path: str | Path, marker: str, function: str) -> str:
+    return f"{path}:{line_of(path, marker)} in {function}"

@@ -1,0 +1,219 @@
+"""Watched loops: factories, the policy, install/uninstall, and global mode."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import pytest
+import uvloop
+
+import loopwatch
+from loopwatch import _loops, _runtime
+from conftest import Recorder, place
+
+HERE = __file__
+
+
+def watchdog_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "loopwatch-watchdog"]
+
+
+async def block_briefly() -> None:
+    await asyncio.sleep(0.02)
+    time.sleep(0.15)  # BLOCK:loops
+    await asyncio.sleep(0.03)
+
+
+def test_factories_make_watched_loops_of_the_right_kind() -> None:
+    """new_event_loop is stock asyncio, new_uvloop_event_loop is uvloop; both are watched."""
+    for factory, cls in (
+        (loopwatch.new_event_loop, asyncio.SelectorEventLoop),
+        (loopwatch.new_uvloop_event_loop, uvloop.Loop),
+    ):
+        loop = factory()
+        try:
+            assert type(loop) is cls
+            assert _loops.state_of(loop) is not None
+            assert loop.run_until_complete(asyncio.sleep(0, "ok")) == "ok"
+        finally:
+            loop.close()
+
+
+def test_runner_with_loop_factory(factory: Callable[[], asyncio.AbstractEventLoop], kind: str,
+                                  events: Recorder) -> None:
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(block_briefly())
+        runner.run(block_briefly())
+    found = events.wait_for(2)
+    assert [e.location for e in found] == [place(HERE, "BLOCK:loops", "block_briefly")] * 2  # type: ignore[attr-defined]
+    assert {e.loop for e in found} == {kind}  # type: ignore[attr-defined]
+
+
+def test_uninstall_leaves_no_thread_and_restores_the_loop(events: Recorder) -> None:
+    loop = loopwatch.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert len(watchdog_threads()) == 1
+        assert "run_forever" in loop.__dict__
+        loopwatch.uninstall()
+        assert watchdog_threads() == []
+        assert "run_forever" not in loop.__dict__
+        # The loop runs on, unwatched: a block is no longer reported.
+        loop.run_until_complete(block_briefly())
+    finally:
+        loop.close()
+    assert events.wait_for(1, timeout=0.3) == []
+
+
+def test_uninstall_one_loop_while_it_runs(factory: Callable[[], asyncio.AbstractEventLoop],
+                                          events: Recorder) -> None:
+    """uninstall(loop) from inside: the loop keeps running, unwatched, and blocks go unreported."""
+
+    async def main() -> str:
+        loopwatch.uninstall(asyncio.get_running_loop())
+        await block_briefly()
+        return "done"
+
+    assert asyncio.run(main(), loop_factory=factory) == "done"
+    assert events.wait_for(1, timeout=0.3) == []
+
+
+def test_install_is_idempotent(events: Recorder) -> None:
+    async def main() -> None:
+        loopwatch.install()
+        loopwatch.install()
+        await block_briefly()
+
+    asyncio.run(main())
+    assert len(events.wait_for(1)) == 1
+    assert len(watchdog_threads()) == 1
+
+
+def test_install_on_the_running_loop_of_a_plain_asyncio_run(kind: str, events: Recorder) -> None:
+    """install() inside a loop nobody watched watches that loop from then on."""
+
+    async def main() -> None:
+        loopwatch.install()
+        await block_briefly()
+
+    if kind == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+    found = events.wait_for(1)
+    assert len(found) == 1
+    assert found[0].loop == kind  # type: ignore[attr-defined]
+
+
+def test_install_given_loop(kind: str, events: Recorder) -> None:
+    loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        loopwatch.install(loop)
+        loop.run_until_complete(block_briefly())
+    finally:
+        loop.close()
+    assert [e.loop for e in events.wait_for(1)] == [kind]  # type: ignore[attr-defined]
+
+
+def test_global_install_watches_every_new_loop(events: Recorder) -> None:
+    """install() outside a loop: asyncio.run, new_event_loop, uvloop.run, Runner are all watched."""
+    loopwatch.install()
+    asyncio.run(block_briefly())
+    uvloop.run(block_briefly())
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(block_briefly())
+    finally:
+        loop.close()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(block_briefly())
+    found = events.wait_for(4)
+    assert [e.loop for e in found] == ["asyncio", "uvloop", "asyncio", "uvloop"]  # type: ignore[attr-defined]
+    loopwatch.uninstall()
+    # Global mode is undone: the classes are as they were.
+    from asyncio.base_events import BaseEventLoop
+
+    assert not getattr(BaseEventLoop.__init__, "__loopwatch__", False)
+    assert "__init__" not in uvloop.Loop.__dict__
+    asyncio.run(block_briefly())
+    time.sleep(0.2)
+    assert len(events) == 4
+
+
+def test_settings_from_install_apply(events: Recorder) -> None:
+    loopwatch.install(slow_callback_ms=300)
+    asyncio.run(block_briefly())
+    assert events.wait_for(1, timeout=0.4) == []
+    assert _runtime.current() is not None
+    assert _runtime.current().settings.slow_callback_ms == 300  # type: ignore[union-attr]
+
+
+def test_policy_wraps_the_default_and_uvloop_policies(events: Recorder) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for base, kind in ((None, "asyncio"), (uvloop.EventLoopPolicy(), "uvloop")):
+            policy = loopwatch.EventLoopPolicy(base)
+            loop = policy.new_event_loop()
+            try:
+                loop.run_until_complete(block_briefly())
+            finally:
+                loop.close()
+            assert events.wait_for(1)[-1].loop == kind  # type: ignore[attr-defined]
+            events.clear()
+        previous = asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(loopwatch.EventLoopPolicy(uvloop.EventLoopPolicy()))
+        try:
+            asyncio.run(block_briefly())
+        finally:
+            asyncio.set_event_loop_policy(previous)
+    assert [e.loop for e in events.wait_for(1)] == ["uvloop"]  # type: ignore[attr-defined]
+
+
+def test_loop_stopped_and_restarted_is_not_a_block(
+    factory: Callable[[], asyncio.AbstractEventLoop], events: Recorder
+) -> None:
+    """Time between two runs of a loop is not time the loop was blocked."""
+    loop = factory()
+    try:
+        loop.run_until_complete(asyncio.sleep(0.01))
+        time.sleep(0.3)  # the loop is not running: nothing to report
+        loop.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        loop.close()
+    assert events.wait_for(1, timeout=0.3) == []
+
+
+def test_loops_in_several_threads_are_watched_each_on_their_own(events: Recorder) -> None:
+    results: list[str] = []
+
+    def run(factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        asyncio.run(block_briefly(), loop_factory=factory)
+        results.append("ok")
+
+    threads = [
+        threading.Thread(target=run, args=(f,))
+        for f in (loopwatch.new_event_loop, loopwatch.new_uvloop_event_loop)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["ok", "ok"]
+    found = events.wait_for(2)
+    assert sorted(e.loop for e in found) == ["asyncio", "uvloop"]  # type: ignore[attr-defined]
+    assert len(watchdog_threads()) == 1
+
+
+@pytest.mark.parametrize("name", ["slow_callback_ms", "stall_ms"])
+def test_bad_keyword_values_raise(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}='soon' is not accepted"):
+        loopwatch.install(**{name: "soon"})
+
+
+def test_unknown_keyword_raises() -> None:
+    with pytest.raises(TypeError, match="unknown setting 'slow_ms'"):
+        loopwatch.install(slow_ms=5)

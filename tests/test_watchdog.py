@@ -1,0 +1,304 @@
+"""Blocks caught while they happen, on stock asyncio and uvloop: one event each, exact fields."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from conftest import Recorder, place
+
+Factory = Callable[[], asyncio.AbstractEventLoop]
+HERE = __file__
+# The heartbeat's precision at the default threshold is one period (10 ms); allow for the
+# scheduler of a loaded 2-core machine on top.
+TOLERANCE = 0.04
+
+
+def assert_block(
+    event: object,
+    *,
+    kind: str,
+    duration: float,
+    task: str | None,
+    coroutine: str | None,
+    location: str,
+) -> None:
+    assert event.event == "loopwatch.slow_callback"  # type: ignore[attr-defined]
+    assert event.task == task  # type: ignore[attr-defined]
+    assert event.coroutine == coroutine  # type: ignore[attr-defined]
+    assert event.location == location  # type: ignore[attr-defined]
+    assert event.loop == kind  # type: ignore[attr-defined]
+    assert event.threshold_s == 0.1  # type: ignore[attr-defined]
+    assert abs(event.duration_s - duration) <= TOLERANCE, event.duration_s  # type: ignore[attr-defined]
+    # The stack is outermost first and ends at the blocking line, in the program's own code.
+    assert event.stack[-1] == location  # type: ignore[attr-defined]
+
+
+async def blocking_step() -> None:
+    await asyncio.sleep(0)
+    time.sleep(0.3)  # BLOCK:task-step
+    await asyncio.sleep(0)
+
+
+def test_block_in_task_step(factory: Factory, kind: str, events: Recorder) -> None:
+    """A task step that sleeps 0.3 s is one slow_callback naming the task, coroutine and line."""
+
+    async def main() -> None:
+        await asyncio.create_task(blocking_step(), name="stepper")
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main(), loop_factory=factory)
+    found = events.wait_for(1)
+    assert len(found) == 1, found
+    assert_block(
+        found[0],
+        kind=kind,
+        duration=0.3,
+        task="stepper",
+        coroutine="blocking_step",
+        location=place(HERE, "BLOCK:task-step", "blocking_step"),
+    )
+    assert any(p.endswith("in test_block_in_task_step") for p in found[0].stack)  # type: ignore[attr-defined]
+
+
+def blocking_callback() -> None:
+    time.sleep(0.25)  # BLOCK:call_soon
+
+
+def test_block_in_call_soon_callback(factory: Factory, kind: str, events: Recorder) -> None:
+    """A plain callback has no task: task and coroutine are None."""
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_soon(blocking_callback)
+        await asyncio.sleep(0.35)
+
+    asyncio.run(main(), loop_factory=factory)
+    found = events.wait_for(1)
+    assert len(found) == 1, found
+    assert_block(
+        found[0],
+        kind=kind,
+        duration=0.25,
+        task=None,
+        coroutine=None,
+        location=place(HERE, "BLOCK:call_soon", "blocking_callback"),
+    )
+
+
+def blocking_timer() -> None:
+    time.sleep(0.2)  # BLOCK:call_later
+
+
+def test_block_in_call_later_timer(factory: Factory, kind: str, events: Recorder) -> None:
+    async def main() -> None:
+        asyncio.get_running_loop().call_later(0.05, blocking_timer)
+        await asyncio.sleep(0.4)
+
+    asyncio.run(main(), loop_factory=factory)
+    found = events.wait_for(1)
+    assert len(found) == 1, found
+    assert_block(
+        found[0],
+        kind=kind,
+        duration=0.2,
+        task=None,
+        coroutine=None,
+        location=place(HERE, "BLOCK:call_later", "blocking_timer"),
+    )
+
+
+class BlockingProtocol(asyncio.Protocol):
+    def data_received(self, data: bytes) -> None:
+        time.sleep(0.25)  # BLOCK:data_received
+
+
+def test_block_in_protocol_data_received(factory: Factory, kind: str, events: Recorder) -> None:
+    """uvloop runs data_received from C with no callback hook: only the watchdog sees it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(BlockingProtocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        # A real client socket in a thread, so that nothing on the loop is mistaken for the block.
+        await asyncio.to_thread(_send_and_close, port)
+        await asyncio.sleep(0.4)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main(), loop_factory=factory)
+    found = events.wait_for(1)
+    assert len(found) == 1, found
+    assert_block(
+        found[0],
+        kind=kind,
+        duration=0.25,
+        task=None,
+        coroutine=None,
+        location=place(HERE, "BLOCK:data_received", "data_received"),
+    )
+
+
+def _send_and_close(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"hello")
+        time.sleep(0.05)
+
+
+def blocking_done_callback(fut: asyncio.Future[int]) -> None:
+    time.sleep(0.2)  # BLOCK:done-callback
+
+
+def test_block_in_future_done_callback(factory: Factory, kind: str, events: Recorder) -> None:
+    async def main() -> None:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(blocking_done_callback)
+        fut.set_result(1)
+        await asyncio.sleep(0.35)
+
+    asyncio.run(main(), loop_factory=factory)
+    found = events.wait_for(1)
+    assert len(found) == 1, found
+    assert_block(
+        found[0],
+        kind=kind,
+        duration=0.2,
+        task=None,
+        coroutine=None,
+        location=place(HERE, "BLOCK:done-callback", "blocking_done_callback"),
+    )
+
+
+async def hang(ended: list[float]) -> None:
+    time.sleep(0.7)  # BLOCK:stall
+    ended.append(time.monotonic())
+
+
+def test_stall_reported_while_still_blocked(factory: Factory, kind: str, events: Recorder) -> None:
+    """loop_stalled arrives during the block (before it ends); slow_callback follows at the end."""
+    import loopwatch
+
+    ended: list[float] = []
+
+    async def main() -> None:
+        loopwatch.install(stall_ms=300)
+        await asyncio.sleep(0.02)
+        await asyncio.create_task(hang(ended), name="hanger")
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main(), loop_factory=factory)
+    found = events.wait_for(2)
+    assert [e.event for e in found] == ["loopwatch.loop_stalled", "loopwatch.slow_callback"]
+    stall, block = found
+    assert events.arrived[0] < ended[0], "the stall must be reported while the loop is blocked"
+    location = place(HERE, "BLOCK:stall", "hang")
+    assert stall.location == location  # type: ignore[attr-defined]
+    assert stall.task == "hanger" and stall.coroutine == "hang"  # type: ignore[attr-defined]
+    assert stall.loop == kind  # type: ignore[attr-defined]
+    assert 0.3 <= stall.blocked_s <= 0.3 + 0.1 + TOLERANCE  # type: ignore[attr-defined]
+    assert stall.stack[-1] == location  # type: ignore[attr-defined]
+    assert_block(block, kind=kind, duration=0.7, task="hanger", coroutine="hang", location=location)
+
+
+async def just_over() -> None:
+    time.sleep(0.125)  # BLOCK:just-over
+
+
+def test_block_just_over_threshold_has_its_stack(
+    factory: Factory, kind: str, events: Recorder
+) -> None:
+    """A block of 1.25 x the threshold is caught with its stack: sampled while it ran."""
+
+    async def main() -> None:
+        await asyncio.sleep(0.02)
+        await asyncio.create_task(just_over(), name="brief")
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main(), loop_factory=factory)
+    found = events.wait_for(1)
+    assert len(found) == 1, found
+    assert found[0].location == place(HERE, "BLOCK:just-over", "just_over")  # type: ignore[attr-defined]
+
+
+async def busy_worker(steps: int) -> None:
+    for _ in range(steps):
+        end = time.perf_counter() + 0.0002
+        while time.perf_counter() < end:
+            pass
+        await asyncio.sleep(0)
+
+
+def test_saturated_loop_without_a_long_callback_reports_nothing(
+    factory: Factory, events: Recorder
+) -> None:
+    """800 tasks x 0.2 ms steps: iterations of ~160 ms, late heartbeats, but no callback is slow."""
+
+    async def main() -> None:
+        await asyncio.gather(*(busy_worker(8) for _ in range(800)))
+
+    asyncio.run(main(), loop_factory=factory)
+    assert events.wait_for(1, timeout=0.3) == []
+
+
+def test_busy_program_that_never_blocks_reports_nothing(factory: Factory, events: Recorder) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(100):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        end = time.monotonic() + 0.6
+        while time.monotonic() < end:
+            writer.write(b"ping")
+            await reader.readexactly(4)
+        writer.close()
+        server.close()
+
+    asyncio.run(main(), loop_factory=factory)
+    assert events.wait_for(1, timeout=0.3) == []
+
+
+def test_two_blocks_in_a_row_are_two_events(factory: Factory, kind: str, events: Recorder) -> None:
+    """Two slow callbacks back to back in one iteration are told apart by their frames."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(blocking_timer)
+        loop.call_soon(blocking_callback)
+        await asyncio.sleep(0.6)
+
+    asyncio.run(main(), loop_factory=factory)
+    found = events.wait_for(2)
+    assert [e.location for e in found] == [  # type: ignore[attr-defined]
+        place(HERE, "BLOCK:call_later", "blocking_timer"),
+        place(HERE, "BLOCK:call_soon", "blocking_callback"),
+    ]
+    assert abs(found[0].duration_s - 0.2) <= TOLERANCE  # type: ignore[attr-defined]
+    assert abs(found[1].duration_s - 0.25) <= TOLERANCE  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("threshold_ms", [50])
+def test_threshold_setting_is_honoured(
+    factory: Factory, kind: str, events: Recorder, threshold_ms: int
+) -> None:
+    """install(slow_callback_ms=50): a 70 ms block is reported, with threshold_s 0.05."""
+    import loopwatch
+
+    async def main() -> None:
+        loopwatch.install(slow_callback_ms=threshold_ms)
+        await asyncio.sleep(0.02)
+        time.sleep(0.08)  # BLOCK:threshold
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main(), loop_factory=factory)
+    found = events.wait_for(1)
+    assert len(found) == 1, found
+    assert found[0].threshold_s == 0.05  # type: ignore[attr-defined]
+    assert found[0].location == place(HERE, "BLOCK:threshold", "main")  # type: ignore[attr-defined]
