@@ -67,7 +67,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> "Any":
+def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'loopwatch' has no attribute {name!r}")

@@ -35,7 +35,9 @@ def start() -> None:
         when_imported("asyncio", _on_asyncio)
         when_imported("uvloop", _on_uvloop)
     except Exception as exc:  # noqa: BLE001 - start-up must never stop the host program
-        _config.report(f"loopwatch: could not start ({type(exc).__name__}: {exc}); loopwatch is off")
+        _config.report(
+            f"loopwatch: could not start ({type(exc).__name__}: {exc}); loopwatch is off"
+        )
 
 
 def _on_asyncio(_: ModuleType) -> None:

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run a small service under the watchdog and show what it finds",
-        description="Start a small HTTP service on 127.0.0.1, block its loop, and show the finding.",
+        description="Start a small HTTP service on 127.0.0.1, block its loop, show the finding.",
     )
     demo.add_argument("--uvloop", action="store_true", help="run the service on uvloop")
     demo.add_argument(
@@ -91,4 +91,3 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(program, command, env)
-    return 0  # pragma: no cover - exec does not return

@@ -180,7 +180,10 @@ def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     if word in _TRUE:
         return True
     if word not in _FALSE:
-        report(f"loopwatch: {PREFIX}={raw!r} is not accepted; expected 1 to turn it on or 0 to keep it off; loopwatch stays off")
+        report(
+            f"loopwatch: {PREFIX}={raw!r} is not accepted; "
+            "expected 1 to turn it on or 0 to keep it off; loopwatch stays off"
+        )
     return False
 
 
@@ -227,7 +230,7 @@ def report(line: str) -> None:
     try:
         sys.stderr.write(line.rstrip("\n") + "\n")
         sys.stderr.flush()
-    except Exception:  # a closed or broken stderr must not become the host's problem
+    except Exception:  # noqa: BLE001 - a closed or broken stderr is not the host's problem
         pass
 
 

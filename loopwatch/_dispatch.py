@@ -10,6 +10,7 @@ emission takes a lock; it is never on a hot path (it runs once per finding, not 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -82,10 +83,8 @@ class Dispatcher:
         for exporter in exporters:
             close = getattr(exporter, "close", None)
             if close is not None:
-                try:
+                with contextlib.suppress(Exception):  # closing is best effort
                     close()
-                except Exception:  # noqa: BLE001 - closing is best effort
-                    pass
 
 
 def _describe(exc: BaseException) -> str:

@@ -13,7 +13,6 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
 
-
 _hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
 
 
@@ -38,7 +37,7 @@ def _call(name: str, hook: Callable[[ModuleType], None], module: ModuleType) -> 
 
 
 class _PostImportFinder(MetaPathFinder):
-    """Finds nothing itself: it lets the other finders find a hooked module, then wraps its loader."""
+    """Finds nothing itself: lets the other finders find a hooked module, then wraps its loader."""
 
     def __init__(self) -> None:
         self._busy: set[str] = set()

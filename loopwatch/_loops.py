@@ -172,7 +172,7 @@ def _patch_init(cls: type) -> None:
     if any(c is cls and name == "__init__" for c, name, _ in _patches):
         return
     previous = cls.__dict__.get("__init__", _ABSENT)
-    original = cls.__init__
+    original = cls.__init__  # type: ignore[misc]  # the class's own, whatever its subclasses do
 
     def __init__(self: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)

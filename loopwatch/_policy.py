@@ -15,15 +15,13 @@ from ._loops import attach
 
 # 3.14 keeps the abstract policy under a private name and warns on the public one; the user asked
 # for a policy, so on older versions the public name is the right one.
-_Base: Any = getattr(asyncio.events, "_AbstractEventLoopPolicy", None) or getattr(
-    asyncio, "AbstractEventLoopPolicy"
-)
+_Base: Any = getattr(asyncio.events, "_AbstractEventLoopPolicy", None)
+if _Base is None:
+    _Base = asyncio.AbstractEventLoopPolicy
 
 
 def _default_policy() -> Any:
-    cls = getattr(asyncio, "_DefaultEventLoopPolicy", None) or getattr(
-        asyncio, "DefaultEventLoopPolicy"
-    )
+    cls = getattr(asyncio, "_DefaultEventLoopPolicy", None) or asyncio.DefaultEventLoopPolicy
     return cls()
 
 

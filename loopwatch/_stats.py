@@ -32,7 +32,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 class Histogram:
     """Cumulative-at-read histogram: ``counts[i]`` holds observations in bucket ``i`` only."""
 
-    __slots__ = ("buckets", "counts", "sum", "count")
+    __slots__ = ("buckets", "count", "counts", "sum")
 
     def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
         self.buckets = tuple(buckets)

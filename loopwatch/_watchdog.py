@@ -94,6 +94,8 @@ class _Block:
     location: str | None
     stack: tuple[str, ...]
     stalled: bool = False
+    # Set by the loop thread: when the first heartbeat after the block ran (its precise end).
+    ended: float | None = None
 
     def same(self, sample: _Sample) -> bool:
         # A sample with no key (taken inside the loop's own code, between callbacks) is never
@@ -140,6 +142,8 @@ class LoopState:
         self.first_check = self.threshold / 2.0
 
     # -- the loop's side (runs in the loop thread) ----------------------------------------
+    # ``_heartbeat`` is the only code here that runs while the loop is healthy: a clock read, a
+    # bisect into the lag histogram, a few attribute stores and one timer, every ``period``.
 
     def run_started(self) -> None:
         """The loop is about to run (``run_forever`` entered, or watched while running)."""
@@ -159,8 +163,9 @@ class LoopState:
             handle.cancel()
         if self.block is not None:
             with self._lock:
-                if self.block is not None:
-                    self._finish(self.block, now)
+                block = self.block
+                if block is not None:
+                    self._finish(block, block.ended if block.ended is not None else now)
 
     def _arm(self, now: float) -> None:
         loop = self._loop_ref()
@@ -175,6 +180,9 @@ class LoopState:
         late = now - self.due
         self.lag.observe(late if late > 0.0 else 0.0)
         self.beat = now
+        block = self.block
+        if block is not None and block.ended is None:
+            block.ended = now
         if self.running:
             self._arm(now)
 
@@ -197,9 +205,12 @@ class LoopState:
                 self._finish(block, self.stopped_at if self.stopped_at >= block.last_seen else now)
             return INF
         gen, beat = self.gen, self.beat
-        if block is not None and (block.gen != gen or block.beat != beat):
+        if block is not None and (block.ended is not None or block.gen != gen):
             # The heartbeat ran again (or the loop stopped and started again): the block is over.
-            self._finish(block, beat if block.gen == gen else self.stopped_at)
+            end = block.ended
+            if end is None:
+                end = self.stopped_at
+            self._finish(block, end)
             block = None
         if now - beat < self.first_check:
             return beat + self.first_check
@@ -338,6 +349,9 @@ class Watchdog:
             thread.join(timeout=5.0)
         self._thread = None
 
+    def stopping(self) -> bool:
+        return self._stopping
+
     def after_fork_in_child(self) -> None:
         """A forked child has none of its parent's threads; start afresh when a loop runs."""
         self._cond = threading.Condition()
@@ -354,7 +368,10 @@ class Watchdog:
         try:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - the watchdog must never take the host down
-            report(f"loopwatch: the watchdog thread failed ({type(exc).__name__}: {exc}); block detection is off")
+            report(
+                f"loopwatch: the watchdog thread failed ({type(exc).__name__}: {exc}); "
+                "block detection is off"
+            )
 
     def _loop(self) -> None:
         cond = self._cond
@@ -369,11 +386,14 @@ class Watchdog:
                 try:
                     deadline = min(deadline, state.check(now))
                 except Exception as exc:  # noqa: BLE001 - one loop's failure stays with that loop
-                    report(f"loopwatch: watching a loop failed ({type(exc).__name__}: {exc}); that loop is no longer watched")
+                    report(
+                        f"loopwatch: watching a loop failed ({type(exc).__name__}: {exc}); "
+                        "that loop is no longer watched"
+                    )
                     state.detach()
                     self.remove(state)
             with cond:
-                if self._stopping:
+                if self.stopping():
                     return
                 timeout = deadline - monotonic()
                 if timeout > 0:

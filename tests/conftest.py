@@ -1,4 +1,4 @@
-"""Shared fixtures: every loop test runs on stock asyncio and on uvloop, and leaves nothing behind."""
+"""Shared fixtures: every loop test runs on stock asyncio and uvloop and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,6 +70,12 @@ def _uninstall_after() -> Iterator[None]:
     yield
     loopwatch.uninstall()
     assert [t.name for t in threading.enumerate() if t.name.startswith("loopwatch")] == []
+
+
+def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:
+    """``asyncio.run(coro, loop_factory=factory)``, which Python 3.11 spells with a Runner."""
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def line_of(path: str | Path, marker: str) -> int:

@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import pytest
 import uvloop
+from conftest import Recorder, place, run_on
 
 import loopwatch
 from loopwatch import _loops, _runtime
-from conftest import Recorder, place
 
 HERE = __file__
 
@@ -43,8 +43,9 @@ def test_factories_make_watched_loops_of_the_right_kind() -> None:
             loop.close()
 
 
-def test_runner_with_loop_factory(factory: Callable[[], asyncio.AbstractEventLoop], kind: str,
-                                  events: Recorder) -> None:
+def test_runner_with_loop_factory(
+    factory: Callable[[], asyncio.AbstractEventLoop], kind: str, events: Recorder
+) -> None:
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(block_briefly())
         runner.run(block_briefly())
@@ -69,8 +70,9 @@ def test_uninstall_leaves_no_thread_and_restores_the_loop(events: Recorder) -> N
     assert events.wait_for(1, timeout=0.3) == []
 
 
-def test_uninstall_one_loop_while_it_runs(factory: Callable[[], asyncio.AbstractEventLoop],
-                                          events: Recorder) -> None:
+def test_uninstall_one_loop_while_it_runs(
+    factory: Callable[[], asyncio.AbstractEventLoop], events: Recorder
+) -> None:
     """uninstall(loop) from inside: the loop keeps running, unwatched, and blocks go unreported."""
 
     async def main() -> str:
@@ -78,7 +80,7 @@ def test_uninstall_one_loop_while_it_runs(factory: Callable[[], asyncio.Abstract
         await block_briefly()
         return "done"
 
-    assert asyncio.run(main(), loop_factory=factory) == "done"
+    assert run_on(factory, main()) == "done"
     assert events.wait_for(1, timeout=0.3) == []
 
 
@@ -191,7 +193,7 @@ def test_loops_in_several_threads_are_watched_each_on_their_own(events: Recorder
     results: list[str] = []
 
     def run(factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
-        asyncio.run(block_briefly(), loop_factory=factory)
+        run_on(factory, block_briefly())
         results.append("ok")
 
     threads = [

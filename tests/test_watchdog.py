@@ -8,8 +8,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-
-from conftest import Recorder, place
+from conftest import Recorder, place, run_on
 
 Factory = Callable[[], asyncio.AbstractEventLoop]
 HERE = __file__
@@ -51,7 +50,7 @@ def test_block_in_task_step(factory: Factory, kind: str, events: Recorder) -> No
         await asyncio.create_task(blocking_step(), name="stepper")
         await asyncio.sleep(0.05)
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     found = events.wait_for(1)
     assert len(found) == 1, found
     assert_block(
@@ -76,7 +75,7 @@ def test_block_in_call_soon_callback(factory: Factory, kind: str, events: Record
         asyncio.get_running_loop().call_soon(blocking_callback)
         await asyncio.sleep(0.35)
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     found = events.wait_for(1)
     assert len(found) == 1, found
     assert_block(
@@ -98,7 +97,7 @@ def test_block_in_call_later_timer(factory: Factory, kind: str, events: Recorder
         asyncio.get_running_loop().call_later(0.05, blocking_timer)
         await asyncio.sleep(0.4)
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     found = events.wait_for(1)
     assert len(found) == 1, found
     assert_block(
@@ -129,7 +128,7 @@ def test_block_in_protocol_data_received(factory: Factory, kind: str, events: Re
         server.close()
         await server.wait_closed()
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     found = events.wait_for(1)
     assert len(found) == 1, found
     assert_block(
@@ -159,7 +158,7 @@ def test_block_in_future_done_callback(factory: Factory, kind: str, events: Reco
         fut.set_result(1)
         await asyncio.sleep(0.35)
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     found = events.wait_for(1)
     assert len(found) == 1, found
     assert_block(
@@ -189,7 +188,7 @@ def test_stall_reported_while_still_blocked(factory: Factory, kind: str, events:
         await asyncio.create_task(hang(ended), name="hanger")
         await asyncio.sleep(0.05)
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     found = events.wait_for(2)
     assert [e.event for e in found] == ["loopwatch.loop_stalled", "loopwatch.slow_callback"]
     stall, block = found
@@ -217,7 +216,7 @@ def test_block_just_over_threshold_has_its_stack(
         await asyncio.create_task(just_over(), name="brief")
         await asyncio.sleep(0.05)
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     found = events.wait_for(1)
     assert len(found) == 1, found
     assert found[0].location == place(HERE, "BLOCK:just-over", "just_over")  # type: ignore[attr-defined]
@@ -239,7 +238,7 @@ def test_saturated_loop_without_a_long_callback_reports_nothing(
     async def main() -> None:
         await asyncio.gather(*(busy_worker(8) for _ in range(800)))
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     assert events.wait_for(1, timeout=0.3) == []
 
 
@@ -261,7 +260,7 @@ def test_busy_program_that_never_blocks_reports_nothing(factory: Factory, events
         writer.close()
         server.close()
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     assert events.wait_for(1, timeout=0.3) == []
 
 
@@ -274,7 +273,7 @@ def test_two_blocks_in_a_row_are_two_events(factory: Factory, kind: str, events:
         loop.call_soon(blocking_callback)
         await asyncio.sleep(0.6)
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     found = events.wait_for(2)
     assert [e.location for e in found] == [  # type: ignore[attr-defined]
         place(HERE, "BLOCK:call_later", "blocking_timer"),
@@ -297,7 +296,7 @@ def test_threshold_setting_is_honoured(
         time.sleep(0.08)  # BLOCK:threshold
         await asyncio.sleep(0.05)
 
-    asyncio.run(main(), loop_factory=factory)
+    run_on(factory, main())
     found = events.wait_for(1)
     assert len(found) == 1, found
     assert found[0].threshold_s == 0.05  # type: ignore[attr-defined]

@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import line_of
 
 BLOCKING_PROGRAM = """
@@ -38,8 +37,12 @@ RUNS = {
     "asyncio.run": "asyncio.run(main())",
     "uvloop.run": "import uvloop; uvloop.run(main())",
     "Runner": "with asyncio.Runner() as r: r.run(main())",
-    "Runner+uvloop": "import uvloop\nwith asyncio.Runner(loop_factory=uvloop.new_event_loop) as r: r.run(main())",
-    "run_until_complete": "loop = asyncio.new_event_loop(); loop.run_until_complete(main()); loop.close()",
+    "Runner+uvloop": (
+        "import uvloop\nwith asyncio.Runner(loop_factory=uvloop.new_event_loop) as r: r.run(main())"
+    ),
+    "run_until_complete": (
+        "loop = asyncio.new_event_loop(); loop.run_until_complete(main()); loop.close()"
+    ),
     "uvloop run_forever": (
         "import uvloop\nloop = uvloop.new_event_loop()\n"
         "t = loop.create_task(main()); t.add_done_callback(lambda _: loop.stop())\n"
@@ -217,8 +220,19 @@ def test_loopwatch_run_command(tmp_path: Path) -> None:
     )
     proc = subprocess.run(
         [
-            sys.executable, "-m", "loopwatch", "run", "--slow-callback-ms", "50", "--log", "json",
-            "--log-file", str(log), "--", "python", str(app),
+            sys.executable,
+            "-m",
+            "loopwatch",
+            "run",
+            "--slow-callback-ms",
+            "50",
+            "--log",
+            "json",
+            "--log-file",
+            str(log),
+            "--",
+            "python",
+            str(app),
         ],
         env=env_with(),
         capture_output=True,
@@ -249,8 +263,14 @@ def test_loopwatch_run_help_lists_every_option() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "loopwatch", "run", "--help"], capture_output=True, text=True
     )
-    for option in ("--slow-callback-ms", "--stall-ms", "--metrics-port", "--metrics-addr",
-                   "--log", "--log-file"):
+    for option in (
+        "--slow-callback-ms",
+        "--stall-ms",
+        "--metrics-port",
+        "--metrics-addr",
+        "--log",
+        "--log-file",
+    ):
         assert option in proc.stdout
 
 
@@ -304,8 +324,20 @@ def test_uvicorn_with_a_blocking_handler(
     if env_on:
         extra["LOOPWATCH"] = "1"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "asgi_app:app", "--port", str(port), "--loop",
-         loop_option, "--lifespan", "off", "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "asgi_app:app",
+            "--port",
+            str(port),
+            "--loop",
+            loop_option,
+            "--lifespan",
+            "off",
+            "--log-level",
+            "warning",
+        ],
         cwd=tmp_path,
         env=env_with(**extra),
         stdout=subprocess.PIPE,
@@ -348,7 +380,8 @@ loop_factory = None
 if sys.argv[2] == "uvloop":
     import uvloop
     loop_factory = uvloop.new_event_loop
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, **({"loop": loop_factory()} if loop_factory else {}))
+extra = {"loop": loop_factory()} if loop_factory else {}
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, **extra)
 """
 
 
