@@ -4,9 +4,9 @@ Only re-exports live here. They are loaded on first use (PEP 562), so that the s
 behind ``LOOPWATCH=1`` can import ``loopwatch._bootstrap`` without importing asyncio.
 """
 
-from __future__ import annotations
+from __future__ import annotations as _annotations
 
-import importlib
+import importlib as _importlib
 
 # Not ``typing.TYPE_CHECKING``: importing typing would cost ~5 ms at every start-up through the
 # .start entry point. Type checkers treat any name TYPE_CHECKING as true.
@@ -71,10 +71,10 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'loopwatch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    value = getattr(_importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return list(__all__)
