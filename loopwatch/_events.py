@@ -81,6 +81,8 @@ class TaskLeaked(Event):
     created_at: str | None
     age_s: float
     awaiting: str | None
+    awaits: str | None = None
+    created_stack: tuple[str, ...] = ()
 
     @property
     def place(self) -> str | None:
@@ -110,6 +112,7 @@ class TaskExceptionUnretrieved(Event):
     coroutine: str
     created_at: str | None
     exception: str
+    raised_at: str | None = None
 
     @property
     def place(self) -> str | None:
@@ -123,6 +126,7 @@ class CoroutineNeverAwaited(Event):
     event: ClassVar[str] = "loopwatch.coroutine_never_awaited"
     coroutine: str
     location: str | None
+    defined_at: str | None = None
 
     @property
     def place(self) -> str | None:

@@ -18,11 +18,13 @@ import asyncio
 import sys
 import threading
 import weakref
+from asyncio.base_events import BaseEventLoop
 from collections.abc import Callable
 from typing import Any
 
-from . import _runtime
-from ._config import Settings
+from . import _runtime, _tasks
+from ._config import Settings, report
+from ._tasks import TaskStats, TaskTracker
 from ._watchdog import LoopState
 
 _lock = threading.RLock()
@@ -33,6 +35,18 @@ _global = False
 # (class, attribute, previous value or _ABSENT): what global mode changed, to undo it exactly.
 _patches: list[tuple[type, str, Any]] = []
 _ABSENT = object()
+# Task counts of loops no longer watched, so that process totals never go backwards.
+_retired = TaskStats()
+
+
+def task_totals() -> TaskStats:
+    """Task counts over every loop watched so far, and the number of live tracked tasks."""
+    totals = TaskStats()
+    totals.add(_retired)
+    for state in list(_states.values()):
+        if state.tasks is not None:
+            totals.add(state.tasks.stats)
+    return totals
 
 
 def state_of(loop: asyncio.AbstractEventLoop) -> LoopState | None:
@@ -41,6 +55,11 @@ def state_of(loop: asyncio.AbstractEventLoop) -> LoopState | None:
 
 def watched_loops() -> list[asyncio.AbstractEventLoop]:
     return list(_states.keys())
+
+
+def tracker_of(loop: asyncio.AbstractEventLoop) -> TaskTracker | None:
+    state = _states.get(loop)
+    return state.tasks if state is not None else None
 
 
 def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) -> LoopState:
@@ -59,8 +78,12 @@ def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) ->
             emit=runtime.dispatcher.emit,
             wake=runtime.watchdog.wake,
         )
+        state.tasks = TaskTracker(
+            loop, runtime.dispatcher.emit, creation_stack=settings.creation_stack
+        )
         _states[loop] = state
-        _wrap_run_forever(loop, state)
+        _shadow_methods(loop, state)
+        _tasks.install_process_hooks(tracker_of, runtime.dispatcher.emit)
         runtime.watchdog.add(state)
     if loop.is_running() and _running_here(loop):
         state.run_started()
@@ -68,7 +91,7 @@ def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) ->
 
 
 def detach(loop: asyncio.AbstractEventLoop) -> None:
-    """Stop watching ``loop``; it runs on unwatched, with its own ``run_forever`` back."""
+    """Stop watching ``loop``; it runs on unwatched, with its own methods and task factory back."""
     with _lock:
         state = _states.pop(loop, None)
     if state is None:
@@ -77,9 +100,16 @@ def detach(loop: asyncio.AbstractEventLoop) -> None:
     runtime = _runtime.current()
     if runtime is not None:
         runtime.watchdog.remove(state)
-    wrapper = loop.__dict__.get("run_forever")
-    if getattr(wrapper, "__loopwatch__", False):
-        del loop.__dict__["run_forever"]
+    for name in _SHADOWED:
+        method = loop.__dict__.get(name)
+        if getattr(method, "__loopwatch__", False):
+            del loop.__dict__[name]
+    tracker = state.tasks
+    if tracker is not None:
+        if loop.get_task_factory() is tracker.factory:
+            type(loop).set_task_factory(loop, tracker.inner)
+        _retired.add(tracker.stats)
+        tracker.live.clear()
 
 
 def _running_here(loop: asyncio.AbstractEventLoop) -> bool:
@@ -89,25 +119,98 @@ def _running_here(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-def _wrap_run_forever(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
-    previous = loop.__dict__.get("run_forever")
-    if getattr(previous, "__loopwatch__", False):
-        previous = None
-    original: Callable[[], None] = previous or type(loop).run_forever.__get__(loop)
-    loop_ref = weakref.ref(loop)  # the wrapper lives on the loop: no strong cycle through it
+# Methods shadowed on a watched loop instance (instance attributes, deleted by detach):
+# - run_forever: marks each run's start and end for the watchdog (run_until_complete, on asyncio
+#   and on uvloop, calls self.run_forever());
+# - set_task_factory / get_task_factory: a factory the program sets later is wrapped, not lost,
+#   and the program still reads back its own;
+# - call_exception_handler: asyncio reports orphaned tasks and lost exceptions through it;
+# - close: tasks still pending when the loop is closed leaked;
+# - create_task, on stock loops of Pythons whose create_task calls ``task.set_name(None)`` after a
+#   task factory (3.13.0): that would rename every unnamed task 'None' just because loopwatch
+#   brought a factory, so unnamed tasks are made by the factory directly there.
+_CREATE_TASK_RENAMES = "set_name" in BaseEventLoop.create_task.__code__.co_names
+_SHADOWED = (
+    "create_task",
+    "run_forever",
+    "set_task_factory",
+    "get_task_factory",
+    "call_exception_handler",
+    "close",
+)
+
+
+def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
+    cls = type(loop)
+    tracker = state.tasks
+    assert tracker is not None
+    # The closures below hold the state, never the loop: the loop holds them (in its __dict__),
+    # and a strong reference back would make every watched loop a reference cycle.
+    loop_ref = weakref.ref(loop)
+
+    def _loop() -> asyncio.AbstractEventLoop:
+        current = loop_ref()
+        assert current is not None
+        return current
 
     def run_forever() -> None:
-        if loop_ref() is None or not state.active:
-            return original()
+        this = _loop()
+        if not state.active:
+            return cls.run_forever(this)
         state.run_started()
         try:
-            return original()
+            return cls.run_forever(this)
         finally:
             state.run_stopped()
 
-    run_forever.__loopwatch__ = True  # type: ignore[attr-defined]
-    run_forever.__wrapped__ = original  # type: ignore[attr-defined]
-    loop.run_forever = run_forever  # type: ignore[method-assign]
+    def set_task_factory(factory: Any) -> None:
+        if factory is not None and not callable(factory):
+            raise TypeError("task factory must be a callable or None")
+        tracker.inner = factory
+
+    def get_task_factory() -> Any:
+        return tracker.inner
+
+    def call_exception_handler(context: dict[str, Any]) -> None:
+        try:
+            tracker.on_exception_context(context)
+        except Exception as exc:  # noqa: BLE001 - never in the way of the program's handler
+            report(f"loopwatch: reading an asyncio report failed ({type(exc).__name__}: {exc})")
+        cls.call_exception_handler(_loop(), context)
+
+    def close() -> None:
+        this = _loop()
+        if not this.is_running() and not this.is_closed():
+            try:
+                tracker.report_leaks(asyncio.all_tasks(this))
+            except Exception as exc:  # noqa: BLE001
+                report(f"loopwatch: leak check failed ({type(exc).__name__}: {exc})")
+        cls.close(this)
+        detach(this)
+
+    def create_task(coro: Any, *, name: Any = None, context: Any = None, **kwargs: Any) -> Any:
+        this = _loop()
+        factory = this._task_factory  # type: ignore[attr-defined]
+        if name is not None or kwargs or factory is not tracker.factory:
+            return cls.create_task(this, coro, name=name, context=context, **kwargs)
+        this._check_closed()  # type: ignore[attr-defined]
+        if context is None:
+            return factory(this, coro)
+        return factory(this, coro, context=context)
+
+    methods: tuple[Callable[..., Any], ...] = (
+        run_forever,
+        set_task_factory,
+        get_task_factory,
+        call_exception_handler,
+        close,
+    )
+    if _CREATE_TASK_RENAMES and isinstance(loop, BaseEventLoop):
+        methods += (create_task,)
+    for method in methods:
+        setattr(method, "__loopwatch__", True)  # noqa: B010 - mypy: functions take attributes
+        setattr(loop, method.__name__, method)
+    cls.set_task_factory(loop, tracker.factory)
 
 
 # -- loop factories ------------------------------------------------------------------------
@@ -150,8 +253,6 @@ def enable_global() -> None:
         if _global:
             return
         _global = True
-        from asyncio.base_events import BaseEventLoop
-
         _patch_init(BaseEventLoop)
         if "uvloop" in sys.modules:
             patch_uvloop()
@@ -240,4 +341,5 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> None:
     disable_global()
     for known in watched_loops():
         detach(known)
+    _tasks.remove_process_hooks()
     _runtime.deactivate()

@@ -47,6 +47,12 @@ def _machinery_dirs() -> list[str]:
     return _MACHINERY_DIRS
 
 
+def machinery_cache() -> dict[str, bool]:
+    """The file-name cache behind :func:`is_machinery`, for hot loops that inline the lookup.
+    It is only ever cleared in place, so a reference to it stays valid."""
+    return _machinery_cache
+
+
 def is_machinery(filename: str) -> bool:
     """True for asyncio's, uvloop's and loopwatch's own files: frames a finding looks past."""
     dirs = _machinery_dirs()  # first: it empties the cache when uvloop has just arrived

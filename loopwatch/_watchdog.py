@@ -35,12 +35,15 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _places
 from ._config import Settings, report
 from ._events import Event, LoopStalled, SlowCallback
 from ._stats import Histogram
+
+if TYPE_CHECKING:
+    from ._tasks import TaskTracker
 
 INF = float("inf")
 _HANDLE_RUN = asyncio.Handle._run.__code__
@@ -132,6 +135,7 @@ class LoopState:
         # loop stops (so a block at the very end of a program is reported before it exits).
         self._lock = threading.Lock()
         self.block: _Block | None = None
+        self.tasks: TaskTracker | None = None  # set by _loops.attach
         self.configure(settings)
 
     def configure(self, settings: Settings) -> None:

@@ -243,11 +243,14 @@ def test_saturated_loop_without_a_long_callback_reports_nothing(
 
 
 def test_busy_program_that_never_blocks_reports_nothing(factory: Factory, events: Recorder) -> None:
+    handler_done = asyncio.Event()
+
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(100):
             writer.write(data)
             await writer.drain()
         writer.close()
+        handler_done.set()
 
     async def main() -> None:
         server = await asyncio.start_server(echo, "127.0.0.1", 0)
@@ -258,6 +261,7 @@ def test_busy_program_that_never_blocks_reports_nothing(factory: Factory, events
             writer.write(b"ping")
             await reader.readexactly(4)
         writer.close()
+        await handler_done.wait()  # the server's handler task ends too: nothing leaks
         server.close()
 
     run_on(factory, main())
