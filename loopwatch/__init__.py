@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     )
     from ._loops import install, new_event_loop, new_uvloop_event_loop, uninstall
     from ._policy import EventLoopPolicy
+    from ._scope import watch
 
 __all__ = [
     "CoroutineNeverAwaited",
@@ -44,6 +45,7 @@ __all__ = [
     "new_event_loop",
     "new_uvloop_event_loop",
     "uninstall",
+    "watch",
 ]
 
 __version__ = "0.1.0"
@@ -64,6 +66,7 @@ _LAZY = {
     "new_event_loop": "._loops",
     "new_uvloop_event_loop": "._loops",
     "uninstall": "._loops",
+    "watch": "._scope",
 }
 
 

@@ -41,7 +41,7 @@ class Dispatcher:
 
     def remove_exporter(self, exporter: Exporter) -> None:
         with self._lock:
-            self._exporters = tuple(e for e in self._exporters if e is not exporter)
+            self._exporters = tuple(e for e in self._exporters if e != exporter)
 
     def add_sink(self, sink: Callable[[Event], None]) -> None:
         with self._lock:
@@ -49,7 +49,7 @@ class Dispatcher:
 
     def remove_sink(self, sink: Callable[[Event], None]) -> None:
         with self._lock:
-            self._sinks = tuple(s for s in self._sinks if s is not sink)
+            self._sinks = tuple(s for s in self._sinks if s != sink)
 
     def emit(self, event: Event) -> None:
         with self._lock:
@@ -59,7 +59,7 @@ class Dispatcher:
                 try:
                     sink(event)
                 except BaseException as exc:  # noqa: BLE001 - see module docstring
-                    self._sinks = tuple(s for s in self._sinks if s is not sink)
+                    self._sinks = tuple(s for s in self._sinks if s != sink)
                     report(f"loopwatch: a scope failed ({_describe(exc)}); it is disabled")
             for exporter in exporters:
                 try:

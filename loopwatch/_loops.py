@@ -70,6 +70,8 @@ def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) ->
         state = _states.get(loop)
         if state is not None and state.active:
             state.configure(settings)
+            if state.tasks is not None:
+                state.tasks.depth = settings.creation_stack
             return state
         state = LoopState(
             loop,
@@ -342,4 +344,5 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> None:
     for known in watched_loops():
         detach(known)
     _tasks.remove_process_hooks()
+    _retired.__init__()  # type: ignore[misc]  # counts start again with the next install
     _runtime.deactivate()

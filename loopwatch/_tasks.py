@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.runners
 import contextlib
+import contextvars
 import sys
 import threading
 import time
@@ -46,8 +47,14 @@ _Task = asyncio.Task
 _machinery = _places.machinery_cache()
 _is_machinery = _places.is_machinery
 
-# (code, instruction offset) of the creation site; more pairs when a deeper stack was asked for.
-Site = tuple[tuple[CodeType, int], ...]
+# What is kept per live task, flat to stay small (~180 bytes with its dict slot, per tracemalloc):
+# (monotonic time of creation, code, instruction offset[, code, offset, ...]) - the creation site
+# and, with a deeper ``creation_stack``, the frames around it.
+Entry = tuple[Any, ...]
+Site = tuple[Any, ...]  # the (code, offset, code, offset, ...) part of an Entry
+# Done callbacks normally copy the current context, an allocation per task; loopwatch's callback
+# reads nothing from any context, so one empty context serves every task.
+_NO_CONTEXT = contextvars.Context()
 _ORIGIN_ATTR = "_loopwatch_created_at"
 _DESTROYED = "Task was destroyed but it is pending!"
 _UNRETRIEVED = "Task exception was never retrieved"
@@ -56,12 +63,15 @@ _UNRETRIEVED = "Task exception was never retrieved"
 def site_place(site: Site | None) -> str | None:
     if not site:
         return None
-    code, offset = site[0]
+    code, offset = site[0], site[1]
     return _places.place(code, line_at(code, offset))
 
 
 def site_stack(site: Site | None) -> tuple[str, ...]:
-    return tuple(_places.place(code, line_at(code, offset)) for code, offset in site or ())
+    site = site or ()
+    return tuple(
+        _places.place(site[i], line_at(site[i], site[i + 1])) for i in range(0, len(site), 2)
+    )
 
 
 def line_at(code: CodeType, offset: int) -> int | None:
@@ -72,7 +82,7 @@ def line_at(code: CodeType, offset: int) -> int | None:
     return code.co_firstlineno
 
 
-def _creation_site(frame: FrameType | None, depth: int) -> Site:
+def _new_entry(frame: FrameType | None, depth: int) -> Entry:
     # The hot path of task creation; see the module docstring for what it costs.
     while frame is not None:
         filename = frame.f_code.co_filename
@@ -83,14 +93,14 @@ def _creation_site(frame: FrameType | None, depth: int) -> Site:
             break
         frame = frame.f_back
     if frame is None:
-        return ()
+        return (monotonic(),)
     if depth <= 1:
-        return ((frame.f_code, frame.f_lasti),)
-    site: list[tuple[CodeType, int]] = []
-    while frame is not None and len(site) < depth:
-        site.append((frame.f_code, frame.f_lasti))
+        return (monotonic(), frame.f_code, frame.f_lasti)
+    entry: list[Any] = [monotonic()]
+    while frame is not None and len(entry) < 2 * depth + 1:
+        entry += (frame.f_code, frame.f_lasti)
         frame = frame.f_back
-    return tuple(site)
+    return tuple(entry)
 
 
 class TaskStats:
@@ -120,8 +130,8 @@ class TaskTracker:
         self.emit = emit
         self.depth = max(creation_stack, 1)
         self.inner: Any = loop.get_task_factory()
-        # id(task) -> (creation site, monotonic time of creation), for tasks alive and not done.
-        self.live: dict[int, tuple[Site, float]] = {}
+        # id(task) -> Entry, for the tasks alive and not done.
+        self.live: dict[int, Entry] = {}
         self.stats = TaskStats()
         self.on_done = self._on_done  # one bound method for every task, not one per task
         self.factory = self._make_factory()
@@ -140,9 +150,9 @@ class TaskTracker:
                 task: asyncio.Task[Any] = _Task(coro, loop=loop, **kwargs)
             else:
                 task = inner(loop, coro, **kwargs)
-            live[id(task)] = (_creation_site(_getframe(1), tracker.depth), monotonic())
+            live[id(task)] = _new_entry(_getframe(1), tracker.depth)
             stats.created += 1
-            task.add_done_callback(on_done)
+            task.add_done_callback(on_done, context=_NO_CONTEXT)
             return task
 
         task_factory.__loopwatch__ = True  # type: ignore[attr-defined]
@@ -161,7 +171,7 @@ class TaskTracker:
             # reported as never retrieved, and no table has to be cleaned up after it.
             # (A task class without a __dict__ gets no creation site then.)
             with contextlib.suppress(AttributeError):
-                setattr(task, _ORIGIN_ATTR, entry[0])
+                setattr(task, _ORIGIN_ATTR, entry[1:])
         else:
             stats.ok += 1
 
@@ -183,7 +193,7 @@ class TaskTracker:
                     TaskOrphaned(
                         task=task.get_name(),
                         coroutine=coroutine_name(task.get_coro()),
-                        created_at=site_place(entry[0]) if entry else None,
+                        created_at=site_place(entry[1:]) if entry else None,
                     )
                 )
         elif message == _UNRETRIEVED:
@@ -212,7 +222,7 @@ class TaskTracker:
             entry = self.live.get(id(task))
             if entry is None and since > 0.0:
                 continue
-            born = entry[1] if entry else None
+            born = entry[0] if entry else None
             if born is not None and born < since:
                 continue
             awaiting, awaits = suspended_at(task)
@@ -222,11 +232,11 @@ class TaskTracker:
                 TaskLeaked(
                     task=task.get_name(),
                     coroutine=coroutine_name(task.get_coro()),
-                    created_at=site_place(entry[0]) if entry else None,
+                    created_at=site_place(entry[1:]) if entry else None,
                     age_s=round(now - born, 6) if born is not None else 0.0,
                     awaiting=awaiting,
                     awaits=awaits,
-                    created_stack=site_stack(entry[0]) if entry and self.depth > 1 else (),
+                    created_stack=site_stack(entry[1:]) if entry and self.depth > 1 else (),
                 )
             )
         return count

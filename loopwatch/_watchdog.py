@@ -139,6 +139,7 @@ class LoopState:
         self.configure(settings)
 
     def configure(self, settings: Settings) -> None:
+        self.settings = settings
         self.threshold = settings.slow_callback_s
         self.stall = settings.stall_s
         # Heartbeat period: a tenth of the threshold, kept between 1 ms and 100 ms.

@@ -1,0 +1,373 @@
+"""Task lifecycle on asyncio and uvloop: leaks, orphans, lost exceptions, forgotten awaits, with
+the place each task was created; and no finding for the patterns that are fine."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import Recorder, place, run_on
+
+import loopwatch
+from loopwatch import _loops
+
+HERE = __file__
+Factory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def only(events: list[Any], name: str) -> Any:
+    matching = [e for e in events if e.event == name]
+    assert len(matching) == 1, events
+    assert len(events) == 1, events
+    return matching[0]
+
+
+async def sleeper() -> None:
+    await asyncio.sleep(10)  # AWAIT:leak
+
+
+def test_task_pending_when_asyncio_run_returns_is_leaked(
+    factory: Factory, events: Recorder
+) -> None:
+    async def main() -> None:
+        asyncio.create_task(sleeper(), name="forgotten")  # CREATE:leak
+        await asyncio.sleep(0.05)
+
+    run_on(factory, main())
+    leak = only(events.wait_for(1), "loopwatch.task_leaked")
+    assert leak.task == "forgotten"
+    assert leak.coroutine == "sleeper"
+    assert leak.created_at == place(HERE, "CREATE:leak", "main")
+    assert leak.awaiting == place(HERE, "AWAIT:leak", "sleeper")
+    assert leak.awaits == "sleep"
+    assert 0.04 <= leak.age_s <= 0.5
+
+
+def test_task_pending_at_loop_close_is_leaked(factory: Factory, events: Recorder) -> None:
+    loop = factory()
+    loop.create_task(sleeper(), name="left")  # CREATE:close
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    leak = only(events.wait_for(1), "loopwatch.task_leaked")
+    assert (leak.task, leak.coroutine) == ("left", "sleeper")
+    assert leak.created_at == place(
+        HERE, "CREATE:close", "test_task_pending_at_loop_close_is_leaked"
+    )
+    assert leak.awaiting == place(HERE, "AWAIT:leak", "sleeper")
+    assert _loops.state_of(loop) is None, "a closed loop is no longer watched"
+
+
+async def waits_forever() -> None:
+    await asyncio.get_running_loop().create_future()
+
+
+def test_pending_task_destroyed_by_gc_is_orphaned(
+    factory: Factory, events: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        asyncio.create_task(waits_forever(), name="orphan")  # CREATE:orphan
+        await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0.01)
+
+    run_on(factory, main())
+    orphan = only(events.wait_for(1), "loopwatch.task_orphaned")
+    assert (orphan.task, orphan.coroutine) == ("orphan", "waits_forever")
+    assert orphan.created_at == place(HERE, "CREATE:orphan", "main")
+    # asyncio's own report still reaches the program's handler: behaviour unchanged.
+    assert "Task was destroyed but it is pending!" in caplog.text
+
+
+async def fails() -> None:
+    await asyncio.sleep(0)
+    raise ValueError("bad input")  # RAISE:unretrieved
+
+
+def test_exception_nobody_retrieved(
+    factory: Factory, events: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        asyncio.create_task(fails(), name="fire-and-forget")  # CREATE:unretrieved
+        await asyncio.sleep(0.02)
+        gc.collect()
+
+    run_on(factory, main())
+    lost = only(events.wait_for(1), "loopwatch.task_exception_unretrieved")
+    assert (lost.task, lost.coroutine) == ("fire-and-forget", "fails")
+    assert lost.created_at == place(HERE, "CREATE:unretrieved", "main")
+    assert lost.exception == "ValueError: bad input"
+    assert lost.raised_at == place(HERE, "RAISE:unretrieved", "fails")
+    assert "Task exception was never retrieved" in caplog.text
+
+
+def test_exception_retrieved_is_not_a_finding(factory: Factory, events: Recorder) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(fails())
+        with pytest.raises(ValueError):
+            await task
+        gc.collect()
+
+    run_on(factory, main())
+    assert events.wait_for(1, timeout=0.2) == []
+
+
+async def fetch() -> int:
+    return 1
+
+
+@pytest.mark.filterwarnings("ignore:coroutine 'fetch' was never awaited")
+def test_coroutine_never_awaited(factory: Factory, events: Recorder) -> None:
+    async def main() -> None:
+        fetch()  # type: ignore[unused-coroutine]  # FORGOT:await
+        await asyncio.sleep(0)
+
+    run_on(factory, main())
+    forgot = only(events.wait_for(1), "loopwatch.coroutine_never_awaited")
+    assert forgot.coroutine == "fetch"
+    assert forgot.location == place(HERE, "FORGOT:await", "main")
+    assert forgot.defined_at == f"{HERE}:{fetch.__code__.co_firstlineno} in fetch"
+
+
+async def worker(n: int) -> int:
+    await asyncio.sleep(0.001 * n)
+    return n
+
+
+def test_patterns_that_are_fine_report_nothing(factory: Factory, events: Recorder) -> None:
+    """Background tasks held in a set, TaskGroup, gather, wait_for, timeout, to_thread,
+    shielding, a server task cancelled and awaited at shutdown: no finding."""
+
+    async def main() -> None:
+        background: set[asyncio.Task[int]] = set()
+        for i in range(5):
+            task = asyncio.create_task(worker(i))
+            background.add(task)
+            task.add_done_callback(background.discard)
+        async with asyncio.TaskGroup() as tg:
+            for i in range(3):
+                tg.create_task(worker(i))
+        assert await asyncio.gather(*(worker(i) for i in range(3))) == [0, 1, 2]
+        assert await asyncio.wait_for(worker(1), timeout=1) == 1
+        async with asyncio.timeout(1):
+            await worker(2)
+        assert await asyncio.to_thread(sum, [1, 2]) == 3
+        assert await asyncio.shield(worker(1)) == 1
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.sleep(1), timeout=0.01)
+        server_task = asyncio.create_task(sleeper())
+        await asyncio.sleep(0.01)
+        server_task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server_task
+        while background:
+            await asyncio.sleep(0.005)
+
+    run_on(factory, main())
+    gc.collect()
+    assert events.wait_for(1, timeout=0.2) == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks arrived in Python 3.12")
+def test_eager_tasks_are_tracked(factory: Factory, kind: str, events: Recorder) -> None:
+    """Stock asyncio: eager_task_factory wrapped. uvloop: create_task(eager_start=True) passed
+    through (uvloop 0.23 hands eager_start to every factory, so asyncio's eager_task_factory does
+    not work on plain uvloop)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if kind == "asyncio":
+            loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+            assert loop.get_task_factory() is asyncio.eager_task_factory  # type: ignore[attr-defined]
+            eager: dict[str, Any] = {}
+        else:
+            eager = {"eager_start": True}
+        done = loop.create_task(fetch(), **eager)  # completes eagerly, before create_task returns
+        assert done.done() and done.result() == 1
+        loop.create_task(sleeper(), name="eager-left", **eager)  # CREATE:eager
+        await asyncio.sleep(0.01)
+        stats = _loops.tracker_of(loop).stats  # type: ignore[union-attr]
+        assert (stats.created, stats.ok) == (3, 1)
+
+    run_on(factory, main())
+    leak = only(events.wait_for(1), "loopwatch.task_leaked")
+    assert leak.task == "eager-left"
+    assert leak.created_at == place(HERE, "CREATE:eager", "main")
+
+
+def test_task_factory_set_before_and_after_is_still_called(factory: Factory, kind: str) -> None:
+    """A factory the program sets, before or after loopwatch arrives, keeps being used."""
+    made: list[str] = []
+
+    def named_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        made.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    import uvloop
+
+    loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        loop.set_task_factory(named_factory)
+        loopwatch.install(loop)
+        assert loop.get_task_factory() is named_factory
+        loop.run_until_complete(loop.create_task(worker(1)))
+        loop.set_task_factory(None)
+        loop.set_task_factory(named_factory)
+        loop.run_until_complete(loop.create_task(fetch()))
+        assert made == ["worker", "fetch"]
+        stats = _loops.tracker_of(loop).stats  # type: ignore[union-attr]
+        assert (stats.created, stats.ok) == (2, 2)
+        loopwatch.uninstall(loop)
+        assert loop.get_task_factory() is named_factory
+        assert "get_task_factory" not in vars(loop)
+    finally:
+        loop.close()
+
+
+def test_counters_are_exact(factory: Factory, events: Recorder) -> None:
+    async def cancelled() -> None:
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        ok = [asyncio.create_task(worker(0)) for _ in range(7)]
+        bad = [asyncio.create_task(fails()) for _ in range(3)]
+        stop = [asyncio.create_task(cancelled()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        for t in stop:
+            t.cancel()
+        await asyncio.gather(*ok, *bad, *stop, return_exceptions=True)
+        stats = _loops.tracker_of(asyncio.get_running_loop()).stats  # type: ignore[union-attr]
+        # main itself is a task too: created, still running.
+        assert (stats.created, stats.ok, stats.error, stats.cancelled) == (13, 7, 3, 2)
+        assert _loops.tracker_of(asyncio.get_running_loop()).active == 1  # type: ignore[union-attr]
+
+    run_on(factory, main())
+    totals = _loops.task_totals()
+    # Runner's close runs shutdown_asyncgens and shutdown_default_executor as tasks too.
+    assert (totals.created, totals.ok, totals.error, totals.cancelled) == (15, 10, 3, 2)
+
+
+def test_names_and_repr_of_tasks_unchanged(factory: Factory) -> None:
+    async def main() -> tuple[str, str, bool]:
+        t = asyncio.create_task(fetch())
+        named = asyncio.create_task(fetch(), name="given")
+        await asyncio.gather(t, named)
+        return t.get_name(), named.get_name(), asyncio.iscoroutine(t.get_coro())
+
+    name, given, is_coro = run_on(factory, main())
+    assert name.startswith("Task-") and given == "given" and is_coro
+
+
+def test_finished_tasks_leave_nothing_behind(factory: Factory, events: Recorder) -> None:
+    """20,000 tasks churned: the tracking table is empty again (1,000,000 is a benchmark)."""
+
+    async def main() -> int:
+        tracker = _loops.tracker_of(asyncio.get_running_loop())
+        assert tracker is not None
+        start = tracker.active
+        for _ in range(20):
+            await asyncio.gather(*(asyncio.create_task(worker(0)) for _ in range(1000)))
+        await asyncio.sleep(0)
+        return tracker.active - start
+
+    assert run_on(factory, main()) == 0
+
+
+def test_state_per_live_task_is_small(kind: str) -> None:
+    """What watching adds per live task, by tracemalloc: the same 5,000 pending tasks on a
+    watched and on an unwatched loop of the same kind; the difference is under 200 bytes each."""
+    import tracemalloc
+
+    import uvloop
+
+    async def main() -> int:
+        gate = asyncio.Event()
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        tasks = [asyncio.create_task(gate.wait()) for _ in range(5000)]
+        used = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        gate.set()
+        await asyncio.gather(*tasks)
+        return used
+
+    plain = uvloop.new_event_loop if kind == "uvloop" else asyncio.SelectorEventLoop
+    watched = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop
+    # Interleaved, and the least of three each, so a stray allocation does not decide it.
+    bare = min(run_on(plain, main()) for _ in range(3))
+    with_watch = min(run_on(watched, main()) for _ in range(3))
+    per_task = (with_watch - bare) / 5000
+    assert 0 < per_task < 200, (per_task, bare / 5000)
+
+
+async def leaks_in_scope() -> loopwatch.watch:
+    async with loopwatch.watch() as scope:
+        await asyncio.sleep(0)
+        asyncio.create_task(sleeper(), name="scoped")  # CREATE:scope
+        asyncio.create_task(worker(0))
+        await asyncio.sleep(0.01)
+    return scope
+
+
+def test_watch_scope_reports_tasks_it_leaves_behind(factory: Factory, events: Recorder) -> None:
+    async def main() -> loopwatch.watch:
+        before = asyncio.create_task(sleeper(), name="older")
+        scope = await leaks_in_scope()
+        before.cancel()
+        return scope
+
+    scope = run_on(factory, main())
+    leak = only(scope.events, "loopwatch.task_leaked")
+    assert leak.task == "scoped"
+    assert leak.created_at == place(HERE, "CREATE:scope", "leaks_in_scope")
+    # asyncio.run later reports "scoped" again (it is still pending then); "older" was cancelled.
+    assert [e.task for e in events.wait_for(2)] == ["scoped", "scoped"]  # type: ignore[attr-defined]
+
+
+def test_sync_watch_around_asyncio_run(kind: str) -> None:
+    """With no loop running, the scope watches every loop made inside it, then stops."""
+    import uvloop
+
+    async def main() -> None:
+        asyncio.create_task(sleeper(), name="run-leak")  # CREATE:sync-scope
+        time.sleep(0.15)  # BLOCK:sync-scope
+        await asyncio.sleep(0.02)
+
+    with loopwatch.watch(log="off") as scope:
+        if kind == "uvloop":
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
+        time.sleep(0.1)
+    assert [e.event for e in scope.events] == ["loopwatch.slow_callback", "loopwatch.task_leaked"]
+    assert scope.events[0].location == place(HERE, "BLOCK:sync-scope", "main")  # type: ignore[attr-defined]
+    assert scope.events[1].created_at == place(HERE, "CREATE:sync-scope", "main")  # type: ignore[attr-defined]
+    assert not _loops.global_enabled()
+
+
+def test_watch_rejects_bad_settings() -> None:
+    with pytest.raises(TypeError, match="unknown setting"):
+        loopwatch.watch(threshold=3)
+
+
+def test_deeper_creation_stack(factory: Factory, events: Recorder) -> None:
+    async def inner_spawn() -> None:
+        asyncio.create_task(sleeper(), name="deep")  # CREATE:deep
+
+    async def main() -> None:
+        loopwatch.install(asyncio.get_running_loop(), creation_stack=3)
+        await inner_spawn()  # CALL:deep
+        await asyncio.sleep(0.01)
+
+    run_on(factory, main())
+    leak = only(events.wait_for(1), "loopwatch.task_leaked")
+    assert leak.created_stack[:2] == (
+        place(HERE, "CREATE:deep", "inner_spawn"),
+        place(HERE, "CALL:deep", "main"),
+    )
+    assert len(leak.created_stack) == 3
