@@ -174,13 +174,13 @@ def test_patterns_that_are_fine_report_nothing(factory: Factory, events: Recorde
 
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks arrived in Python 3.12")
 def test_eager_tasks_are_tracked(factory: Factory, kind: str, events: Recorder) -> None:
-    """Stock asyncio: eager_task_factory wrapped. uvloop: create_task(eager_start=True) passed
-    through (uvloop 0.23 hands eager_start to every factory, so asyncio's eager_task_factory does
-    not work on plain uvloop)."""
+    """eager_task_factory wrapped; on uvloop with Python 3.13+, create_task(eager_start=True)
+    passed through instead (uvloop 0.23 hands eager_start to every factory there, so asyncio's
+    eager_task_factory fails on plain uvloop; before 3.13 it drops eager_start)."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        if kind == "asyncio":
+        if kind == "asyncio" or sys.version_info < (3, 13):
             loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
             assert loop.get_task_factory() is asyncio.eager_task_factory  # type: ignore[attr-defined]
             eager: dict[str, Any] = {}
