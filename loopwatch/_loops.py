@@ -62,6 +62,13 @@ def tracker_of(loop: asyncio.AbstractEventLoop) -> TaskTracker | None:
     return state.tasks if state is not None else None
 
 
+def active_tasks() -> int:
+    """Tasks alive and not done, over every watched loop."""
+    return sum(
+        state.tasks.active for state in list(_states.values()) if state.tasks is not None
+    )
+
+
 def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) -> LoopState:
     """Watch ``loop`` (idempotent). A running loop is watched from now on."""
     runtime = _runtime.activate()
