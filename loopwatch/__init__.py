@@ -28,9 +28,11 @@ if TYPE_CHECKING:
     from ._loops import install, new_event_loop, new_uvloop_event_loop, uninstall
     from ._policy import EventLoopPolicy
     from ._scope import watch
+    from ._timing import CoroutineStats, coroutine_stats, timed
 
 __all__ = [
     "CoroutineNeverAwaited",
+    "CoroutineStats",
     "Event",
     "EventLoopPolicy",
     "Exporter",
@@ -41,9 +43,11 @@ __all__ = [
     "TaskLeaked",
     "TaskOrphaned",
     "__version__",
+    "coroutine_stats",
     "install",
     "new_event_loop",
     "new_uvloop_event_loop",
+    "timed",
     "uninstall",
     "watch",
 ]
@@ -53,6 +57,9 @@ __version__ = "0.1.0"
 # name -> module that defines it
 _LAZY = {
     "CoroutineNeverAwaited": "._events",
+    "CoroutineStats": "._timing",
+    "coroutine_stats": "._timing",
+    "timed": "._timing",
     "Event": "._events",
     "EventLoopPolicy": "._policy",
     "Exporter": "._dispatch",

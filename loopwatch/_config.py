@@ -17,6 +17,7 @@ from typing import Any, Final
 
 PREFIX: Final = "LOOPWATCH"
 LOG_MODES: Final = ("auto", "structlog", "logging", "json", "off")
+LOG_STACKS: Final = ("own", "full")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"", "0", "false", "no", "off"})
 
@@ -36,6 +37,11 @@ class Settings:
     log: str = "auto"
     log_file: str | None = None
     creation_stack: int = 1
+    log_stack: str = "own"
+    log_fold_ms: float = 5000.0
+    step_timing: bool = True
+    summary: bool = False
+    coroutine_labels: int = 50
 
     @property
     def slow_callback_s(self) -> float:
@@ -80,7 +86,9 @@ class Spec:
         if value is None and SPECS_OPTIONAL.get(self.name, False):
             return None
         text = value if isinstance(value, str) else repr(value)
-        if not isinstance(value, str):
+        if isinstance(value, bool):
+            value = "1" if value else "0"
+        elif not isinstance(value, str):
             # Keyword arguments may be numbers already; run them through the same rules.
             value = str(value)
         try:
@@ -122,11 +130,41 @@ def _log_mode(text: str) -> str:
     return mode
 
 
+def _nonnegative_ms(text: str) -> float:
+    value = float(text.strip())
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _log_stack(text: str) -> str:
+    word = text.strip().lower()
+    if word not in LOG_STACKS:
+        raise ValueError(text)
+    return word
+
+
 def _depth(text: str) -> int:
     depth = int(text.strip(), 10)
     if not 1 <= depth <= 64:
         raise ValueError(text)
     return depth
+
+
+def _bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE - {""}:
+        return False
+    raise ValueError(text)
+
+
+def _labels(text: str) -> int:
+    cap = int(text.strip(), 10)
+    if not 1 <= cap <= 10000:
+        raise ValueError(text)
+    return cap
 
 
 def _path(text: str) -> str | None:
@@ -184,6 +222,43 @@ SPECS: Final[dict[str, Spec]] = {
             "first; more go to `created_stack`). Above 1 it also turns on coroutine origin "
             "tracking, so never-awaited coroutines are placed where they were created; each "
             "frame costs about 50 ns per task created.",
+        ),
+        Spec(
+            "step_timing",
+            _bool,
+            "1 or 0 (also true/false, yes/no, on/off)",
+            "Time each task step, for busy time per coroutine and exact durations of slow task "
+            "steps. Off: wall time and counts stay, and tasks drive their coroutines directly.",
+        ),
+        Spec(
+            "summary",
+            _bool,
+            "1 or 0 (also true/false, yes/no, on/off)",
+            "At exit, print to standard error a table of the coroutines that held the loop "
+            "longest (busy time), with counts, steps and wall time.",
+        ),
+        Spec(
+            "coroutine_labels",
+            _labels,
+            "a whole number from 1 to 10000",
+            "How many coroutine names get their own row and `coroutine` label; the rest are "
+            "counted under `other`.",
+        ),
+        Spec(
+            "log_stack",
+            _log_stack,
+            "one of " + ", ".join(LOG_STACKS),
+            "Which frames of a block's stack a log line shows below it: `own` (the program's "
+            "own code, not the standard library or site-packages) or `full`. JSON lines always "
+            "carry the whole stack.",
+        ),
+        Spec(
+            "log_fold_ms",
+            _nonnegative_ms,
+            "a number of milliseconds, 0 or more",
+            "Repeats of an event at the same place within this time are folded into one line "
+            "saying how many (`folded`), so a flood does not flood the log; metrics still count "
+            "every event. 0 logs every event.",
         ),
     )
 }

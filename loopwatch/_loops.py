@@ -64,9 +64,7 @@ def tracker_of(loop: asyncio.AbstractEventLoop) -> TaskTracker | None:
 
 def active_tasks() -> int:
     """Tasks alive and not done, over every watched loop."""
-    return sum(
-        state.tasks.active for state in list(_states.values()) if state.tasks is not None
-    )
+    return sum(state.tasks.active for state in list(_states.values()) if state.tasks is not None)
 
 
 def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) -> LoopState:
@@ -77,8 +75,6 @@ def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) ->
         state = _states.get(loop)
         if state is not None and state.active:
             state.configure(settings)
-            if state.tasks is not None:
-                state.tasks.depth = settings.creation_stack
             return state
         state = LoopState(
             loop,
@@ -90,6 +86,7 @@ def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) ->
         state.tasks = TaskTracker(
             loop, runtime.dispatcher.emit, creation_stack=settings.creation_stack
         )
+        state.configure(settings)  # now that it has a tracker, pass it the timing settings
         _states[loop] = state
         _shadow_methods(loop, state)
         _tasks.install_process_hooks(tracker_of, runtime.dispatcher.emit)

@@ -32,6 +32,8 @@ def _library_dirs() -> tuple[str, ...]:
 
 _LIBRARY_DIRS: Final = _library_dirs()
 _MACHINERY_DIRS: list[str] = [_ASYNCIO_DIR, _LOOPWATCH_DIR]
+# uvloop's compiled code reports its Cython sources by relative name ("uvloop/loop.pyx").
+_UVLOOP_CYTHON: Final = "uvloop" + os.sep
 _own_cache: dict[str, bool] = {}
 _machinery_cache: dict[str, bool] = {}
 
@@ -59,7 +61,9 @@ def is_machinery(filename: str) -> bool:
     known = _machinery_cache.get(filename)
     if known is None:
         path = os.path.abspath(filename) if not filename.startswith("<") else filename
-        known = path.startswith(tuple(dirs)) and not path.startswith(_DEMO_DIR)
+        known = (
+            path.startswith(tuple(dirs)) and not path.startswith(_DEMO_DIR)
+        ) or filename.startswith(_UVLOOP_CYTHON)
         _machinery_cache[filename] = known
     return known
 

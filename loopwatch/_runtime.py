@@ -6,6 +6,7 @@ by ``uninstall()``. A forked child keeps the settings and exporters but none of 
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from typing import Any
@@ -25,12 +26,32 @@ class Runtime:
         self.lag = Histogram()
         from .exporters import from_settings
 
+        self.apply(settings)
         for exporter in from_settings(settings):
             self.dispatcher.add_exporter(exporter)
+        if settings.summary:
+            atexit.register(self.print_summary)
+
+    def apply(self, settings: Settings) -> None:
+        """Make new settings the runtime's (thresholds of loops attached later, label cap)."""
+        from . import _timing
+
+        self.settings = settings
+        _timing.TABLE.cap = settings.coroutine_labels
+
+    def print_summary(self) -> None:
+        """``LOOPWATCH_SUMMARY=1``: the busiest coroutines, on standard error, at exit."""
+        from . import _timing
+
+        _config.report(_timing.summary())
 
     def close(self) -> None:
+        from . import _timing
+
+        atexit.unregister(self.print_summary)
         self.watchdog.stop()
         self.dispatcher.close()
+        _timing.TABLE.clear()
 
     def after_fork_in_child(self) -> None:
         self.watchdog.after_fork_in_child()
@@ -59,7 +80,7 @@ def activate(**overrides: Any) -> Runtime:
             runtime = _current = Runtime(settings)
             _install_fork_hook()
         elif overrides:
-            runtime.settings = runtime.settings.replace(**overrides)
+            runtime.apply(runtime.settings.replace(**overrides))
         return runtime
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from types import CodeType, FrameType, TracebackType
+from types import CodeType, CoroutineType, FrameType, TracebackType
 from typing import Any
 
 from . import _places
@@ -39,6 +39,7 @@ from ._events import (
     TaskLeaked,
     TaskOrphaned,
 )
+from ._timing import TABLE, StepWatch, Timed
 from ._watchdog import coroutine_name
 
 monotonic = time.monotonic
@@ -48,8 +49,9 @@ _machinery = _places.machinery_cache()
 _is_machinery = _places.is_machinery
 
 # What is kept per live task, flat to stay small (~180 bytes with its dict slot, per tracemalloc):
-# (monotonic time of creation, code, instruction offset[, code, offset, ...]) - the creation site
-# and, with a deeper ``creation_stack``, the frames around it.
+# (monotonic time of creation, coroutine label, code, instruction offset[, code, offset, ...]):
+# the label its timing is recorded under (None: asyncio's own coroutine, not timed), then the
+# creation site and, with a deeper ``creation_stack``, the frames around it.
 Entry = tuple[Any, ...]
 Site = tuple[Any, ...]  # the (code, offset, code, offset, ...) part of an Entry
 # Done callbacks normally copy the current context, an allocation per task; loopwatch's callback
@@ -82,7 +84,7 @@ def line_at(code: CodeType, offset: int) -> int | None:
     return code.co_firstlineno
 
 
-def _new_entry(frame: FrameType | None, depth: int) -> Entry:
+def _new_entry(frame: FrameType | None, depth: int, label: str | None) -> Entry:
     # The hot path of task creation; see the module docstring for what it costs.
     while frame is not None:
         filename = frame.f_code.co_filename
@@ -93,11 +95,11 @@ def _new_entry(frame: FrameType | None, depth: int) -> Entry:
             break
         frame = frame.f_back
     if frame is None:
-        return (monotonic(),)
+        return (monotonic(), label)
     if depth <= 1:
-        return (monotonic(), frame.f_code, frame.f_lasti)
-    entry: list[Any] = [monotonic()]
-    while frame is not None and len(entry) < 2 * depth + 1:
+        return (monotonic(), label, frame.f_code, frame.f_lasti)
+    entry: list[Any] = [monotonic(), label]
+    while frame is not None and len(entry) < 2 * depth + 2:
         entry += (frame.f_code, frame.f_lasti)
         frame = frame.f_back
     return tuple(entry)
@@ -134,6 +136,10 @@ class TaskTracker:
         self.live: dict[int, Entry] = {}
         self.stats = TaskStats()
         self.on_done = self._on_done  # one bound method for every task, not one per task
+        # Step timing: on unless switched off; the threshold and the watchdog's hook are set by
+        # attach, in one object every proxy of this loop shares.
+        self.timing = True
+        self.step_watch = StepWatch()
         self.factory = self._make_factory()
 
     def _make_factory(self) -> Callable[..., asyncio.Task[Any]]:
@@ -146,13 +152,29 @@ class TaskTracker:
             loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
         ) -> asyncio.Task[Any]:
             inner = tracker.inner
+            if type(coro) is CoroutineType:
+                code = coro.cr_code
+                if _machinery.get(code.co_filename) is False:
+                    label: str | None = code.co_qualname
+                else:
+                    label = _label(coro)
+                if tracker.timing:
+                    coro = Timed(coro, tracker.step_watch)
+            else:
+                label = _label(coro)
             if inner is None:
                 task: asyncio.Task[Any] = _Task(coro, loop=loop, **kwargs)
             else:
                 task = inner(loop, coro, **kwargs)
-            live[id(task)] = _new_entry(_getframe(1), tracker.depth)
+            entry = _new_entry(_getframe(1), tracker.depth, label)
             stats.created += 1
-            task.add_done_callback(on_done, context=_NO_CONTEXT)
+            if task.done():
+                # Finished eagerly, inside create_task: the task has already let go of its
+                # coroutine, so it is accounted for here, with the coroutine in hand.
+                tracker.finished(task, entry, coro)
+            else:
+                live[id(task)] = entry
+                task.add_done_callback(on_done, context=_NO_CONTEXT)
             return task
 
         task_factory.__loopwatch__ = True  # type: ignore[attr-defined]
@@ -160,20 +182,31 @@ class TaskTracker:
 
     def _on_done(self, task: asyncio.Task[Any]) -> None:
         entry = self.live.pop(id(task), None)
-        if entry is None:
-            return
+        if entry is not None:
+            self.finished(task, entry, task.get_coro())
+
+    def finished(self, task: asyncio.Task[Any], entry: Entry, coro: Any) -> None:
+        """Count a task that ended, and time it under its coroutine's name."""
+        wall = monotonic() - entry[0]
         stats = self.stats
+        timed = coro if type(coro) is Timed else None
         if task._state == "CANCELLED":
             stats.cancelled += 1
+            outcome = "cancelled"
         elif task._exception is not None:
             stats.error += 1
+            outcome = "error"
             # Kept on the task itself, so it lives exactly as long as the exception may still be
             # reported as never retrieved, and no table has to be cleaned up after it.
             # (A task class without a __dict__ gets no creation site then.)
             with contextlib.suppress(AttributeError):
-                setattr(task, _ORIGIN_ATTR, entry[1:])
+                setattr(task, _ORIGIN_ATTR, entry[2:])
         else:
             stats.ok += 1
+            outcome = "ok"
+        label = entry[1]
+        if label is not None:
+            TABLE.record(label, wall=wall, outcome=outcome, timed=timed)
 
     @property
     def active(self) -> int:
@@ -193,7 +226,7 @@ class TaskTracker:
                     TaskOrphaned(
                         task=task.get_name(),
                         coroutine=coroutine_name(task.get_coro()),
-                        created_at=site_place(entry[1:]) if entry else None,
+                        created_at=site_place(entry[2:]) if entry else None,
                     )
                 )
         elif message == _UNRETRIEVED:
@@ -232,14 +265,35 @@ class TaskTracker:
                 TaskLeaked(
                     task=task.get_name(),
                     coroutine=coroutine_name(task.get_coro()),
-                    created_at=site_place(entry[1:]) if entry else None,
+                    created_at=site_place(entry[2:]) if entry else None,
                     age_s=round(now - born, 6) if born is not None else 0.0,
                     awaiting=awaiting,
                     awaits=awaits,
-                    created_stack=site_stack(entry[1:]) if entry and self.depth > 1 else (),
+                    created_stack=site_stack(entry[2:]) if entry and self.depth > 1 else (),
                 )
             )
         return count
+
+
+def _label(coro: Any) -> str | None:
+    """The timing table's key for a new task's coroutine: its qualified name.
+
+    A wrapper of the loop's own that closes over ``main`` (``uvloop.run``'s) is looked through,
+    in its frame before it starts; the loop's own ``shutdown_*`` coroutines, run as tasks when
+    a Runner closes, get no row. ``create_task(event.wait())`` is the program's: ``Event.wait``.
+    """
+    code = getattr(coro, "cr_code", None)
+    if code is None or not _is_machinery(code.co_filename):
+        return coroutine_name(coro)
+    if code.co_name.startswith("shutdown_"):
+        return None
+    if "main" in code.co_freevars:
+        frame = getattr(coro, "cr_frame", None)
+        main = frame.f_locals.get("main") if frame is not None else None
+        name = getattr(main, "__qualname__", None)
+        if name:
+            return str(name)
+    return str(getattr(coro, "__qualname__", None) or code.co_qualname)
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -72,6 +72,12 @@ def coroutine_name(coro: Any, entry: FrameType | None = None) -> str:
     return str(name) if name else type(coro).__qualname__
 
 
+def suspended_place(task: asyncio.Task[Any]) -> str | None:
+    """Where a task's own coroutine is suspended now (its outermost frame's line)."""
+    frame = getattr(task.get_coro(), "cr_frame", None)
+    return _places.frame_place(frame) if frame is not None else None
+
+
 @dataclass(slots=True)
 class _Sample:
     at: float
@@ -135,7 +141,11 @@ class LoopState:
         # loop stops (so a block at the very end of a program is reported before it exits).
         self._lock = threading.Lock()
         self.block: _Block | None = None
-        self.tasks: TaskTracker | None = None  # set by _loops.attach
+        self.tasks: TaskTracker | None = None  # set by _loops.attach, which configures again
+        # The last task step timed exactly and reported from the loop thread, so the watchdog
+        # does not report it a second time from a sample it took just before the step ended.
+        self.exact_task: asyncio.Task[Any] | None = None
+        self.exact_end = 0.0
         self.configure(settings)
 
     def configure(self, settings: Settings) -> None:
@@ -145,6 +155,14 @@ class LoopState:
         # Heartbeat period: a tenth of the threshold, kept between 1 ms and 100 ms.
         self.period = min(max(self.threshold / 10.0, 0.001), 0.1)
         self.first_check = self.threshold / 2.0
+        tracker = self.tasks
+        if tracker is not None:
+            tracker.timing = settings.step_timing
+            tracker.depth = settings.creation_stack
+            watch = tracker.step_watch
+            watch.threshold = self.threshold
+            watch.half = self.threshold / 2.0
+            watch.on_slow = self.step_finished
 
     # -- the loop's side (runs in the loop thread) ----------------------------------------
     # ``_heartbeat`` is the only code here that runs while the loop is healthy: a clock read, a
@@ -191,6 +209,40 @@ class LoopState:
         if self.running:
             self._arm(now)
 
+    def step_finished(self, took: float, end: float) -> None:
+        """A task step of at least half the threshold just ended (loop thread; from ``Timed``).
+
+        If the watchdog is following it as a block, the step's exact duration replaces the
+        estimate (and a step that was not slow after all is not reported). If the watchdog never
+        saw it (its thread could not run: a C call held the GIL), it is reported from here,
+        placed where the task is now suspended, with no stack taken during the block.
+        """
+        loop = self._loop_ref()
+        task = asyncio.current_task(loop) if loop is not None else None
+        if task is None or not self.active:
+            return
+        with self._lock:
+            block = self.block
+            self.exact_task, self.exact_end = task, end
+            if block is not None and block.task is task and block.ended is None:
+                self.block = None
+                if took >= self.threshold:
+                    self.emit(self._slow_event(block, took))
+                return
+        if took >= self.threshold:
+            place = suspended_place(task)
+            self.emit(
+                SlowCallback(
+                    duration_s=round(took, 6),
+                    threshold_s=self.threshold,
+                    task=task.get_name(),
+                    coroutine=coroutine_name(task.get_coro()),
+                    location=place,
+                    stack=(),
+                    loop=self.kind,
+                )
+            )
+
     def detach(self) -> None:
         """Stop watching. Safe from any thread: the pending heartbeat runs once more, as a no-op."""
         self.active = False
@@ -227,6 +279,12 @@ class LoopState:
             if not block.stalled and now - block.start >= self.stall:
                 block.stalled = True
                 self._emit_stall(block, sample, now)
+        elif (
+            sample.task is not None
+            and sample.task is self.exact_task
+            and sample.at <= self.exact_end
+        ):
+            pass  # taken just before that step ended, and it was reported with its exact time
         else:
             start_after = beat
             if block is not None:
@@ -300,17 +358,18 @@ class LoopState:
         self.block = None
         duration = max(end, block.last_seen) - block.start
         if duration >= self.threshold:
-            self.emit(
-                SlowCallback(
-                    duration_s=round(duration, 6),
-                    threshold_s=self.threshold,
-                    task=block.task_name,
-                    coroutine=block.coroutine,
-                    location=block.location,
-                    stack=block.stack,
-                    loop=self.kind,
-                )
-            )
+            self.emit(self._slow_event(block, duration))
+
+    def _slow_event(self, block: _Block, duration: float) -> SlowCallback:
+        return SlowCallback(
+            duration_s=round(duration, 6),
+            threshold_s=self.threshold,
+            task=block.task_name,
+            coroutine=block.coroutine,
+            location=block.location,
+            stack=block.stack,
+            loop=self.kind,
+        )
 
 
 class Watchdog:
