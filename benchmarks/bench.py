@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """loopwatch overhead benchmarks: what watching a loop costs, as a ratio to the same loop unwatched.
 
-Run ``python benchmarks/bench.py --quick`` (about 2 minutes) or ``python benchmarks/bench.py``
-(about 10 minutes); see ``benchmarks/README.md`` for how to read the output.
+Run ``python benchmarks/bench.py --quick`` (about 1 minute on 2 cores) or
+``python benchmarks/bench.py`` (about 8 minutes); see ``benchmarks/README.md`` for how to read the
+output.
 
 Every measurement runs in a fresh interpreter (this file, re-run with ``--worker``), so loopwatch's
 process-wide state and imports never leak from one variant into another. Variants are interleaved
@@ -20,15 +21,22 @@ import asyncio
 import gc
 import importlib.metadata
 import importlib.util
+import io
 import json
+import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -151,21 +159,40 @@ WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
         Workload(
-            "sleep0", sleep0, "steps/s", True, 800, 2000,
+            "sleep0",
+            sleep0,
+            "steps/s",
+            True,
+            800,
+            2000,
             f"{SLEEP0_TASKS} tasks looping on `await asyncio.sleep(0)`; size = steps per task",
         ),
         Workload(
-            "echo", echo, "round trips/s", True, 1500, 2500,
+            "echo",
+            echo,
+            "round trips/s",
+            True,
+            1500,
+            2500,
             f"TCP echo on 127.0.0.1, {ECHO_CLIENTS} clients, {len(ECHO_MESSAGE)}-byte messages;"
             " size = round trips per client",
         ),
         Workload(
-            "churn", churn, "ns/task", False, 100, 250,
-            f"create_task of a trivial coroutine, gathered {CHURN_BATCH} at a time;"
-            " size = batches",
+            "churn",
+            churn,
+            "ns/task",
+            False,
+            100,
+            250,
+            f"create_task of a trivial coroutine, gathered {CHURN_BATCH} at a time; size = batches",
         ),
         Workload(
-            "pingpong", pingpong, "round trips/s", True, 50_000, 100_000,
+            "pingpong",
+            pingpong,
+            "round trips/s",
+            True,
+            50_000,
+            100_000,
             "two tasks passing a future back and forth; size = round trips",
         ),
     )
@@ -198,6 +225,50 @@ def _watched_uvloop_loop() -> LoopFactory:
     import loopwatch
 
     return loopwatch.new_uvloop_event_loop
+
+
+def _with_timer(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
+    """Control: the plain loop plus a self re-arming 10 ms timer, as loopwatch's heartbeat."""
+
+    def setup() -> LoopFactory:
+        base = make()
+
+        def factory() -> asyncio.AbstractEventLoop:
+            loop = base()
+            stamps = [0.0]
+
+            def beat() -> None:
+                stamps[0] = time.monotonic()
+                loop.call_later(0.01, beat)
+
+            loop.call_soon(beat)
+            return loop
+
+        return factory
+
+    return setup
+
+
+_control_stop = threading.Event()
+
+
+def _with_thread(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
+    """Control: the plain loop plus a daemon thread waking every 20 ms (as the watchdog does on a
+    healthy loop: every heartbeat period to 50 ms) and taking the GIL for a moment."""
+
+    def setup() -> LoopFactory:
+        def run() -> None:
+            while not _control_stop.wait(0.02):
+                time.monotonic()
+
+        threading.Thread(target=run, name="bench-control", daemon=True).start()
+        return make()
+
+    return setup
+
+
+def _stop_thread() -> None:
+    _control_stop.set()
 
 
 def _check_unwatched(loop: asyncio.AbstractEventLoop) -> None:
@@ -255,8 +326,25 @@ VARIANTS: dict[str, Variant] = {
             "`loopwatch.new_event_loop` / `loopwatch.new_uvloop_event_loop`: heartbeat timer"
             " and watchdog thread",
         ),
+        # Controls, run only when asked for (--variants): no loopwatch, one of its costs each.
+        Variant(
+            "timer-only",
+            {"asyncio": _with_timer(_stock_loop), "uvloop": _with_timer(_uvloop_loop)},
+            _check_unwatched,
+            _no_teardown,
+            "control, no loopwatch: the plain loop plus a 10 ms self re-arming `call_later`",
+        ),
+        Variant(
+            "thread-only",
+            {"asyncio": _with_thread(_stock_loop), "uvloop": _with_thread(_uvloop_loop)},
+            _check_unwatched,
+            _stop_thread,
+            "control, no loopwatch: the plain loop plus a daemon thread waking every 20 ms",
+        ),
     )
 }
+
+DEFAULT_VARIANTS = (BASELINE, "watchdog")
 
 # Overhead budgets: (variant, workload) -> largest accepted overhead in percent, on every loop.
 BUDGETS: dict[tuple[str, str], float] = {
@@ -287,28 +375,76 @@ def worker(spec: Mapping[str, Any]) -> dict[str, Any]:
             if i >= int(spec["warmup"]):
                 values.append(workload.value(seconds, operations))
     variant.teardown()
-    return {"value": statistics.median(values), "runs": values}
+    module = sys.modules.get("loopwatch")
+    return {
+        "value": statistics.median(values),
+        "runs": values,
+        "loopwatch": getattr(module, "__file__", None) if module is not None else None,
+    }
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """This environment without any LOOPWATCH* variable, loopwatch's log off, plus ``extra``."""
+def child_env(source: Path | None) -> dict[str, str]:
+    """The environment of every child: this one without LOOPWATCH*, loopwatch's log off.
+
+    Bytecode is cached under the temporary directory (``PYTHONPYCACHEPREFIX``), even when
+    ``PYTHONDONTWRITEBYTECODE`` is set: an installed package has its ``.pyc`` files, and recompiling
+    loopwatch in every process would be charged to it. With ``source`` (a ``--ref`` snapshot), that
+    copy of loopwatch comes first on the path, before the installed one.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "loopwatch-bench-pycache")
     env["LOOPWATCH_LOG"] = "off"
-    env.update(extra)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     return env
 
 
-def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
-    command = [sys.executable, str(HERE), "--worker", json.dumps(dict(spec))]
+def run_worker(
+    script: Path, spec: Mapping[str, Any], env: Mapping[str, str], source: Path | None
+) -> float:
+    command = [sys.executable, str(script), "--worker", json.dumps(dict(spec))]
     done = subprocess.run(
-        command, env=child_env(), capture_output=True, text=True, timeout=300, check=False
+        command, env=dict(env), capture_output=True, text=True, timeout=300, check=False
     )
     if done.returncode != 0 or done.stderr.strip():
         raise RuntimeError(
             f"worker {dict(spec)} failed (exit {done.returncode}):\n{done.stderr}{done.stdout}"
         )
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    imported = result["loopwatch"]
+    if source is not None and imported is not None and not Path(imported).is_relative_to(source):
+        raise RuntimeError(f"worker {dict(spec)} imported {imported}, not the snapshot {source}")
+    return float(result["value"])
+
+
+@contextmanager
+def workspace(ref: str | None) -> Iterator[tuple[Path, Path | None, str]]:
+    """A temporary directory holding a copy of this script (workers run the copy, so editing
+    ``bench.py`` during a run changes nothing) and, with ``ref``, ``loopwatch/`` as of that git
+    ref. Yields the script, the loopwatch source to use (None: as installed) and a description."""
+    with tempfile.TemporaryDirectory(prefix="loopwatch-bench-") as tmp:
+        script = Path(tmp) / HERE.name
+        shutil.copy2(HERE, script)
+        if ref is None:
+            spec = importlib.util.find_spec("loopwatch")
+            where = Path(spec.origin).parent if spec is not None and spec.origin else "not found"
+            yield (
+                script,
+                None,
+                f"{_version('loopwatch')} as installed ({where}; git {_git_state()})",
+            )
+            return
+        commit = _git("rev-parse", "--verify", f"{ref}^{{commit}}")
+        source = Path(tmp) / "source"
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", commit, "loopwatch"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(source, filter="data")
+        yield script, source, f"git {commit[:12]} ({ref}), exported from {REPO}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +458,22 @@ def spread(values: Sequence[float]) -> tuple[float, float, str]:
         q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
         return q1, q3, "IQR"
     return min(values), max(values), "min-max"
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free confidence interval for the median (from the sign test): the k-th
+    smallest and k-th largest values, k as large as keeps the coverage at ``level`` or above.
+    Returns (low, high, coverage); with few values the coverage is lower (3 values: 75%)."""
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def coverage(k: int) -> float:  # P(x_(k) <= median <= x_(n+1-k)) = 1 - 2 P(Bin(n, 1/2) < k)
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return ordered[k - 1], ordered[n - k], coverage(k)
 
 
 @dataclass(slots=True)
@@ -343,10 +495,13 @@ class Comparison:
     """A variant against the baseline of the same workload and loop kind."""
 
     ratio: float  # variant median / baseline median, in the workload's own unit
-    overhead: float  # extra time per operation, percent (> 0: slower)
-    paired_low: float  # spread of the per-round overheads (variant and baseline of one round)
-    paired_high: float
-    paired_kind: str
+    overhead: float  # extra time per operation that ratio means, percent (> 0: slower)
+    # The overhead within each round (the variant against the baseline run next to it in time):
+    # its median and a confidence interval for that median.
+    paired: float
+    ci_low: float
+    ci_high: float
+    ci_level: float
 
 
 def compare(workload: Workload, cell: Cell, base: Cell) -> Comparison:
@@ -354,13 +509,14 @@ def compare(workload: Workload, cell: Cell, base: Cell) -> Comparison:
         (workload.cost_ratio(v, b) - 1.0) * 100.0
         for v, b in zip(cell.values, base.values, strict=True)
     ]
-    low, high, kind = spread(paired)
+    low, high, level = median_interval(paired)
     return Comparison(
         ratio=cell.median / base.median,
         overhead=(workload.cost_ratio(cell.median, base.median) - 1.0) * 100.0,
-        paired_low=low,
-        paired_high=high,
-        paired_kind=kind,
+        paired=statistics.median(paired),
+        ci_low=low,
+        ci_high=high,
+        ci_level=level,
     )
 
 
@@ -370,10 +526,6 @@ def compare(workload: Workload, cell: Cell, base: Cell) -> Comparison:
 
 STARTUP_SNIPPETS = ("pass", "import asyncio")
 STARTUP_SETTINGS = ("unset", "1")
-
-
-def _startup_env(setting: str) -> dict[str, str]:
-    return child_env() if setting == "unset" else child_env(LOOPWATCH=setting)
 
 
 def loopwatch_import_times(stderr: str) -> tuple[int, int, list[str]]:
@@ -416,27 +568,37 @@ class StartupRow:
     modules: list[str] = field(default_factory=list)
 
 
-def measure_startup(wall_runs: int, importtime_runs: int, log: Callable[[str], None]) -> list[
-    StartupRow
-]:
+def measure_startup(
+    env: Mapping[str, str], wall_runs: int, importtime_runs: int
+) -> list[StartupRow]:
     rows = {(s, v): StartupRow(s, v) for s in STARTUP_SNIPPETS for v in STARTUP_SETTINGS}
+    envs = {v: dict(env) if v == "unset" else {**env, "LOOPWATCH": v} for v in STARTUP_SETTINGS}
     order = list(rows)
     log(f"start-up: {wall_runs} wall-time runs and {importtime_runs} -X importtime runs each")
+    for row in rows.values():  # warm-up: fill the bytecode cache, the page cache
+        for _ in range(2):
+            subprocess.run([sys.executable, "-c", row.snippet], env=envs[row.setting], check=True)
     for i in range(max(wall_runs, importtime_runs)):
         for key in order if i % 2 == 0 else reversed(order):
             row = rows[key]
-            env = _startup_env(row.setting)
+            env = envs[row.setting]
             if i < wall_runs:
                 start = time.perf_counter()
                 subprocess.run(
-                    [sys.executable, "-c", row.snippet], env=env, check=True,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    [sys.executable, "-c", row.snippet],
+                    env=env,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
                 )
                 row.wall_ms.append((time.perf_counter() - start) * 1000.0)
             if i < importtime_runs:
                 done = subprocess.run(
-                    [sys.executable, "-X", "importtime", "-c", row.snippet], env=env, check=True,
-                    capture_output=True, text=True,
+                    [sys.executable, "-X", "importtime", "-c", row.snippet],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 own_self, own_cumulative, names = loopwatch_import_times(done.stderr)
                 row.self_us.append(own_self)
@@ -460,19 +622,19 @@ class Results:
     startup: list[StartupRow]
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def _git_state() -> str:
     try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "loopwatch"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short=12", "HEAD")
+        dirty = _git("status", "--porcelain", "--", "loopwatch")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{head}, uncommitted changes in loopwatch/" if dirty else head
+    return f"{head} plus uncommitted changes in loopwatch/" if dirty else head
 
 
 def _cpu_model() -> str:
@@ -492,7 +654,9 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
-def machine_info(mode: str, rounds: int, warmup: int, repeats: int) -> dict[str, Any]:
+def machine_info(
+    mode: str, rounds: int, warmup: int, repeats: int, loopwatch: str
+) -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(),
@@ -500,7 +664,7 @@ def machine_info(mode: str, rounds: int, warmup: int, repeats: int) -> dict[str,
         "cpu_count": os.cpu_count(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "executable": sys.executable,
-        "loopwatch": f"{_version('loopwatch')} (git {_git_state()})",
+        "loopwatch": loopwatch,
         "uvloop": _version("uvloop"),
         "mode": mode,
         "rounds": rounds,
@@ -510,19 +674,29 @@ def machine_info(mode: str, rounds: int, warmup: int, repeats: int) -> dict[str,
 
 
 def run_all(args: argparse.Namespace) -> Results:
+    with workspace(args.ref) as (script, source, description):
+        return _run_all(args, script, child_env(source), source, description)
+
+
+def _run_all(
+    args: argparse.Namespace,
+    script: Path,
+    env: Mapping[str, str],
+    source: Path | None,
+    description: str,
+) -> Results:
     mode = "quick" if args.quick else "full"
-    rounds = args.rounds or (3 if args.quick else 9)
-    warmup, repeats = 1, (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 15)
+    warmup, repeats = 1, 3
     workloads = args.workloads
     variants = [BASELINE, *[v for v in args.variants if v != BASELINE]]
     loops = [k for k in args.loops if k != "uvloop" or importlib.util.find_spec("uvloop")]
     if loops != args.loops:
         log("uvloop is not installed: its rows are skipped")
-    cells = {
-        (w, k, v): Cell(w, k, v) for w in workloads for k in loops for v in variants
-    }
+    cells = {(w, k, v): Cell(w, k, v) for w in workloads for k in loops for v in variants}
     started = time.monotonic()
-    meta = machine_info(mode, rounds, warmup, repeats)
+    meta = machine_info(mode, rounds, warmup, repeats, description)
+    log(f"loopwatch: {description}")
     rng = random.Random(20240601)
     for r in range(rounds):
         for w in workloads:
@@ -534,14 +708,22 @@ def run_all(args: argparse.Namespace) -> Results:
                 if len(order) > 2:
                     rng.shuffle(order)
                 for v in order:
-                    result = run_worker(
-                        {"workload": w, "variant": v, "loop": k, "size": size,
-                         "warmup": warmup, "repeats": repeats}
-                    )
-                    cells[(w, k, v)].values.append(float(result["value"]))
+                    spec = {
+                        "workload": w,
+                        "variant": v,
+                        "loop": k,
+                        "size": size,
+                        "warmup": warmup,
+                        "repeats": repeats,
+                    }
+                    cells[(w, k, v)].values.append(run_worker(script, spec, env, source))
         log(f"round {r + 1}/{rounds} done ({time.monotonic() - started:.0f} s)")
-    startup = [] if args.no_startup else measure_startup(
-        wall_runs=20 if args.quick else 40, importtime_runs=5 if args.quick else 10, log=log
+    startup = (
+        []
+        if args.no_startup
+        else measure_startup(
+            env, wall_runs=20 if args.quick else 40, importtime_runs=5 if args.quick else 10
+        )
     )
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     return Results(meta, workloads, loops, variants, cells, startup)
@@ -564,14 +746,18 @@ def budget_lines(results: Results) -> list[tuple[bool, str]]:
         for k in results.loops:
             c = compare(workload, results.cells[(w, k, variant)], results.cells[(w, k, BASELINE)])
             met = c.overhead <= limit
-            noisy = c.paired_low <= limit < c.paired_high
-            note = " (within noise: the per-round spread straddles the budget)" if noisy else ""
-            lines.append((
-                met,
-                f"**{'met' if met else 'MISSED'}**: {variant} overhead on {w}, {k}:"
-                f" {_pct(c.overhead)} (budget <= {limit:g}%; per-round {c.paired_kind}"
-                f" {_pct(c.paired_low)} to {_pct(c.paired_high)}){note}",
-            ))
+            if c.ci_high <= limit or c.ci_low > limit:
+                sure = "clearly: the whole interval is on this side"
+            else:
+                sure = "not clearly: the interval straddles the budget, more rounds would tell"
+            lines.append(
+                (
+                    met,
+                    f"**{'met' if met else 'MISSED'}**: {variant} overhead on {w}, {k}:"
+                    f" {c.overhead:+.2f}% (budget <= {limit:g}%); paired {c.paired:+.2f}%,"
+                    f" {c.ci_level:.0%} CI {_pct(c.ci_low)} to {_pct(c.ci_high)}; {sure}",
+                )
+            )
     return lines
 
 
@@ -596,12 +782,15 @@ def render_markdown(results: Results) -> str:
         "",
         "## Overhead",
         "",
-        "`vs off` is the variant's median over the `off` median of the same loop, in the"
+        "`median` and its spread (IQR from 5 rounds on, else min to max) are over the rounds."
+        " `vs off` is the variant's median over the `off` median of the same loop, in the"
         " workload's unit; `overhead` is the extra time per operation that implies (positive:"
-        " slower). `per-round` is the spread of the overhead computed round by round (IQR with 5"
-        " rounds or more, else min to max): how far one comparison can be trusted.",
+        " slower). `paired` is the median of the overhead computed within each round (against"
+        " the `off` run next to it in time), with a distribution-free confidence interval for"
+        " that median: the uncertainty of the overhead.",
         "",
-        "| workload | loop | variant | median | spread of rounds | vs off | overhead | per-round |",
+        "| workload | loop | variant | median | spread of rounds | vs off | overhead"
+        " | paired (CI) |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for w in results.workloads:
@@ -613,7 +802,10 @@ def render_markdown(results: Results) -> str:
                 low, high, kind = spread(cell.values)
                 rel = (high - low) / cell.median * 100.0
                 row = [
-                    w, k, v, f"{_num(cell.median)} {workload.unit}",
+                    w,
+                    k,
+                    v,
+                    f"{_num(cell.median)} {workload.unit}",
                     f"{_num(low)} - {_num(high)} ({kind}, {rel:.1f}%)",
                 ]
                 if v == BASELINE:
@@ -621,8 +813,10 @@ def render_markdown(results: Results) -> str:
                 else:
                     c = compare(workload, cell, base)
                     row += [
-                        f"{c.ratio:.3f}", _pct(c.overhead),
-                        f"{_pct(c.paired_low)} to {_pct(c.paired_high)}",
+                        f"{c.ratio:.3f}",
+                        _pct(c.overhead),
+                        f"{_pct(c.paired)} ({c.ci_level:.0%}: {_pct(c.ci_low)} to"
+                        f" {_pct(c.ci_high)})",
                     ]
                 out.append("| " + " | ".join(row) + " |")
     out += ["", "Workloads:", ""]
@@ -652,7 +846,7 @@ def render_startup(rows: list[StartupRow]) -> list[str]:
         q1, q3, _ = spread(row.wall_ms)
         wall = walls[(row.snippet, row.setting)] = statistics.median(row.wall_ms)
         out.append(
-            f"| `python -c \"{row.snippet}\"` | {row.setting} | {wall:.1f} ms ({q1:.1f} - {q3:.1f})"
+            f'| `python -c "{row.snippet}"` | {row.setting} | {wall:.1f} ms ({q1:.1f} - {q3:.1f})'
             f" | {statistics.median(row.self_us):,.0f} us"
             f" | {statistics.median(row.cumulative_us):,.0f} us |"
         )
@@ -660,7 +854,7 @@ def render_startup(rows: list[StartupRow]) -> list[str]:
     for snippet in STARTUP_SNIPPETS:
         base, on = walls[(snippet, "unset")], walls[(snippet, "1")]
         out.append(
-            f"- `python -c \"{snippet}\"`: LOOPWATCH=1 costs {on - base:+.1f} ms"
+            f'- `python -c "{snippet}"`: LOOPWATCH=1 costs {on - base:+.1f} ms'
             f" ({(on / base - 1.0) * 100.0:+.1f}%) over LOOPWATCH unset."
         )
     for row in rows:
@@ -677,16 +871,56 @@ def results_json(results: Results) -> dict[str, Any]:
         "meta": results.meta,
         "budgets": [{"met": met, "text": text} for met, text in budget_lines(results)],
         "cells": [
-            {"workload": c.workload, "loop": c.loop, "variant": c.variant,
-             "unit": WORKLOADS[c.workload].unit, "values": c.values, "median": c.median}
+            {
+                "workload": c.workload,
+                "loop": c.loop,
+                "variant": c.variant,
+                "unit": WORKLOADS[c.workload].unit,
+                "values": c.values,
+                "median": c.median,
+            }
             for c in results.cells.values()
         ],
         "startup": [
-            {"snippet": r.snippet, "loopwatch": r.setting, "wall_ms": r.wall_ms,
-             "self_us": r.self_us, "cumulative_us": r.cumulative_us, "modules": r.modules}
+            {
+                "snippet": r.snippet,
+                "loopwatch": r.setting,
+                "wall_ms": r.wall_ms,
+                "self_us": r.self_us,
+                "cumulative_us": r.cumulative_us,
+                "modules": r.modules,
+            }
             for r in results.startup
         ],
     }
+
+
+def results_from_json(data: Mapping[str, Any]) -> Results:
+    """The inverse of :func:`results_json`, to render a saved run again (``--report``)."""
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for c in data["cells"]:
+        cells[(c["workload"], c["loop"], c["variant"])] = Cell(
+            c["workload"], c["loop"], c["variant"], [float(v) for v in c["values"]]
+        )
+    startup = [
+        StartupRow(
+            r["snippet"],
+            r["loopwatch"],
+            r["wall_ms"],
+            r["self_us"],
+            r["cumulative_us"],
+            r["modules"],
+        )
+        for r in data["startup"]
+    ]
+    return Results(
+        meta=dict(data["meta"]),
+        workloads=list(dict.fromkeys(w for w, _, _ in cells)),
+        loops=list(dict.fromkeys(k for _, k, _ in cells)),
+        variants=list(dict.fromkeys(v for _, _, v in cells)),
+        cells=cells,
+        startup=startup,
+    )
 
 
 def log(line: str) -> None:
@@ -706,24 +940,54 @@ def _names(known: Sequence[str]) -> Callable[[str], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="3 rounds, small sizes (~2 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 rounds, small sizes (~1 min; the default full run ~8 min)",
+    )
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument("--json", metavar="OUT", type=Path, help="write raw results as JSON")
     parser.add_argument("--markdown", metavar="FILE", type=Path, help="also write the table")
-    parser.add_argument("--workloads", type=_names(list(WORKLOADS)), default=list(WORKLOADS),
-                        help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    parser.add_argument("--variants", type=_names(list(VARIANTS)), default=list(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)} ({BASELINE} is"
-                        " always run)")
-    parser.add_argument("--loops", type=_names(list(LOOP_KINDS)), default=list(LOOP_KINDS),
-                        help="comma-separated subset of asyncio,uvloop")
+    parser.add_argument(
+        "--workloads",
+        type=_names(list(WORKLOADS)),
+        default=list(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)}",
+    )
+    parser.add_argument(
+        "--variants",
+        type=_names(list(VARIANTS)),
+        default=list(DEFAULT_VARIANTS),
+        help=f"comma-separated, from {','.join(VARIANTS)} (default"
+        f" {','.join(DEFAULT_VARIANTS)}; {BASELINE} is always run)",
+    )
+    parser.add_argument(
+        "--ref",
+        help="measure loopwatch as of this git ref (exported to a"
+        " temporary directory) instead of the installed working tree",
+    )
+    parser.add_argument(
+        "--loops",
+        type=_names(list(LOOP_KINDS)),
+        default=list(LOOP_KINDS),
+        help="comma-separated subset of asyncio,uvloop",
+    )
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up section")
+    parser.add_argument(
+        "--report",
+        metavar="JSON",
+        type=Path,
+        help="render a run saved with --json again instead of running anything",
+    )
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    results = run_all(args)
+    if args.report:
+        results = results_from_json(json.loads(args.report.read_text()))
+    else:
+        results = run_all(args)
     text = render_markdown(results)
     sys.stdout.write(text)
     if args.markdown:
