@@ -39,6 +39,7 @@ class Settings:
     creation_stack: int = 1
     log_stack: str = "own"
     log_fold_ms: float = 5000.0
+    tasks: bool = True
     step_timing: bool = True
     summary: bool = False
     coroutine_labels: int = 50
@@ -222,6 +223,13 @@ SPECS: Final[dict[str, Spec]] = {
             "first; more go to `created_stack`). Above 1 it also turns on coroutine origin "
             "tracking, so never-awaited coroutines are placed where they were created; each "
             "frame costs about 50 ns per task created.",
+        ),
+        Spec(
+            "tasks",
+            _bool,
+            "1 or 0 (also true/false, yes/no, on/off)",
+            "Follow tasks: creation sites, leaks, orphans, lost exceptions, counts and coroutine "
+            "timing. Off: the watchdog (blocks, stalls) and loop lag only, with no task factory.",
         ),
         Spec(
             "step_timing",

@@ -83,10 +83,11 @@ def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) ->
             emit=runtime.dispatcher.emit,
             wake=runtime.watchdog.wake,
         )
-        state.tasks = TaskTracker(
-            loop, runtime.dispatcher.emit, creation_stack=settings.creation_stack
-        )
-        state.configure(settings)  # now that it has a tracker, pass it the timing settings
+        if settings.tasks:
+            state.tasks = TaskTracker(
+                loop, runtime.dispatcher.emit, creation_stack=settings.creation_stack
+            )
+            state.configure(settings)  # now that it has a tracker, pass it the timing settings
         _states[loop] = state
         _shadow_methods(loop, state)
         _tasks.install_process_hooks(tracker_of, runtime.dispatcher.emit)
@@ -148,8 +149,7 @@ _SHADOWED = (
 
 def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
     cls = type(loop)
-    tracker = state.tasks
-    assert tracker is not None
+    tracker = state.tasks  # None with LOOPWATCH_TASKS=0: only run_forever and close then
     # The closures below hold the state, never the loop: the loop holds them (in its __dict__),
     # and a strong reference back would make every watched loop a reference cycle.
     loop_ref = weakref.ref(loop)
@@ -169,6 +169,33 @@ def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
         finally:
             state.run_stopped()
 
+    def close() -> None:
+        this = _loop()
+        if tracker is not None and not this.is_running() and not this.is_closed():
+            try:
+                tracker.report_leaks(asyncio.all_tasks(this))
+            except Exception as exc:  # noqa: BLE001
+                report(f"loopwatch: leak check failed ({type(exc).__name__}: {exc})")
+        cls.close(this)
+        detach(this)
+
+    methods: list[Callable[..., Any]] = [run_forever, close]
+    if tracker is not None:
+        methods += _task_methods(loop, tracker, _loop)
+    for method in methods:
+        setattr(method, "__loopwatch__", True)  # noqa: B010 - mypy: functions take attributes
+        setattr(loop, method.__name__, method)
+    if tracker is not None:
+        cls.set_task_factory(loop, tracker.factory)
+
+
+def _task_methods(
+    loop: asyncio.AbstractEventLoop,
+    tracker: TaskTracker,
+    _loop: Callable[[], asyncio.AbstractEventLoop],
+) -> list[Callable[..., Any]]:
+    cls = type(loop)
+
     def set_task_factory(factory: Any) -> None:
         if factory is not None and not callable(factory):
             raise TypeError("task factory must be a callable or None")
@@ -184,16 +211,6 @@ def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
             report(f"loopwatch: reading an asyncio report failed ({type(exc).__name__}: {exc})")
         cls.call_exception_handler(_loop(), context)
 
-    def close() -> None:
-        this = _loop()
-        if not this.is_running() and not this.is_closed():
-            try:
-                tracker.report_leaks(asyncio.all_tasks(this))
-            except Exception as exc:  # noqa: BLE001
-                report(f"loopwatch: leak check failed ({type(exc).__name__}: {exc})")
-        cls.close(this)
-        detach(this)
-
     def create_task(coro: Any, *, name: Any = None, context: Any = None, **kwargs: Any) -> Any:
         this = _loop()
         factory = this._task_factory  # type: ignore[attr-defined]
@@ -204,19 +221,10 @@ def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
             return factory(this, coro)
         return factory(this, coro, context=context)
 
-    methods: tuple[Callable[..., Any], ...] = (
-        run_forever,
-        set_task_factory,
-        get_task_factory,
-        call_exception_handler,
-        close,
-    )
+    methods: list[Callable[..., Any]] = [set_task_factory, get_task_factory, call_exception_handler]
     if _CREATE_TASK_RENAMES and isinstance(loop, BaseEventLoop):
-        methods += (create_task,)
-    for method in methods:
-        setattr(method, "__loopwatch__", True)  # noqa: B010 - mypy: functions take attributes
-        setattr(loop, method.__name__, method)
-    cls.set_task_factory(loop, tracker.factory)
+        methods.append(create_task)
+    return methods
 
 
 # -- loop factories ------------------------------------------------------------------------

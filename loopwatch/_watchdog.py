@@ -27,7 +27,10 @@ The thread holds a reference to the sampled frame and task only while the block 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import os
+import select
 import sys
 import threading
 import time
@@ -38,6 +41,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import _places
+from ._alarm import Alarm, new_alarm
 from ._config import Settings, report
 from ._events import Event, LoopStalled, SlowCallback
 from ._stats import Histogram
@@ -137,6 +141,9 @@ class LoopState:
         self.due = 0.0
         self.stopped_at = 0.0
         self._handle: asyncio.TimerHandle | None = None
+        # Pushed back by every heartbeat; wakes the watchdog only if the beat stops (None where
+        # timerfd is not available: then the watchdog wakes on deadlines).
+        self.alarm: Alarm | None = new_alarm()
         # Guards ``block``: the watchdog follows it, and the loop thread finishes it when the
         # loop stops (so a block at the very end of a program is reported before it exits).
         self._lock = threading.Lock()
@@ -176,7 +183,8 @@ class LoopState:
         self.gen += 1
         self.running = True
         self._arm(now)
-        self._wake()
+        if self.alarm is None:
+            self._wake()  # a deadline-driven watchdog must learn the new deadline
 
     def run_stopped(self) -> None:
         self.stopped_at = now = monotonic()
@@ -184,6 +192,9 @@ class LoopState:
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.cancel()
+        alarm = self.alarm
+        if alarm is not None:
+            alarm.disarm()
         if self.block is not None:
             with self._lock:
                 block = self.block
@@ -196,6 +207,9 @@ class LoopState:
             return
         self.due = now + self.period
         self._handle = loop.call_later(self.period, self._heartbeat)
+        alarm = self.alarm
+        if alarm is not None:
+            alarm.arm(self.first_check)
 
     def _heartbeat(self) -> None:
         # Hot-ish path: once per period. A clock read, a bisect, three stores and a timer.
@@ -247,6 +261,9 @@ class LoopState:
         """Stop watching. Safe from any thread: the pending heartbeat runs once more, as a no-op."""
         self.active = False
         self.running = False
+        alarm = self.alarm
+        if alarm is not None:
+            alarm.disarm()
 
     # -- the watchdog's side (runs in the watchdog thread) --------------------------------
 
@@ -270,7 +287,8 @@ class LoopState:
             self._finish(block, end)
             block = None
         if now - beat < self.first_check:
-            return beat + self.first_check
+            # Healthy. With an alarm the watchdog need not look again until it fires.
+            return beat + self.first_check if self.alarm is None else INF
         sample = self._sample(now)
         if sample is None:
             return now + self.period
@@ -373,53 +391,74 @@ class LoopState:
 
 
 class Watchdog:
-    """The one sampler thread; it wakes on the earliest deadline among the loops it watches."""
+    """The one sampler thread. It blocks in ``select`` on each loop's alarm (see ``_alarm``) and
+    a wake pipe, so a healthy loop never wakes it; it wakes on deadlines only while it follows a
+    block, or for loops that have no alarm (where timerfd is not available)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._states: list[LoopState] = []
+        self._retired: list[Alarm] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._wake_r, self._wake_w = _pipe()
 
     @property
     def thread(self) -> threading.Thread | None:
         return self._thread
 
     def add(self, state: LoopState) -> None:
-        with self._cond:
+        with self._lock:
             if state not in self._states:
                 self._states.append(state)
             self._ensure_thread()
-            self._cond.notify()
+        self.wake()
 
     def remove(self, state: LoopState) -> None:
-        with self._cond:
+        with self._lock:
             if state in self._states:
                 self._states.remove(state)
-            self._cond.notify()
+            alarm, state.alarm = state.alarm, None
+            if alarm is not None:
+                alarm.disarm()
+                # Closed by the thread, which may be in select() on it right now.
+                self._retired.append(alarm)
+        self.wake()
 
     def wake(self) -> None:
-        with self._cond:
-            self._ensure_thread()
-            self._cond.notify()
+        with contextlib.suppress(OSError):  # a full pipe already means "wake up"
+            os.write(self._wake_w, b"x")
 
     def stop(self) -> None:
-        with self._cond:
+        with self._lock:
             self._stopping = True
-            self._states.clear()
-            self._cond.notify()
+            states, self._states = self._states, []
             thread = self._thread
+        self.wake()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
         self._thread = None
+        for state in states:
+            if state.alarm is not None:
+                state.alarm.close()
+                state.alarm = None
+        for alarm in self._retired:
+            alarm.close()
+        self._retired.clear()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def stopping(self) -> bool:
         return self._stopping
 
     def after_fork_in_child(self) -> None:
-        """A forked child has none of its parent's threads; start afresh when a loop runs."""
-        self._cond = threading.Condition()
+        """A forked child has none of its parent's threads, and must not share its timers."""
+        self._lock = threading.Lock()
         self._thread = None
+        self._wake_r, self._wake_w = _pipe()
+        for state in self._states:
+            state.alarm = new_alarm()
 
     def _ensure_thread(self) -> None:
         if self._stopping or (self._thread is not None and self._thread.is_alive()):
@@ -438,14 +477,17 @@ class Watchdog:
             )
 
     def _loop(self) -> None:
-        cond = self._cond
         while True:
-            with cond:
+            with self._lock:
                 if self._stopping:
                     return
                 states = list(self._states)
+                retired, self._retired = self._retired, []
+            for alarm in retired:
+                alarm.close()
             now = monotonic()
             deadline = now + 60.0
+            fds = [self._wake_r]
             for state in states:
                 try:
                     deadline = min(deadline, state.check(now))
@@ -456,9 +498,26 @@ class Watchdog:
                     )
                     state.detach()
                     self.remove(state)
-            with cond:
-                if self.stopping():
-                    return
-                timeout = deadline - monotonic()
-                if timeout > 0:
-                    cond.wait(timeout)
+                    continue
+                if state.alarm is not None:
+                    fds.append(state.alarm.fd)
+            timeout = max(0.0, deadline - monotonic())
+            try:
+                ready, _, _ = select.select(fds, [], [], timeout)
+            except (OSError, ValueError):  # an alarm closed under us: look again
+                continue
+            for fd in ready:
+                if fd == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                else:
+                    for state in states:
+                        if state.alarm is not None and state.alarm.fd == fd:
+                            state.alarm.clear()
+
+
+def _pipe() -> tuple[int, int]:
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    return read, write

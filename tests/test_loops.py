@@ -219,3 +219,50 @@ def test_bad_keyword_values_raise(name: str) -> None:
 def test_unknown_keyword_raises() -> None:
     with pytest.raises(TypeError, match="unknown setting 'slow_ms'"):
         loopwatch.install(slow_ms=5)
+
+
+def test_tasks_off_keeps_the_watchdog_and_leaves_the_task_factory_alone(
+    factory: Callable[[], asyncio.AbstractEventLoop], kind: str, events: Recorder
+) -> None:
+    """LOOPWATCH_TASKS=0: blocks are still caught; no task factory, nothing counted per task."""
+    _runtime.activate(tasks=False)
+
+    async def main() -> object:
+        loop = asyncio.get_running_loop()
+        assert loop.get_task_factory() is None
+        assert "set_task_factory" not in vars(loop)
+        asyncio.create_task(asyncio.sleep(10))  # would be a leak with tasks on
+        await block_briefly()
+        return _loops.tracker_of(loop)
+
+    assert run_on(factory, main()) is None
+    found = events.wait_for(1)
+    assert [(e.event, e.location) for e in found] == [  # type: ignore[attr-defined]
+        ("loopwatch.slow_callback", place(HERE, "BLOCK:loops", "block_briefly"))
+    ]
+
+
+def test_the_watchdog_thread_sleeps_while_the_loop_is_healthy(events: Recorder) -> None:
+    """With timerfd alarms the thread does not wake while heartbeats keep coming (Linux)."""
+    from loopwatch import _alarm
+
+    if _alarm.new_alarm() is None:
+        pytest.skip("no timerfd here: the watchdog wakes on deadlines instead")
+    checks: list[float] = []
+
+    async def main() -> None:
+        state = _loops.state_of(asyncio.get_running_loop())
+        assert state is not None
+        original = state.check
+
+        def counting(now: float) -> float:
+            checks.append(now)
+            return original(now)
+
+        state.check = counting  # type: ignore[method-assign]
+        await asyncio.sleep(0.05)
+        checks.clear()
+        await asyncio.sleep(0.5)  # healthy: ten heartbeats a period, no block
+
+    run_on(loopwatch.new_event_loop, main())
+    assert checks == []
