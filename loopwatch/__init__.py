@@ -4,8 +4,6 @@ Only re-exports live here. They are loaded on first use (PEP 562), so that the s
 behind ``LOOPWATCH=1`` can import ``loopwatch._bootstrap`` without importing asyncio.
 """
 
-from __future__ import annotations as _annotations
-
 import importlib as _importlib
 
 # Not ``typing.TYPE_CHECKING``: importing typing would cost ~5 ms at every start-up through the
@@ -29,6 +27,7 @@ if TYPE_CHECKING:
     from ._policy import EventLoopPolicy
     from ._scope import watch
     from ._timing import CoroutineStats, coroutine_stats, timed
+    from .exporters.prometheus import MetricsCollector, aiohttp_metrics_handler, metrics_app
 
 __all__ = [
     "CoroutineNeverAwaited",
@@ -37,14 +36,17 @@ __all__ = [
     "EventLoopPolicy",
     "Exporter",
     "LoopStalled",
+    "MetricsCollector",
     "Settings",
     "SlowCallback",
     "TaskExceptionUnretrieved",
     "TaskLeaked",
     "TaskOrphaned",
     "__version__",
+    "aiohttp_metrics_handler",
     "coroutine_stats",
     "install",
+    "metrics_app",
     "new_event_loop",
     "new_uvloop_event_loop",
     "timed",
@@ -64,12 +66,15 @@ _LAZY = {
     "EventLoopPolicy": "._policy",
     "Exporter": "._dispatch",
     "LoopStalled": "._events",
+    "MetricsCollector": ".exporters.prometheus",
     "Settings": "._config",
     "SlowCallback": "._events",
     "TaskExceptionUnretrieved": "._events",
     "TaskLeaked": "._events",
     "TaskOrphaned": "._events",
+    "aiohttp_metrics_handler": ".exporters.prometheus",
     "install": "._loops",
+    "metrics_app": ".exporters.prometheus",
     "new_event_loop": "._loops",
     "new_uvloop_event_loop": "._loops",
     "uninstall": "._loops",
@@ -77,7 +82,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'loopwatch' has no attribute {name!r}")

@@ -2,47 +2,62 @@
 
 ``loopwatch.pth`` (and, for Python 3.15+, ``loopwatch.start`` per PEP 829) calls :func:`start` in
 every interpreter of the environment. With ``LOOPWATCH`` unset the ``.pth`` line does not even
-import this module; with it set, :func:`start` reads the settings (reporting bad ones at once),
-then waits for the program to import asyncio: a process that never uses asyncio pays nothing
-more, and one that does is watched from its first loop on. uvloop, when imported, is hooked too.
+import this module. With it set, :func:`start` installs a post-import hook and nothing else (it
+imports only ``os`` and ``sys``, already loaded): a process that never imports asyncio pays about
+a millisecond. When asyncio arrives, the settings are read (bad values reported once, on standard
+error, before the first loop exists) and every loop from then on is watched; uvloop, when
+imported, is hooked too.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 
 _started = False
 _OFF = ("", "0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
 
 
 def start() -> None:
     """Turn on zero-code watching if ``LOOPWATCH`` says so. Safe to call more than once."""
     global _started
-    if _started or os.environ.get("LOOPWATCH", "").strip().lower() in _OFF:
+    raw = os.environ.get("LOOPWATCH", "")
+    word = raw.strip().lower()
+    if _started or word in _OFF:
         return
-    # Set first: site can process one site-packages folder twice (through a lib64 link), and
-    # a setting is reported once whatever happens next.
+    # Set first: site can process one site-packages folder twice (through a lib64 link), and a
+    # bad value is reported once whatever happens next.
     _started = True
-    from . import _config
-
-    if not _config.enabled():
+    if word not in _ON:
+        _say(
+            f"loopwatch: LOOPWATCH={raw!r} is not accepted; "
+            "expected 1 to turn it on or 0 to keep it off; loopwatch stays off"
+        )
         return
-    _config.environ_settings()  # reports bad values once, now, where the user will see them
     try:
         from ._import_hooks import when_imported
 
         when_imported("asyncio", _on_asyncio)
         when_imported("uvloop", _on_uvloop)
     except Exception as exc:  # noqa: BLE001 - start-up must never stop the host program
-        _config.report(
-            f"loopwatch: could not start ({type(exc).__name__}: {exc}); loopwatch is off"
-        )
+        _say(f"loopwatch: could not start ({type(exc).__name__}: {exc}); loopwatch is off")
+
+
+def _say(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - a closed or broken stderr is not the host's problem
+        pass
 
 
 def _on_asyncio(_: ModuleType) -> None:
+    from . import _config
     from ._loops import enable_global
 
+    _config.environ_settings()  # reports bad values once, now, before the first loop
     enable_global()
 
 

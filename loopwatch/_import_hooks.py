@@ -7,11 +7,15 @@ costs nothing beyond reading the settings.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from importlib.abc import Loader, MetaPathFinder
-from importlib.machinery import ModuleSpec
 from types import ModuleType
-from typing import Any
+
+# Only what start-up already has: importlib.abc would pull in importlib.resources, tempfile and
+# shutil (milliseconds); a meta path finder and a loader need no base class.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from importlib.machinery import ModuleSpec
+    from typing import Any
 
 _hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
 
@@ -36,7 +40,7 @@ def _call(name: str, hook: Callable[[ModuleType], None], module: ModuleType) -> 
         report(f"loopwatch: hooking {name} failed ({type(exc).__name__}: {exc}); it is not watched")
 
 
-class _PostImportFinder(MetaPathFinder):
+class _PostImportFinder:
     """Finds nothing itself: lets the other finders find a hooked module, then wraps its loader."""
 
     def __init__(self) -> None:
@@ -61,11 +65,11 @@ class _PostImportFinder(MetaPathFinder):
             self._busy.discard(fullname)
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _HookedLoader(spec.loader, fullname)
+        spec.loader = _HookedLoader(spec.loader, fullname)  # type: ignore[assignment]
         return spec
 
 
-class _HookedLoader(Loader):
+class _HookedLoader:
     def __init__(self, loader: Any, name: str) -> None:
         self._loader = loader
         self._name = name

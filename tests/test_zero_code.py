@@ -411,3 +411,30 @@ def test_aiohttp_run_app_with_a_blocking_handler(tmp_path: Path, kind: str) -> N
         ("loopwatch.slow_callback", f"{app}:{line_of(app, 'BLOCK:aiohttp')} in slow", kind)
     ]
     assert 0.26 <= events[0]["duration_s"] <= 0.36
+
+
+def test_set_but_no_asyncio_loads_only_the_start_up_check(tmp_path: Path) -> None:
+    """LOOPWATCH=1 in a process that never imports asyncio: three small modules, no thread."""
+    probe = write(
+        tmp_path,
+        "probe.py",
+        """
+        import sys, threading
+        print(sorted(m for m in sys.modules if m.startswith("loopwatch")))
+        print(sorted(m for m in ("asyncio", "dataclasses", "importlib.abc") if m in sys.modules))
+        print(sorted(t.name for t in threading.enumerate()))
+        """,
+    )
+    proc = subprocess.run(
+        [sys.executable, str(probe)],
+        env=env_with(LOOPWATCH="1"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.stdout.splitlines() == [
+        "['loopwatch', 'loopwatch._bootstrap', 'loopwatch._import_hooks']",
+        "[]",
+        "['MainThread']",
+    ]
+    assert proc.stderr == ""
