@@ -41,12 +41,15 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run a small service under the watchdog and show what it finds",
-        description="Start a small HTTP service on 127.0.0.1, block its loop, show the finding.",
+        help="run a small service with six asyncio mistakes and show what loopwatch finds",
+        description=(
+            "Start a small HTTP service on 127.0.0.1 under LOOPWATCH=1, send it one request per "
+            "classic asyncio mistake (about 15 seconds), and show each finding as it appears."
+        ),
     )
     demo.add_argument("--uvloop", action="store_true", help="run the service on uvloop")
     demo.add_argument(
-        "--requests", type=int, default=6, metavar="N", help="requests the demo client sends"
+        "--pause", type=float, default=2.0, metavar="S", help="seconds between requests (2)"
     )
     return parser
 
@@ -59,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from ._demo import main as demo_main
 
-        return demo_main(uvloop=args.uvloop, requests=args.requests)
+        return demo_main(uvloop=args.uvloop, pause=args.pause)
     parser.print_help()
     return 2
 

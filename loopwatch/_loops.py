@@ -179,6 +179,7 @@ def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
         cls.close(this)
         detach(this)
 
+    _tasks.set_driver(run_forever.__code__)
     methods: list[Callable[..., Any]] = [run_forever, close]
     if tracker is not None:
         methods += _task_methods(loop, tracker, _loop)

@@ -14,6 +14,7 @@ from types import CodeType, FrameType
 from typing import Final
 
 _LOOPWATCH_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
+LOOPWATCH_DIR: Final = _LOOPWATCH_DIR
 # The bundled demo plays the part of a user's program: its frames are "own code".
 _DEMO_DIR: Final = _LOOPWATCH_DIR + "demo" + os.sep
 _ASYNCIO_DIR: Final = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep

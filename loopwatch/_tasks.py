@@ -58,6 +58,17 @@ Site = tuple[Any, ...]  # the (code, offset, code, offset, ...) part of an Entry
 # reads nothing from any context, so one empty context serves every task.
 _NO_CONTEXT = contextvars.Context()
 _ORIGIN_ATTR = "_loopwatch_created_at"
+# Frames of the loop itself running callbacks (stock asyncio's handle; loopwatch's run wrapper,
+# the last frame before uvloop's compiled loop calls a callback). Registered by _loops.
+_HANDLE_RUN = asyncio.Handle._run.__code__
+_driver: CodeType | None = None
+_OWN_DIR = _places.LOOPWATCH_DIR
+
+
+def set_driver(code: CodeType) -> None:
+    """Register loopwatch's run wrapper (one code object for every loop) as a driver frame."""
+    global _driver
+    _driver = code
 _DESTROYED = "Task was destroyed but it is pending!"
 _UNRETRIEVED = "Task exception was never retrieved"
 
@@ -86,12 +97,20 @@ def line_at(code: CodeType, offset: int) -> int | None:
 
 def _new_entry(frame: FrameType | None, depth: int, label: str | None) -> Entry:
     # The hot path of task creation; see the module docstring for what it costs.
+    first = frame
     while frame is not None:
-        filename = frame.f_code.co_filename
-        machinery = _machinery.get(filename)
+        code = frame.f_code
+        machinery = _machinery.get(code.co_filename)
         if machinery is None:
-            machinery = _is_machinery(filename)
+            machinery = _is_machinery(code.co_filename)
         if not machinery:
+            break
+        if code is _HANDLE_RUN or code is _driver:
+            # Reached the loop running a callback: the task was made by the loop's own code (a
+            # server's connection handler, say), and that code is where it was created.
+            frame = first
+            while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+                frame = frame.f_back
             break
         frame = frame.f_back
     if frame is None:
@@ -157,16 +176,19 @@ class TaskTracker:
                 if _machinery.get(code.co_filename) is False:
                     label: str | None = code.co_qualname
                 else:
-                    label = _label(coro)
+                    label = _INTERNAL  # decided once the creation site is known
                 if tracker.timing:
                     coro = Timed(coro, tracker.step_watch)
             else:
-                label = _label(coro)
+                label = _INTERNAL
             if inner is None:
                 task: asyncio.Task[Any] = _Task(coro, loop=loop, **kwargs)
             else:
                 task = inner(loop, coro, **kwargs)
             entry = _new_entry(_getframe(1), tracker.depth, label)
+            if label is _INTERNAL:
+                label = _label(coro, entry)
+                entry = (entry[0], label, *entry[2:])
             stats.created += 1
             if task.done():
                 # Finished eagerly, inside create_task: the task has already let go of its
@@ -275,17 +297,26 @@ class TaskTracker:
         return count
 
 
-def _label(coro: Any) -> str | None:
-    """The timing table's key for a new task's coroutine: its qualified name.
+_INTERNAL = "\x00internal"  # a label placeholder: see _label
+
+
+def _label(coro: Any, entry: Entry) -> str | None:
+    """The timing table's key for a new task whose coroutine is not plainly the program's.
 
     A wrapper of the loop's own that closes over ``main`` (``uvloop.run``'s) is looked through,
-    in its frame before it starts; the loop's own ``shutdown_*`` coroutines, run as tasks when
-    a Runner closes, get no row. ``create_task(event.wait())`` is the program's: ``Event.wait``.
+    in its frame before it starts. A coroutine of asyncio's or uvloop's that the program asked for
+    itself (``create_task(event.wait())``) is the program's: ``Event.wait``. One the loop made for
+    itself (accepting a connection, shutting down) gets no row.
     """
     code = getattr(coro, "cr_code", None)
     if code is None or not _is_machinery(code.co_filename):
         return coroutine_name(coro)
-    if code.co_name.startswith("shutdown_"):
+    if code.co_name.startswith(("_", "shutdown_")):
+        # asyncio's private helpers (accepting a connection, resolving an address) and what a
+        # Runner runs as it closes the loop: the loop's own work, whoever set it going.
+        return None
+    site = entry[2] if len(entry) > 2 else None
+    if site is None or _is_machinery(site.co_filename):
         return None
     if "main" in code.co_freevars:
         frame = getattr(coro, "cr_frame", None)
@@ -428,7 +459,26 @@ def _warn_unawaited_coroutine(coro: Any) -> None:
             )
     except Exception as exc:  # noqa: BLE001
         report(f"loopwatch: never-awaited check failed ({type(exc).__name__}: {exc})")
-    _original_unawaited(coro)
+    if getattr(_original_unawaited, "__module__", None) == "warnings":
+        _warn_like_python(coro)
+    else:  # someone else's wrapper came first: hand it on as it is
+        _original_unawaited(coro)
+
+
+def _warn_like_python(coro: Any) -> None:
+    """The RuntimeWarning CPython's own hook gives, word for word, attributed to the line that
+    dropped the coroutine: calling the original from here would attribute it to this file."""
+    lines = [f"coroutine '{coro.__qualname__}' was never awaited\n"]
+    origin = getattr(coro, "cr_origin", None)
+    if origin is not None:
+        import linecache
+        import traceback
+
+        created = [(f, n, fn, linecache.getline(f, n)) for f, n, fn in reversed(origin)]
+        lines.append("Coroutine created at (most recent call last)\n")
+        lines += traceback.format_list(created)
+    # 1: this function, 2: the hook, 3: the frame that dropped the coroutine.
+    warnings.warn("".join(lines).rstrip("\n"), RuntimeWarning, stacklevel=3, source=coro)
 
 
 def _defined_at(coro: Any) -> str | None:

@@ -377,3 +377,56 @@ def test_deeper_creation_stack(factory: Factory, events: Recorder) -> None:
         place(HERE, "CALL:deep", "main"),
     )
     assert len(leak.created_stack) == 3
+
+
+@pytest.mark.filterwarnings("ignore:coroutine 'fetch' was never awaited")
+def test_the_never_awaited_warning_still_points_at_the_program(factory: Factory) -> None:
+    """CPython's own RuntimeWarning is unchanged: same text, attributed to the dropping line."""
+    import warnings
+
+    async def main() -> list[warnings.WarningMessage]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fetch()  # type: ignore[unused-coroutine]  # FORGOT:warning
+            await asyncio.sleep(0)
+        return caught
+
+    loopwatch.install(log="off")
+    (warning,) = run_on(factory, main())
+    assert str(warning.message) == "coroutine 'fetch' was never awaited"
+    assert warning.category is RuntimeWarning
+    assert (warning.filename, warning.lineno) == (
+        HERE,
+        int(place(HERE, "FORGOT:warning", "x").split(":")[1].split(" ")[0]),
+    )
+
+
+def test_tasks_the_loop_makes_for_itself_are_placed_in_the_loop(
+    factory: Factory, events: Recorder
+) -> None:
+    """A server's connection handler task is created by asyncio's code, not at asyncio.run:
+    created_at names the asyncio frame, and loop-internal coroutines get no timing row."""
+    seen: list[str | None] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        entry = _loops.tracker_of(asyncio.get_running_loop()).live[id(asyncio.current_task())]  # type: ignore[union-attr]
+        from loopwatch._tasks import site_place
+
+        seen.append(site_place(entry[2:]))
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.05)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    run_on(factory, main())
+    (where,) = seen
+    assert where is not None and "asyncio" in where.split(":")[0] and "streams" in where, where
+    names = {s.name for s in loopwatch.coroutine_stats()}
+    assert "main" in names or any(n.endswith("main") for n in names)
+    assert not any("_accept_connection" in n or "getaddrinfo" in n for n in names), names

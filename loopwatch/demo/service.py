@@ -1,24 +1,85 @@
-"""A small HTTP service with a handler that blocks its event loop, watched by loopwatch.
+"""A small HTTP service with six classic asyncio mistakes, watched by loopwatch.
 
 Run by ``loopwatch demo`` in a child process with ``LOOPWATCH=1``: the service itself contains no
-loopwatch code at all, which is the point. A client thread sends real HTTP requests to it.
+loopwatch code at all, which is the point. A client thread sends real HTTP requests to it, one
+endpoint per mistake, and the findings appear on standard output as they happen.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
+import os
 import sys
 import threading
 import time
 import urllib.request
 
+log = logging.getLogger("demo")
+background: set[asyncio.Task[None]] = set()
+
+
+# -- the mistakes ---------------------------------------------------------------------------
+
 
 def render_report() -> bytes:
-    # A stand-in for a synchronous HTTP client, a slow regex or a big JSON dump: it holds the loop.
-    time.sleep(0.25)
+    # A synchronous call inside a handler (a sync HTTP client, a slow regex, a big JSON dump):
+    # it holds the event loop, and every other request waits.
+    time.sleep(0.3)
     return b"report ready\n"
+
+
+def rebuild_index() -> bytes:
+    # Far too long: long enough to be reported while it is still going on (a stall).
+    time.sleep(1.5)
+    return b"index rebuilt\n"
+
+
+async def send_receipt(order: str) -> None:
+    await asyncio.sleep(0.05)
+    raise ConnectionError(f"mail server refused the receipt for {order}")
+
+
+async def wait_for_payment(order: str) -> None:
+    # Waits on a future that nobody holds or resolves.
+    await asyncio.get_running_loop().create_future()
+
+
+async def audit(order: str) -> None:
+    await asyncio.sleep(0.01)
+
+
+async def refresh_cache() -> None:
+    while True:
+        await asyncio.sleep(3600)
+
+
+async def handle_path(path: bytes) -> bytes:
+    if path == b"/report":
+        return render_report()
+    if path == b"/reindex":
+        return rebuild_index()
+    if path == b"/order":
+        # Fire and forget: nobody awaits it, so its exception is never retrieved.
+        asyncio.create_task(send_receipt("A-17"))  # noqa: RUF006
+        return b"order placed\n"
+    if path == b"/pay":
+        # A task nobody keeps a reference to: the garbage collector may destroy it mid-work.
+        asyncio.create_task(wait_for_payment("A-17"))  # noqa: RUF006
+        await asyncio.sleep(0.05)
+        gc.collect()
+        return b"payment pending\n"
+    if path == b"/audit":
+        audit("A-17")  # type: ignore[unused-coroutine]  # forgot the await
+        return b"audited\n"
+    if path == b"/cache":
+        # Started and never stopped: still pending when the service shuts down.
+        task = asyncio.create_task(refresh_cache())
+        background.add(task)
+        return b"cache refresh started\n"
+    return b"ok\n"
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -26,54 +87,66 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     while (await reader.readline()) not in (b"\r\n", b"\n", b""):
         pass
     path = request_line.split(b" ")[1] if request_line.count(b" ") >= 2 else b"/"
-    body = render_report() if path == b"/report" else b"ok\n"
+    body = await handle_path(path)
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
     writer.write(body)
     await writer.drain()
     writer.close()
 
 
-def client(port: int, requests: int, done: threading.Event) -> None:
+# -- the demo around it ---------------------------------------------------------------------
+
+STEPS = (
+    ("/", "a fast request: nothing to report"),
+    ("/report", "a handler that calls a blocking function for 0.3 s"),
+    ("/reindex", "a handler that blocks for 1.5 s: reported while it still blocks"),
+    ("/order", "a fire-and-forget task whose exception nobody retrieves"),
+    ("/pay", "a task nobody holds, destroyed by the garbage collector"),
+    ("/audit", "a coroutine called without await"),
+    ("/cache", "a background task never stopped: leaked at shutdown"),
+)
+
+
+def client(port: int, pause: float, done: threading.Event) -> None:
     try:
-        for i in range(requests):
-            path = "/report" if i % 3 == 2 else "/"
+        for path, what in STEPS:
+            time.sleep(pause)
+            print(f"\n--- GET {path}: {what}", flush=True)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-                print(f"demo client: GET {path} -> {resp.status} {resp.read().decode().strip()}")
-            time.sleep(0.1)
+                print(f"demo client: {resp.status} {resp.read().decode().strip()}", flush=True)
+        time.sleep(pause)
     finally:
         done.set()
 
 
-async def serve(requests: int) -> None:
+async def serve(pause: float) -> None:
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     print(f"demo service: listening on http://127.0.0.1:{port} ({loop_name} loop)")
-    print("demo service: GET / answers at once; GET /report calls a blocking function")
+    metrics_port = os.environ.get("LOOPWATCH_METRICS_PORT")
+    if metrics_port and metrics_port != "0":
+        print(f"demo service: metrics at http://127.0.0.1:{metrics_port}/metrics")
     done = threading.Event()
-    threading.Thread(target=client, args=(port, requests, done), daemon=True).start()
+    threading.Thread(target=client, args=(port, pause, done), daemon=True).start()
     async with server:
         while not done.is_set():
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # let the watchdog report the last block
+    print("\n--- shutting down: asyncio.run cancels what is still pending", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--uvloop", action="store_true")
-    parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds between requests")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stdout,
-    )
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s", stream=sys.stdout)
     if args.uvloop:
         import uvloop
 
-        uvloop.run(serve(args.requests))
+        uvloop.run(serve(args.pause))
     else:
-        asyncio.run(serve(args.requests))
+        asyncio.run(serve(args.pause))
     return 0
 
 
