@@ -9,13 +9,17 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _config
 from ._config import Settings
 from ._dispatch import Dispatcher
 from ._stats import Histogram
 from ._watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from ._metrics import Snapshot
+    from .exporters.prometheus import Publisher
 
 
 class Runtime:
@@ -24,11 +28,20 @@ class Runtime:
         self.dispatcher = Dispatcher()
         self.watchdog = Watchdog()
         self.lag = Histogram()
-        from .exporters import from_settings
+        # Prometheus publishing (exporters/prometheus.py), started by publish_metrics() now or
+        # once the program imports prometheus_client; ``inherited`` is what a forked child's
+        # counters held at the fork, so that its metrics count only its own.
+        self.metrics: Publisher | None = None
+        self.metrics_lock = threading.Lock()
+        self.inherited: Snapshot | None = None
+        self._at_fork: Snapshot | None = None
+        self.closed = False
+        from .exporters import from_settings, publish_metrics
 
         self.apply(settings)
         for exporter in from_settings(settings):
             self.dispatcher.add_exporter(exporter)
+        publish_metrics(self)
         if settings.summary:
             atexit.register(self.print_summary)
 
@@ -49,13 +62,34 @@ class Runtime:
         from . import _timing
 
         atexit.unregister(self.print_summary)
+        self.closed = True
         self.watchdog.stop()
         self.dispatcher.close()
+        with self.metrics_lock:
+            metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            metrics.close()
         _timing.TABLE.clear()
+
+    def before_fork(self) -> None:
+        """Take the counts a child will inherit here, in the parent, where every lock works."""
+        from . import _metrics
+
+        try:
+            self._at_fork = _metrics.collect()
+        except Exception:  # noqa: BLE001 - a fork must never fail because of loopwatch
+            self._at_fork = None
+
+    def after_fork_in_parent(self) -> None:
+        self._at_fork = None
 
     def after_fork_in_child(self) -> None:
         self.watchdog.after_fork_in_child()
         self.dispatcher.after_fork_in_child()
+        self.metrics_lock = threading.Lock()
+        self.inherited, self._at_fork = self._at_fork, None
+        if self.metrics is not None:
+            self.metrics.after_fork_in_child()
 
 
 _lock = threading.RLock()
@@ -81,6 +115,10 @@ def activate(**overrides: Any) -> Runtime:
             _install_fork_hook()
         elif overrides:
             runtime.apply(runtime.settings.replace(**overrides))
+            if "metrics_port" in overrides:
+                from .exporters import publish_metrics
+
+                publish_metrics(runtime)  # serve the endpoint asked for now
         return runtime
 
 
@@ -97,7 +135,23 @@ def _install_fork_hook() -> None:
     if _fork_hook_installed or not hasattr(os, "register_at_fork"):
         return
     _fork_hook_installed = True
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+
+def _before_fork() -> None:
+    runtime = _current
+    if runtime is not None:
+        runtime.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    runtime = _current
+    if runtime is not None:
+        runtime.after_fork_in_parent()
 
 
 def _after_fork_in_child() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .._events import Event
 from .._places import is_own_code
 
-# Shown first, in this order, when the event has them: what a person scans for.
-_FIRST = ("duration_s", "blocked_s", "location", "created_at", "task", "coroutine")
+# Shown first, in this order, when the event has them: what a person scans for. ``folded`` (how
+# many events a folded line stands for) comes right after the place it counts.
+_FIRST = ("duration_s", "blocked_s", "location", "created_at", "folded", "task", "coroutine")
 _SKIP = frozenset({"event", "time", "pid", "stack"})
 
 
@@ -24,6 +26,13 @@ def filename_of(place: str) -> str:
     return place.rsplit(" in ", 1)[0].rsplit(":", 1)[0]
 
 
+def shown_stack(stack: Sequence[str], *, full_stack: bool = False) -> list[str]:
+    """The places a person is shown: the program's own frames, or all when none is its own."""
+    if full_stack:
+        return list(stack)
+    return [p for p in stack if is_own_code(filename_of(p))] or list(stack)
+
+
 def render(event: Event, *, full_stack: bool = False) -> str:
     """``name key=value ...`` on one line, then the stack indented, the program's frames only."""
     data = event.as_dict()
@@ -31,7 +40,5 @@ def render(event: Event, *, full_stack: bool = False) -> str:
         k for k in data if k not in _FIRST and k not in _SKIP
     ]
     head = " ".join([event.event] + [f"{k}={_value(data[k])}" for k in keys if data[k] is not None])
-    stack = data.get("stack") or []
-    if not full_stack:
-        stack = [p for p in stack if is_own_code(filename_of(p))] or stack
+    stack = shown_stack(data.get("stack") or [], full_stack=full_stack)
     return "\n".join([head, *(f"    {p}" for p in stack)])

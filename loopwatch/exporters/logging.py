@@ -18,10 +18,18 @@ LOGGER_NAME = "loopwatch"
 class LoggingExporter:
     name = "logging"
 
-    def __init__(self, logger: logging.Logger | None = None, level: int = logging.WARNING) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger | None = None,
+        level: int = logging.WARNING,
+        *,
+        full_stack: bool = False,
+    ) -> None:
         self.logger = logger or logging.getLogger(LOGGER_NAME)
         self.level = level
+        self.full_stack = full_stack
 
     def __call__(self, event: Event) -> None:
         if self.logger.isEnabledFor(self.level):
-            self.logger.log(self.level, render(event), extra={"loopwatch": event.as_dict()})
+            message = render(event, full_stack=self.full_stack)
+            self.logger.log(self.level, message, extra={"loopwatch": event.as_dict()})
