@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -123,10 +124,13 @@ TASK_COUNTERS = (
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited")
-def test_exact_values_after_a_known_scenario(factory: Factory, events: Recorder) -> None:
+def test_exact_values_after_a_known_scenario(factory: Factory) -> None:
     """Scraped over HTTP: one block, one leak, one never-awaited coroutine; 7 tasks (main, ok,
     failed, cancelled, leaked, and the two the Runner makes to shut down) ended 4 ok, 1 error,
     2 cancelled (the leaked one by asyncio's final cancellation)."""
+    gc.collect()  # earlier tests' garbage is not this scenario's (orphans, never awaited)
+    events = Recorder()
+    _runtime.activate(log="off").dispatcher.add_sink(events)
     loopwatch.install(metrics_port=0)  # the endpoint of an already active loopwatch
     url = endpoint_url()
     before = scrape(url)
@@ -764,3 +768,122 @@ def test_promtool_accepts_the_multiprocess_exposition(tmp_path: Path) -> None:
         [promtool, "check", "metrics"], input=out.stdout, capture_output=True, text=True
     )
     assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
+
+
+# -- the dashboard and the alerting rules in docs/ ---------------------------------------------
+
+DOCS = HERE.parent.parent / "docs"
+ALERT_TESTS = """
+rule_files: [ALERTS]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'loopwatch_loop_stalls_total{job="api",instance="a"}'
+        values: '0 0 1 1 1 1'
+      - series: 'loopwatch_loop_stalls_total{job="api",instance="b"}'
+        values: '0x6'
+      - series: 'loopwatch_loop_lag_seconds_bucket{job="api",instance="a",le="0.1"}'
+        values: '0+90x30'
+      - series: 'loopwatch_loop_lag_seconds_bucket{job="api",instance="a",le="0.25"}'
+        values: '0+100x30'
+      - series: 'loopwatch_loop_lag_seconds_bucket{job="api",instance="a",le="+Inf"}'
+        values: '0+100x30'
+      - series: 'loopwatch_loop_lag_seconds_bucket{job="api",instance="b",le="0.1"}'
+        values: '0+100x30'
+      - series: 'loopwatch_loop_lag_seconds_bucket{job="api",instance="b",le="+Inf"}'
+        values: '0+100x30'
+      - series: 'loopwatch_tasks_leaked_total{job="api",instance="a"}'
+        values: '0 0 2 2 2'
+      - series: 'loopwatch_tasks_orphaned_total{job="api",instance="a"}'
+        values: '0 0 0 1 1'
+      - series: 'loopwatch_tasks_leaked_total{job="api",instance="b"}'
+        values: '0x5'
+      - series: 'loopwatch_tasks_orphaned_total{job="api",instance="b"}'
+        values: '0x5'
+    alert_rule_test:
+      - eval_time: 3m
+        alertname: LoopwatchEventLoopStalled
+        exp_alerts:
+          - exp_labels: {severity: critical, job: api, instance: a}
+            exp_annotations:
+              summary: Event loop of a stalled past LOOPWATCH_STALL_MS
+              description: >-
+                1 loop stall(s) in the last 5 minutes on a (api). The loopwatch.loop_stalled
+                events in its log name the line (location) and the stack taken while it was
+                blocked.
+      - eval_time: 20m
+        alertname: LoopwatchHighLoopLag
+        exp_alerts:
+          - exp_labels: {severity: warning, job: api, instance: a}
+            exp_annotations:
+              summary: Event loop of a runs late
+              description: >-
+                99th percentile loop lag is 235ms on a (api): callbacks that were due waited
+                that long.
+      - eval_time: 4m
+        alertname: LoopwatchTasksLeaked
+        exp_alerts:
+          - exp_labels: {severity: warning, job: api, instance: a}
+            exp_annotations:
+              summary: Tasks leaked or lost on a
+              description: >-
+                3 task(s) leaked or orphaned in the last 15 minutes on a (api). Their creation
+                sites (created_at) are in the loopwatch.task_leaked and loopwatch.task_orphaned
+                events.
+"""
+
+
+def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path: Path) -> None:
+    """``promtool check rules``, then ``promtool test rules``: a stall, lag past 0.1 s and
+    leaked tasks fire for instance ``a``; the healthy instance ``b`` fires nothing."""
+    promtool = need("promtool")
+    rules = DOCS / "alerts.yml"
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 6 rules found" in checked.stdout
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(ALERT_TESTS.replace("ALERTS", str(rules)))
+    tested = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=30
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_dashboard_queries_are_promql_over_published_metrics(tmp_path: Path) -> None:
+    """Every panel query parses as PromQL (through promtool, Grafana's variables filled in) and
+    names only metrics loopwatch publishes."""
+    dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 12
+    published = {prometheus._base(name) for name in prometheus.HELP}
+    named = {
+        name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+        for expr in exprs
+        for name in re.findall(r"loopwatch_[a-z_]+", expr)
+    }
+    assert {prometheus._base(n) for n in named} <= published
+    promtool = need("promtool")
+    filled = [
+        e.replace("$__rate_interval", "5m").replace("$__range", "1h").replace("$job", ".*")
+        for e in exprs
+    ]
+    filled = [e.replace("$instance", ".*") for e in filled]
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query{i}", "expr": e} for i, e in enumerate(filled)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(json.dumps(rules))
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
