@@ -2,6 +2,9 @@
 
 Only re-exports live here. They are loaded on first use (PEP 562), so that the start-up check
 behind ``LOOPWATCH=1`` can import ``loopwatch._bootstrap`` without importing asyncio.
+
+PYTEST_DONT_REWRITE: with ``LOOPWATCH=1`` this package is imported before pytest starts, and it
+has no assertions worth rewriting.
 """
 
 import importlib as _importlib

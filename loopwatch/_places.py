@@ -27,7 +27,10 @@ def _library_dirs() -> tuple[str, ...]:
         if path:
             dirs.add(os.path.abspath(path) + os.sep)
     for path in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix):
-        dirs.add(os.path.join(os.path.abspath(path), "lib") + os.sep)
+        # The interpreter's own folders: its libraries, and bin/ where entry-point scripts
+        # (pytest, uvicorn, gunicorn) live; none of that is the program's own code.
+        for sub in ("lib", "lib64", "bin", "Scripts"):
+            dirs.add(os.path.join(os.path.abspath(path), sub) + os.sep)
     return tuple(sorted(dirs))
 
 

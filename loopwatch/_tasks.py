@@ -69,6 +69,8 @@ def set_driver(code: CodeType) -> None:
     """Register loopwatch's run wrapper (one code object for every loop) as a driver frame."""
     global _driver
     _driver = code
+
+
 _DESTROYED = "Task was destroyed but it is pending!"
 _UNRETRIEVED = "Task exception was never retrieved"
 
@@ -153,6 +155,9 @@ class TaskTracker:
         self.inner: Any = loop.get_task_factory()
         # id(task) -> Entry, for the tasks alive and not done.
         self.live: dict[int, Entry] = {}
+        # ids of live tasks already reported as leaked: a task is one finding, however many
+        # ends (a test, a scope, the loop) it outlives. Emptied as those tasks end.
+        self.reported: set[int] = set()
         self.stats = TaskStats()
         self.on_done = self._on_done  # one bound method for every task, not one per task
         # Step timing: on unless switched off; the threshold and the watchdog's hook are set by
@@ -204,6 +209,8 @@ class TaskTracker:
 
     def _on_done(self, task: asyncio.Task[Any]) -> None:
         entry = self.live.pop(id(task), None)
+        if self.reported:
+            self.reported.discard(id(task))
         if entry is not None:
             self.finished(task, entry, task.get_coro())
 
@@ -243,6 +250,7 @@ class TaskTracker:
             task = context.get("task")
             if isinstance(task, asyncio.Task):
                 entry = self.live.pop(id(task), None)
+                self.reported.discard(id(task))
                 self.stats.orphaned += 1
                 self.emit(
                     TaskOrphaned(
@@ -272,7 +280,7 @@ class TaskTracker:
         now = monotonic()
         count = 0
         for task in tasks:
-            if task.done():
+            if task.done() or id(task) in self.reported:
                 continue
             entry = self.live.get(id(task))
             if entry is None and since > 0.0:
@@ -281,6 +289,8 @@ class TaskTracker:
             if born is not None and born < since:
                 continue
             awaiting, awaits = suspended_at(task)
+            if entry is not None:
+                self.reported.add(id(task))
             self.stats.leaked += 1
             count += 1
             self.emit(

@@ -107,13 +107,20 @@ STEPS = (
 )
 
 
+def say(text: str) -> None:
+    # One write per line: the watchdog thread logs at the same time, and print() writes the
+    # text and the newline separately.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def client(port: int, pause: float, done: threading.Event) -> None:
     try:
         for path, what in STEPS:
             time.sleep(pause)
-            print(f"\n--- GET {path}: {what}", flush=True)
+            say(f"\n--- GET {path}: {what}")
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-                print(f"demo client: {resp.status} {resp.read().decode().strip()}", flush=True)
+                say(f"demo client: {resp.status} {resp.read().decode().strip()}")
         time.sleep(pause)
     finally:
         done.set()
@@ -132,7 +139,7 @@ async def serve(pause: float) -> None:
     async with server:
         while not done.is_set():
             await asyncio.sleep(0.05)
-    print("\n--- shutting down: asyncio.run cancels what is still pending", flush=True)
+    say("\n--- shutting down: asyncio.run cancels what is still pending")
 
 
 def main(argv: list[str] | None = None) -> int:
