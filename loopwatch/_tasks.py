@@ -63,6 +63,16 @@ _ORIGIN_ATTR = "_loopwatch_created_at"
 _HANDLE_RUN = asyncio.Handle._run.__code__
 _driver: CodeType | None = None
 _OWN_DIR = _places.LOOPWATCH_DIR
+# The task-making API itself: not a creation site when the loop's own code is the creator.
+_API_CODES = frozenset(
+    f.__code__
+    for f in (
+        asyncio.BaseEventLoop.create_task,
+        asyncio.tasks.create_task,
+        asyncio.tasks.ensure_future,
+        getattr(asyncio.tasks, "_ensure_future", asyncio.tasks.ensure_future),
+    )
+)
 
 
 def set_driver(code: CodeType) -> None:
@@ -111,7 +121,9 @@ def _new_entry(frame: FrameType | None, depth: int, label: str | None) -> Entry:
             # Reached the loop running a callback: the task was made by the loop's own code (a
             # server's connection handler, say), and that code is where it was created.
             frame = first
-            while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+            while frame is not None and (
+                frame.f_code.co_filename.startswith(_OWN_DIR) or frame.f_code in _API_CODES
+            ):
                 frame = frame.f_back
             break
         frame = frame.f_back

@@ -20,6 +20,14 @@ HERE = __file__
 Factory = Callable[[], asyncio.AbstractEventLoop]
 
 
+def no_gc_blocks() -> None:
+    """These tests run gc.collect() on the loop, which in a loaded test process can really take
+    over 100 ms: a true slow callback, but not what the test is about."""
+    from loopwatch import _runtime
+
+    _runtime.activate(slow_callback_ms=10_000, stall_ms=20_000)
+
+
 def only(events: list[Any], name: str) -> Any:
     matching = [e for e in events if e.event == name]
     assert len(matching) == 1, events
@@ -69,6 +77,7 @@ async def waits_forever() -> None:
 def test_pending_task_destroyed_by_gc_is_orphaned(
     factory: Factory, events: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
+    no_gc_blocks()
     async def main() -> None:
         asyncio.create_task(waits_forever(), name="orphan")  # CREATE:orphan
         await asyncio.sleep(0.01)
@@ -91,6 +100,7 @@ async def fails() -> None:
 def test_exception_nobody_retrieved(
     factory: Factory, events: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
+    no_gc_blocks()
     async def main() -> None:
         asyncio.create_task(fails(), name="fire-and-forget")  # CREATE:unretrieved
         await asyncio.sleep(0.02)
@@ -106,6 +116,7 @@ def test_exception_nobody_retrieved(
 
 
 def test_exception_retrieved_is_not_a_finding(factory: Factory, events: Recorder) -> None:
+    no_gc_blocks()
     async def main() -> None:
         task = asyncio.create_task(fails())
         with pytest.raises(ValueError):
@@ -139,6 +150,7 @@ async def worker(n: int) -> int:
 
 
 def test_patterns_that_are_fine_report_nothing(factory: Factory, events: Recorder) -> None:
+    no_gc_blocks()
     """Background tasks held in a set, TaskGroup, gather, wait_for, timeout, to_thread,
     shielding, a server task cancelled and awaited at shutdown: no finding."""
 
