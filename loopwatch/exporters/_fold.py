@@ -84,6 +84,7 @@ class Fold:
         self._windows: dict[Key, _Window] = {}
         self._timer: threading.Timer | None = None
         self._timer_due = 0.0
+        self._earliest = float("inf")  # no window ends before this: most events skip the scan
         self._broken = False
 
     def __call__(self, event: Event) -> None:
@@ -96,6 +97,7 @@ class Fold:
             window = self._windows.get(key)
             if window is None:
                 self._windows[key] = _Window(now + self.window_s)
+                self._earliest = min(self._earliest, now + self.window_s)
             else:
                 window.count += 1
                 window.last = event
@@ -121,14 +123,20 @@ class Fold:
     def _take_due(self, now: float) -> list[Folded]:
         """Close the windows that have ended; those that held events back start anew."""
         due: list[Folded] = []
+        if now < self._earliest:
+            return due
+        earliest = float("inf")
         for key, window in list(self._windows.items()):
             if window.ends_at > now:
+                earliest = min(earliest, window.ends_at)
                 continue
             if window.count and window.last is not None:
                 due.append(Folded(last=window.last, folded=window.count))
                 self._windows[key] = _Window(now + self.window_s)
+                earliest = min(earliest, now + self.window_s)
             else:
                 del self._windows[key]
+        self._earliest = earliest
         return due
 
     def _arm(self, at: float) -> None:
@@ -172,6 +180,7 @@ class Fold:
                 if w.count and w.last is not None
             ]
             self._windows.clear()
+            self._earliest = float("inf")
         if timer is not None:
             timer.cancel()
             if timer is not threading.current_thread():
@@ -185,6 +194,7 @@ class Fold:
         """The parent reports what it held back; the child starts with nothing and no timer."""
         self._lock = threading.Lock()
         self._windows = {}
+        self._earliest = float("inf")
         self._timer = None
         hook = getattr(self.inner, "after_fork_in_child", None)
         if hook is not None:

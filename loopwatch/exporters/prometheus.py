@@ -151,7 +151,7 @@ def families(snap: Snapshot | None) -> list[Metric]:
     for name, text in COUNTERS.items():
         counter = CounterMetricFamily(_base(name), text)
         if snap is not None:
-            counter.add_metric([], snap.events.get(name, 0))
+            counter.add_metric([], float(snap.events.get(name, 0)))
         out.append(counter)
     lag = HistogramMetricFamily(LAG, HELP[LAG])
     created = CounterMetricFamily(_base(TASKS_CREATED), HELP[TASKS_CREATED])
@@ -161,10 +161,10 @@ def families(snap: Snapshot | None) -> list[Metric]:
     busy = HistogramMetricFamily(TASK_BUSY, HELP[TASK_BUSY], labels=["coroutine"])
     if snap is not None:
         lag.add_metric([], _le(snap.loop_lag), snap.loop_lag.sum)
-        created.add_metric([], snap.tasks_created)
-        active.add_metric([], snap.tasks_active)
+        created.add_metric([], float(snap.tasks_created))
+        active.add_metric([], float(snap.tasks_active))
         for outcome in OUTCOMES:
-            finished.add_metric([outcome], snap.tasks_finished.get(outcome, 0))
+            finished.add_metric([outcome], float(snap.tasks_finished.get(outcome, 0)))
         for family, table in ((duration, snap.task_duration), (busy, snap.task_busy)):
             for label, histogram in sorted(table.items()):
                 family.add_metric([label], _le(histogram), histogram.sum)
