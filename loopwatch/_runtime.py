@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +158,9 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.RLock()
+    timing = sys.modules.get("loopwatch._timing")
+    if timing is not None:
+        timing.TABLE.after_fork_in_child()
     runtime = _current
     if runtime is not None:
         runtime.after_fork_in_child()

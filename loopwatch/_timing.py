@@ -331,6 +331,10 @@ class Table:
         with self._lock:
             self._rows.clear()
 
+    def after_fork_in_child(self) -> None:
+        """The lock may have been held by a thread that does not exist in the child."""
+        self._lock = threading.Lock()
+
 
 TABLE = Table()
 

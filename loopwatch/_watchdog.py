@@ -304,7 +304,9 @@ class LoopState:
         ):
             pass  # taken just before that step ended, and it was reported with its exact time
         else:
-            start_after = beat
+            # A block cannot have begun before the last heartbeat, nor before the end of a step
+            # already reported with its exact time (the heartbeat may not have run since).
+            start_after = max(beat, self.exact_end)
             if block is not None:
                 # Something else is running now: the previous callback ended in between.
                 self._finish(block, (block.last_seen + now) / 2.0)

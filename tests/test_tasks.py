@@ -78,6 +78,7 @@ def test_pending_task_destroyed_by_gc_is_orphaned(
     factory: Factory, events: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     no_gc_blocks()
+
     async def main() -> None:
         asyncio.create_task(waits_forever(), name="orphan")  # CREATE:orphan
         await asyncio.sleep(0.01)
@@ -101,6 +102,7 @@ def test_exception_nobody_retrieved(
     factory: Factory, events: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     no_gc_blocks()
+
     async def main() -> None:
         asyncio.create_task(fails(), name="fire-and-forget")  # CREATE:unretrieved
         await asyncio.sleep(0.02)
@@ -117,6 +119,7 @@ def test_exception_nobody_retrieved(
 
 def test_exception_retrieved_is_not_a_finding(factory: Factory, events: Recorder) -> None:
     no_gc_blocks()
+
     async def main() -> None:
         task = asyncio.create_task(fails())
         with pytest.raises(ValueError):
