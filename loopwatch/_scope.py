@@ -32,6 +32,7 @@ class watch:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previous: Settings | None = None
         self._enabled_global = False
+        self._reconfigured: list[tuple[Any, Settings]] = []
 
     def __repr__(self) -> str:
         return f"<loopwatch.watch events={len(self.events)}>"
@@ -54,11 +55,20 @@ class watch:
                 state.configure(settings)
             else:
                 _loops.attach(self._loop, settings)
-        elif not _loops.global_enabled():
+        else:
+            # Loops made inside the scope take its settings; so do the watched loops there are.
             self._previous = runtime.settings
-            runtime.settings = settings
-            _loops.enable_global()
-            self._enabled_global = True
+            runtime.apply(settings)
+            self._reconfigured = [
+                (state, state.settings)
+                for state in (_loops.state_of(lp) for lp in _loops.watched_loops())
+                if state is not None
+            ]
+            for state, _ in self._reconfigured:
+                state.configure(settings)
+            if not _loops.global_enabled():
+                _loops.enable_global()
+                self._enabled_global = True
         runtime.dispatcher.add_sink(self._collect)
         self._since = time.monotonic()
         return self
@@ -79,10 +89,13 @@ class watch:
                 state = _loops.state_of(self._loop)
                 if state is not None and self._previous is not None:
                     state.configure(self._previous)
-            elif self._enabled_global:
-                _loops.disable_global()
+            else:
+                if self._enabled_global:
+                    _loops.disable_global()
                 if runtime is not None and self._previous is not None:
-                    runtime.settings = self._previous
+                    runtime.apply(self._previous)
+                for state, previous in self._reconfigured:
+                    state.configure(previous)
 
     async def __aenter__(self) -> watch:
         return self.__enter__()

@@ -445,3 +445,22 @@ def test_tasks_the_loop_makes_for_itself_are_placed_in_the_loop(
     names = {s.name for s in loopwatch.coroutine_stats()}
     assert "main" in names or any(n.endswith("main") for n in names)
     assert not any("_accept_connection" in n or "getaddrinfo" in n for n in names), names
+
+
+def test_sync_watch_settings_apply_when_every_loop_is_already_watched(kind: str) -> None:
+    """With global mode already on, a scope's own threshold still applies inside it."""
+    import uvloop
+
+    async def main() -> None:
+        await asyncio.sleep(0.01)
+        time.sleep(0.07)  # BLOCK:scope-threshold
+        await asyncio.sleep(0.02)
+
+    loopwatch.install(log="off")  # every loop from now on, threshold 100 ms
+    with loopwatch.watch(slow_callback_ms=50) as scope:
+        (uvloop.run if kind == "uvloop" else asyncio.run)(main())
+        time.sleep(0.1)
+    assert [(e.event, e.threshold_s) for e in scope.events] == [("loopwatch.slow_callback", 0.05)]  # type: ignore[attr-defined]
+    from loopwatch import _runtime
+
+    assert _runtime.current().settings.slow_callback_ms == 100  # type: ignore[union-attr]
