@@ -1,0 +1,235 @@
+"""Events from other threads, and loops in several threads at once (issue 8.4).
+
+Events reach the dispatcher from the loop's thread, from the watchdog thread, from the garbage
+collector in whatever thread it runs, and from callbacks handed in with ``call_soon_threadsafe``.
+Each must arrive once, be counted exactly, and never raise into the thread it came from. Loops
+running at once in several threads are each watched on their own: each block is reported once,
+for its own loop, its own task and its own place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import Recorder, place
+
+import loopwatch
+from loopwatch import _runtime
+
+HERE = __file__
+Factory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def in_thread(target: Callable[[], Any], name: str = "worker") -> list[BaseException]:
+    """Run ``target`` in a new thread and return what it raised (nothing, if all went well)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    return errors
+
+
+def test_block_and_stall_are_emitted_from_the_watchdog_thread(
+    factory: Factory, kind: str, events: Recorder
+) -> None:
+    _runtime.activate(slow_callback_ms=50, stall_ms=150)
+    threads: list[str] = []
+    _runtime.activate().dispatcher.add_sink(
+        lambda e: threads.append(threading.current_thread().name)
+    )
+
+    def block() -> None:
+        time.sleep(0.3)  # BLOCK:watchdog
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_soon(block)
+        await asyncio.sleep(0.02)
+
+    loop = factory()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    found = events.wait_for(2)
+    assert [e.event for e in found] == ["loopwatch.loop_stalled", "loopwatch.slow_callback"]
+    assert {e.location for e in found} == {place(HERE, "BLOCK:watchdog", "block")}
+    assert {e.loop for e in found} == {kind}
+    # The stall is seen while the loop is blocked: only the watchdog thread can say it then.
+    assert threads[0] == "loopwatch-watchdog"
+
+
+def test_orphans_found_by_the_garbage_collector_in_other_threads(
+    factory: Factory, events: Recorder
+) -> None:
+    """gc.collect() in four threads at once, each destroying pending tasks: every orphan is
+    reported once, from the thread that collected it, and no thread sees an error."""
+    _runtime.activate(slow_callback_ms=10_000, stall_ms=20_000)  # gc may truly take long here
+    per_thread, threads = 25, 4
+    loop = factory()
+    gc.disable()
+    try:
+
+        async def waits_forever() -> None:
+            await asyncio.get_running_loop().create_future()
+
+        async def make(n: int) -> None:
+            for i in range(n):
+                loop.create_task(waits_forever(), name=f"orphan-{i}")
+            await asyncio.sleep(0.01)
+
+        loop.run_until_complete(make(per_thread * threads))
+        seen: list[str] = []
+        _runtime.activate().dispatcher.add_sink(
+            lambda e: seen.append(threading.current_thread().name)
+        )
+        barrier = threading.Barrier(threads)
+
+        def collect() -> None:
+            barrier.wait()
+            gc.collect()
+
+        workers = [threading.Thread(target=collect, name=f"gc-{i}") for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=30)
+    finally:
+        gc.enable()
+        loop.close()
+    orphans = events.named("loopwatch.task_orphaned")
+    assert len(orphans) == per_thread * threads
+    assert sorted(e.task for e in orphans) == sorted(
+        f"orphan-{i}" for i in range(per_thread * threads)
+    )
+    assert seen and set(seen) <= {f"gc-{i}" for i in range(threads)}
+    assert _runtime.activate().dispatcher.counts["loopwatch.task_orphaned"] == len(orphans)
+
+
+def test_never_awaited_coroutines_dropped_in_many_threads_are_counted_exactly(
+    factory: Factory, events: Recorder
+) -> None:
+    loop = factory()
+    loop.run_until_complete(asyncio.sleep(0))  # attached: the never-awaited hook is in place
+
+    async def forgotten() -> None:
+        pass
+
+    per_thread, threads = 200, 8
+    barrier = threading.Barrier(threads)
+
+    def drop() -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            forgotten()  # type: ignore[unused-coroutine]  # DROP:threads
+
+    with pytest.warns(RuntimeWarning):
+        workers = [threading.Thread(target=drop) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=30)
+    loop.close()
+    found = events.named("loopwatch.coroutine_never_awaited")
+    assert len(found) == per_thread * threads
+    assert {e.location for e in found} == {place(HERE, "DROP:threads", "drop")}
+    assert _runtime.activate().dispatcher.counts["loopwatch.coroutine_never_awaited"] == len(found)
+
+
+def test_call_soon_threadsafe_callbacks_are_watched(
+    factory: Factory, kind: str, events: Recorder
+) -> None:
+    """Callbacks handed in from other threads run on the loop like any other; one that blocks is
+    reported once; the many that do not are not."""
+    loop = factory()
+    ran: list[int] = []
+
+    def quick(i: int) -> None:
+        ran.append(i)
+
+    def slow() -> None:
+        time.sleep(0.2)  # BLOCK:threadsafe
+
+    async def main() -> None:
+        def feed() -> None:
+            for i in range(500):
+                loop.call_soon_threadsafe(quick, i)
+            loop.call_soon_threadsafe(slow)
+
+        errors: list[BaseException] = []
+        await loop.run_in_executor(None, lambda: errors.extend(in_thread(feed)))
+        while len(ran) < 500:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        assert errors == []
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert ran == list(range(500))
+    found = events.wait_for(1)
+    assert [(e.event, e.location, e.loop) for e in found] == [
+        ("loopwatch.slow_callback", place(HERE, "BLOCK:threadsafe", "slow"), kind)
+    ]
+
+
+def test_loops_in_several_threads_are_each_watched_on_their_own(events: Recorder) -> None:
+    """Six loops (three stock, three uvloop) in six threads at once, each blocking in its own
+    function for its own time: six events, each with its loop, task, place and duration."""
+
+    def blocker(seconds: float) -> None:
+        time.sleep(seconds)  # BLOCK:several
+
+    async def job(seconds: float) -> None:
+        await asyncio.sleep(0.01)
+        blocker(seconds)
+        await asyncio.sleep(0.01)
+
+    factories = [loopwatch.new_event_loop, loopwatch.new_uvloop_event_loop] * 3
+    barrier = threading.Barrier(len(factories))
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            with asyncio.Runner(loop_factory=factories[i]) as runner:
+                runner.run(job(0.15 + 0.05 * i), context=None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def named(i: int) -> Callable[[], None]:
+        def target() -> None:
+            asyncio.set_event_loop(None)
+            run(i)
+
+        return target
+
+    threads = [threading.Thread(target=named(i)) for i in range(len(factories))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    found = sorted(events.wait_for(len(factories)), key=lambda e: e.duration_s)
+    assert [e.event for e in found] == ["loopwatch.slow_callback"] * len(factories)
+    assert [e.loop for e in found] == ["asyncio", "uvloop"] * 3
+    assert {e.location for e in found} == {place(HERE, "BLOCK:several", "blocker")}
+    assert {e.coroutine for e in found} == {
+        "test_loops_in_several_threads_are_each_watched_on_their_own.<locals>.job"
+    }
+    for i, event in enumerate(found):
+        assert abs(event.duration_s - (0.15 + 0.05 * i)) < 0.04, (i, event.duration_s)
