@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
 """loopwatch overhead benchmarks: what watching a loop costs, as a ratio to the same loop unwatched.
 
-Run ``python benchmarks/bench.py --quick`` (about 1 minute on 2 cores) or
-``python benchmarks/bench.py`` (about 8 minutes); see ``benchmarks/README.md`` for how to read the
-output.
+Run ``python benchmarks/bench.py --quick`` (about 1.5 minutes on 2 cores) or
+``python benchmarks/bench.py`` (about 10 minutes); see ``benchmarks/README.md`` for how to read the
+output. Besides speed, it measures memory (per live task, and after a million tasks have come and
+gone) and start-up (what the ``.pth`` line costs with LOOPWATCH unset and set).
 
 Every measurement runs in a fresh interpreter (this file, re-run with ``--worker``), so loopwatch's
 process-wide state and imports never leak from one variant into another. Variants are interleaved
 round by round, so slow drift of the machine falls on all of them alike, and the conclusions are
 drawn from ratios to the unwatched loop of the same kind, never from absolute numbers.
 
-Adding a variant (say, one with the task factory on) is one entry in ``VARIANTS``: a loop factory
-per loop kind, made inside the worker, plus a check that the variant really is what it claims.
+Adding a variant is one entry in ``VARIANTS``: a loop factory per loop kind, made inside the
+worker, plus a check that the variant really is what it claims.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+# How one process's value is taken from its timed runs (--within), as the report words it.
+WITHIN = {"best": "the fastest", "median": "the median"}
 Measured = tuple[float, int]  # (seconds, operations) of one timed run
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -146,6 +150,7 @@ class Workload:
     quick_size: int
     full_size: int
     doc: str
+    operation: str  # what one operation is, for "ns added per ..." lines
 
     def value(self, seconds: float, operations: int) -> float:
         return operations / seconds if self.higher_is_better else seconds * 1e9 / operations
@@ -153,6 +158,16 @@ class Workload:
     def cost_ratio(self, value: float, baseline: float) -> float:
         """Time per operation of ``value`` relative to ``baseline`` (> 1: slower)."""
         return baseline / value if self.higher_is_better else value / baseline
+
+    def within(self, runs: Sequence[float], how: str) -> float:
+        """One process's value from its timed runs: the fastest (``best``) or the median."""
+        if how == "median":
+            return statistics.median(runs)
+        return max(runs) if self.higher_is_better else min(runs)
+
+    def ns_per_op(self, value: float) -> float:
+        """Nanoseconds per operation: the unit in which per-step and per-task costs add up."""
+        return 1e9 / value if self.higher_is_better else value
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -163,40 +178,47 @@ WORKLOADS: dict[str, Workload] = {
             sleep0,
             "steps/s",
             True,
-            800,
-            2000,
+            400,
+            1000,
             f"{SLEEP0_TASKS} tasks looping on `await asyncio.sleep(0)`; size = steps per task",
+            "task step",
         ),
         Workload(
             "echo",
             echo,
             "round trips/s",
             True,
-            1500,
-            2500,
+            500,
+            1200,
             f"TCP echo on 127.0.0.1, {ECHO_CLIENTS} clients, {len(ECHO_MESSAGE)}-byte messages;"
             " size = round trips per client",
+            "round trip",
         ),
         Workload(
             "churn",
             churn,
             "ns/task",
             False,
+            40,
             100,
-            250,
             f"create_task of a trivial coroutine, gathered {CHURN_BATCH} at a time; size = batches",
+            "task created",
         ),
         Workload(
             "pingpong",
             pingpong,
             "round trips/s",
             True,
+            20_000,
             50_000,
-            100_000,
             "two tasks passing a future back and forth; size = round trips",
+            "round trip",
         ),
     )
 }
+
+# The budgets need sleep0, echo and churn; pingpong (another per-step workload) on request.
+DEFAULT_WORKLOADS = ("sleep0", "echo", "churn")
 
 # --------------------------------------------------------------------------------------------
 # Variants: name -> how to make a loop factory for each loop kind. The set-up runs in the worker,
@@ -215,16 +237,26 @@ def _uvloop_loop() -> LoopFactory:
     return factory
 
 
-def _watched_stock_loop() -> LoopFactory:
-    import loopwatch
+def _watched(kind: str, settings: Mapping[str, str]) -> Callable[[], LoopFactory]:
+    """A set-up for a watched loop of ``kind``: loopwatch's settings go into the environment
+    (``LOOPWATCH_<NAME>``) before loopwatch is first imported, as a program's would, and the loop
+    factory is ``loopwatch.new_event_loop`` or ``loopwatch.new_uvloop_event_loop``."""
 
-    return loopwatch.new_event_loop
+    def setup() -> LoopFactory:
+        for name, value in settings.items():
+            os.environ[f"LOOPWATCH_{name.upper()}"] = value
+        import loopwatch
+
+        factory: LoopFactory = (
+            loopwatch.new_event_loop if kind == "asyncio" else loopwatch.new_uvloop_event_loop
+        )
+        return factory
+
+    return setup
 
 
-def _watched_uvloop_loop() -> LoopFactory:
-    import loopwatch
-
-    return loopwatch.new_uvloop_event_loop
+def _watched_factories(**settings: str) -> dict[str, Callable[[], LoopFactory]]:
+    return {kind: _watched(kind, settings) for kind in LOOP_KINDS}
 
 
 def _with_timer(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
@@ -267,6 +299,70 @@ def _with_thread(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
     return setup
 
 
+def _with_task_factory(
+    make: Callable[[], LoopFactory], *, done_callback: bool
+) -> Callable[[], LoopFactory]:
+    """Control: the plain loop with a Python task factory that only makes the task (what any
+    Python-level factory costs), and with ``done_callback`` a no-op done callback per task (what
+    scheduling one more callback at each task's end costs)."""
+
+    def setup() -> LoopFactory:
+        import contextvars
+
+        base = make()
+        task_class = asyncio.Task
+        context = contextvars.Context()
+
+        def noop(task: asyncio.Task[Any]) -> None:
+            pass
+
+        def bare(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+            return task_class(coro, loop=loop, **kwargs)
+
+        def with_callback(
+            loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
+        ) -> asyncio.Task[Any]:
+            task = task_class(coro, loop=loop, **kwargs)
+            task.add_done_callback(noop, context=context)
+            return task
+
+        def factory() -> asyncio.AbstractEventLoop:
+            loop = base()
+            loop.set_task_factory(with_callback if done_callback else bare)
+            return loop
+
+        return factory
+
+    return setup
+
+
+def _ablated(kind: str, settings: Mapping[str, str], part: str) -> Callable[[], LoopFactory]:
+    """Diagnostics: a watched loop with one part of task tracking or step timing cut out, by
+    replacing a private function of loopwatch (so the difference to the full variant is what
+    that part costs). Parts: ``end`` (the accounting when a task ends: counts, wall time, the
+    coroutine table), ``site`` (the walk to the creation site), ``timing`` (the proxy forwards
+    each step without timing it)."""
+    watched = _watched(kind, settings)
+
+    def setup() -> LoopFactory:
+        factory = watched()
+        from loopwatch import _tasks, _timing
+
+        if part == "end":
+            _tasks.TaskTracker.finished = lambda self, task, entry, coro: None  # type: ignore[method-assign]
+        elif part == "site":
+            _tasks._new_entry = lambda frame, depth, label: (0.0, label)
+        elif part == "timing":
+
+            def forward(self: Any) -> Any:
+                return self._send(None)
+
+            _timing.Timed.__next__ = forward  # type: ignore[method-assign]
+        return factory
+
+    return setup
+
+
 def _stop_thread() -> None:
     _control_stop.set()
 
@@ -276,16 +372,48 @@ def _check_unwatched(loop: asyncio.AbstractEventLoop) -> None:
         raise RuntimeError("the baseline imported loopwatch (is LOOPWATCH set?)")
 
 
-def _check_watched(loop: asyncio.AbstractEventLoop) -> None:
-    # Private names on purpose: a benchmark of "the watchdog" that silently measured a loop with
-    # no heartbeat or no thread would be worse than one that fails.
-    from loopwatch import _loops, _runtime
+def _check_watched(
+    *, tasks: bool, step_timing: bool = False, creation_stack: int = 1
+) -> Callable[[asyncio.AbstractEventLoop], None]:
+    """A check that the loop is watched, with task tracking, step timing and creation stacks as
+    the variant says. Called from a task of the loop (so its own coroutine shows the proxy)."""
 
-    state = _loops.state_of(loop)
-    runtime = _runtime.current()
-    thread = runtime.watchdog.thread if runtime is not None else None
-    if state is None or not state.running or thread is None or not thread.is_alive():
-        raise RuntimeError("the watchdog variant is not watching its loop")
+    def check(loop: asyncio.AbstractEventLoop) -> None:
+        # Private names on purpose: a benchmark of "the watchdog" that silently measured a loop
+        # with no heartbeat or no thread, or "step timing" with no proxy, would be worse than one
+        # that fails.
+        from loopwatch import _loops, _runtime
+
+        state = _loops.state_of(loop)
+        runtime = _runtime.current()
+        thread = runtime.watchdog.thread if runtime is not None else None
+        if state is None or not state.running or thread is None or not thread.is_alive():
+            raise RuntimeError("the variant is not watching its loop")
+        tracker = _loops.tracker_of(loop)
+        factory = type(loop).get_task_factory(loop)  # the loop's own, not the shadowing method
+        task = asyncio.current_task(loop)
+        timed = task is not None and type(task.get_coro()).__name__ == "Timed"
+        found = (
+            f"tracker {tracker is not None}, task factory {factory!r}, proxy {timed},"
+            f" creation_stack {getattr(tracker, 'depth', None)}"
+        )
+        if not tasks:
+            if tracker is not None or factory is not None or timed:
+                raise RuntimeError(f"task tracking should be off: {found}")
+            return
+        if (
+            tracker is None
+            or factory is not tracker.factory
+            or tracker.timing != step_timing
+            or timed != step_timing
+            or tracker.depth != creation_stack
+        ):
+            raise RuntimeError(
+                f"expected task tracking, step_timing={step_timing},"
+                f" creation_stack={creation_stack}; found {found}"
+            )
+
+    return check
 
 
 def _uninstall() -> None:
@@ -320,11 +448,34 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             "watchdog",
-            {"asyncio": _watched_stock_loop, "uvloop": _watched_uvloop_loop},
-            _check_watched,
+            _watched_factories(tasks="0"),
+            _check_watched(tasks=False),
             _uninstall,
-            "`loopwatch.new_event_loop` / `loopwatch.new_uvloop_event_loop`: heartbeat timer"
-            " and watchdog thread",
+            "`loopwatch.new_event_loop` / `loopwatch.new_uvloop_event_loop` with"
+            " `LOOPWATCH_TASKS=0`: the heartbeat timer and the watchdog thread only",
+        ),
+        Variant(
+            "tasks",
+            _watched_factories(step_timing="0"),
+            _check_watched(tasks=True, step_timing=False),
+            _uninstall,
+            "`LOOPWATCH_STEP_TIMING=0`: the watchdog plus task tracking (the task factory:"
+            " creation site, live-task entry, a done callback per task), no timing proxy",
+        ),
+        Variant(
+            "default",
+            _watched_factories(),
+            _check_watched(tasks=True, step_timing=True),
+            _uninstall,
+            "default settings: the watchdog, task tracking and per-step timing (a proxy around"
+            " each task's coroutine)",
+        ),
+        Variant(
+            "everything",
+            _watched_factories(creation_stack="8"),
+            _check_watched(tasks=True, step_timing=True, creation_stack=8),
+            _uninstall,
+            "default plus `LOOPWATCH_CREATION_STACK=8`: 8 frames of each task's creation stack",
         ),
         # Controls, run only when asked for (--variants): no loopwatch, one of its costs each.
         Variant(
@@ -341,46 +492,247 @@ VARIANTS: dict[str, Variant] = {
             _stop_thread,
             "control, no loopwatch: the plain loop plus a daemon thread waking every 20 ms",
         ),
+        Variant(
+            "py-factory",
+            {
+                "asyncio": _with_task_factory(_stock_loop, done_callback=False),
+                "uvloop": _with_task_factory(_uvloop_loop, done_callback=False),
+            },
+            _check_unwatched,
+            _no_teardown,
+            "control, no loopwatch: the plain loop with a Python task factory that only makes"
+            " the task",
+        ),
+        Variant(
+            "py-callback",
+            {
+                "asyncio": _with_task_factory(_stock_loop, done_callback=True),
+                "uvloop": _with_task_factory(_uvloop_loop, done_callback=True),
+            },
+            _check_unwatched,
+            _no_teardown,
+            "control, no loopwatch: `py-factory` plus a no-op done callback on every task",
+        ),
+        # Diagnostics: `tasks` or `default` with one part cut out (private functions replaced).
+        Variant(
+            "tasks-no-end",
+            {k: _ablated(k, {"step_timing": "0"}, "end") for k in LOOP_KINDS},
+            _check_watched(tasks=True, step_timing=False),
+            _uninstall,
+            "diagnostic: `tasks` without the accounting at each task's end (counts, wall time,"
+            " coroutine table); the done callback still runs",
+        ),
+        Variant(
+            "tasks-no-site",
+            {k: _ablated(k, {"step_timing": "0"}, "site") for k in LOOP_KINDS},
+            _check_watched(tasks=True, step_timing=False),
+            _uninstall,
+            "diagnostic: `tasks` without the walk to each task's creation site",
+        ),
+        Variant(
+            "bare-proxy",
+            {k: _ablated(k, {}, "timing") for k in LOOP_KINDS},
+            _check_watched(tasks=True, step_timing=True),
+            _uninstall,
+            "diagnostic: `default` with the proxy forwarding each step untimed (its call alone)",
+        ),
     )
 }
 
-DEFAULT_VARIANTS = (BASELINE, "watchdog")
+DEFAULT_VARIANTS = (BASELINE, "watchdog", "tasks", "default", "everything")
 
-# Overhead budgets: (variant, workload) -> largest accepted overhead in percent, on every loop.
-BUDGETS: dict[tuple[str, str], float] = {
-    ("watchdog", "echo"): 2.0,
-    ("watchdog", "sleep0"): 5.0,
-}
+# Each variant against the one it adds to: the cost of one feature at a time.
+INCREMENTS: tuple[tuple[str, str, str], ...] = (
+    ("watchdog", BASELINE, "the watchdog"),
+    ("tasks", "watchdog", "task tracking"),
+    ("default", "tasks", "step timing"),
+    ("everything", "default", "8-frame creation stacks"),
+    ("default", BASELINE, "all of the default"),
+    ("timer-only", BASELINE, "a 10 ms timer"),
+    ("thread-only", BASELINE, "a thread waking every 20 ms"),
+    ("py-factory", BASELINE, "a Python task factory"),
+    ("py-callback", "py-factory", "a done callback per task"),
+    ("tasks", "tasks-no-end", "accounting at task end"),
+    ("tasks", "tasks-no-site", "the creation-site walk"),
+    ("bare-proxy", "tasks", "a forwarding proxy"),
+    ("default", "bare-proxy", "timing in the proxy"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """``variant`` may cost at most ``limit`` more than ``reference`` on ``workload``, on every
+    loop: in percent (``unit`` "%"), or in nanoseconds per operation ("ns"). A limit of 0 ns
+    means "nothing detectable": met unless the whole paired interval is above zero."""
+
+    variant: str
+    reference: str
+    workload: str
+    limit: float
+    unit: str
+    what: str
+
+
+BUDGETS: tuple[Budget, ...] = (
+    Budget("watchdog", BASELINE, "echo", 2.0, "%", "the watchdog alone"),
+    Budget("watchdog", BASELINE, "sleep0", 5.0, "%", "the watchdog alone"),
+    Budget("tasks", "watchdog", "churn", 1000.0, "ns", "task tracking, per task created"),
+    Budget("tasks", "watchdog", "sleep0", 0.0, "ns", "task tracking, per task step"),
+    Budget("default", "tasks", "sleep0", 300.0, "ns", "step timing, per task step"),
+    Budget("default", "tasks", "echo", 5.0, "%", "step timing"),
+)
+# Memory budgets: bytes of loopwatch state per live task, against the plain loop.
+LIVE_TASK_BUDGET = 200.0
+LIVE_TASK_BUDGETED = ("tasks", "default")
+
 
 # --------------------------------------------------------------------------------------------
-# The worker: one process, one (workload, variant, loop kind), a warm-up then timed runs.
+# The worker: one process, one (workload, variant, loop kind), a warm-up then timed runs; or one
+# (variant, loop kind) and the memory measurements.
 # --------------------------------------------------------------------------------------------
+
+# Threads whose wake-ups are counted: loopwatch's watchdog, and the thread-only control's.
+WATCHER_THREADS = ("loopwatch-watchdog", "bench-control")
+
+
+def _thread_sleeps() -> int | None:
+    """Voluntary context switches of the watchdog (or control) thread so far. Each one is the
+    thread going to sleep, so their increase over a run is how often it woke in between. None
+    without such a thread, or without ``/proc`` (not Linux)."""
+    for thread in threading.enumerate():
+        if thread.name in WATCHER_THREADS and thread.native_id is not None:
+            try:
+                status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+            except OSError:
+                return None
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    return None
+
+
+def _speed(runner: asyncio.Runner, spec: Mapping[str, Any]) -> dict[str, Any]:
+    workload = WORKLOADS[spec["workload"]]
+    size = int(spec["size"])
+    warmup = int(spec["warmup"])
+    values: list[float] = []
+    sleeps = _thread_sleeps()
+    started = time.perf_counter()
+    for i in range(warmup + int(spec["repeats"])):
+        gc.collect()
+        seconds, operations = runner.run(workload.run(size))
+        if i >= warmup:
+            values.append(workload.value(seconds, operations))
+    elapsed = time.perf_counter() - started
+    slept = _thread_sleeps()
+    wakes = (slept - sleeps) / elapsed if sleeps is not None and slept is not None else None
+    return {"value": statistics.median(values), "runs": values, "wakes_per_s": wakes}
+
+
+def _rss() -> int | None:
+    """Resident set size of this process, in bytes (Linux), else None."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _tracked(loop: asyncio.AbstractEventLoop) -> dict[str, int] | None:
+    """loopwatch's per-loop task state: live-task entries, and rows of the coroutine table."""
+    if "loopwatch" not in sys.modules:
+        return None
+    import loopwatch
+    from loopwatch import _loops
+
+    tracker = _loops.tracker_of(loop)
+    if tracker is None:
+        return None
+    return {"entries": tracker.active, "rows": len(loopwatch.coroutine_stats())}
+
+
+async def _parked_tasks(n: int) -> dict[str, Any]:
+    """``n`` tasks created and left pending on one future: the traced bytes they take, per task,
+    and what loopwatch tracks meanwhile."""
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[None] = loop.create_future()
+
+    async def parked() -> None:
+        await gate
+
+    # One task first: one-off allocations (caches, the first table rows) are not per task.
+    first = asyncio.create_task(parked())
+    await asyncio.sleep(0)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    tasks = [asyncio.create_task(parked()) for _ in range(n)]
+    await asyncio.sleep(0)  # every task takes its first step and suspends on the gate
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    tracked = _tracked(loop)
+    gate.set_result(None)
+    await asyncio.gather(first, *tasks)
+    return {"tasks": n, "bytes_per_task": (after - before) / n, "tracked": tracked}
+
+
+def _memory_state(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    return {"rss": _rss(), "blocks": sys.getallocatedblocks(), "tracked": _tracked(loop)}
+
+
+def _churned(runner: asyncio.Runner, tasks: int, traced_tasks: int) -> dict[str, Any]:
+    """``tasks`` tasks created and finished (the churn workload): loopwatch's tracked state, the
+    live Python blocks and the RSS before and after. Then, under tracemalloc (slower), the
+    traced bytes still allocated after ``traced_tasks`` more, counted from after a first
+    ``traced_tasks``: tables that are reallocated as they are reused (a dict that had entries
+    deleted and added) are then traced on both sides, and only growth remains."""
+    loop = runner.get_loop()
+    runner.run(churn(20))  # warm-up: free lists, caches, table rows
+    gc.collect()
+    before = _memory_state(loop)
+    seconds, _ = runner.run(churn(tasks // CHURN_BATCH))
+    gc.collect()
+    after = _memory_state(loop)
+    tracemalloc.start()
+    runner.run(churn(traced_tasks // CHURN_BATCH))
+    gc.collect()
+    traced_before = tracemalloc.get_traced_memory()[0]
+    runner.run(churn(traced_tasks // CHURN_BATCH))
+    gc.collect()
+    traced_after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return {
+        "tasks": tasks,
+        "seconds": seconds,
+        "before": before,
+        "after": after,
+        "traced_tasks": traced_tasks,
+        "traced_growth": traced_after - traced_before,
+        "tracked_end": _tracked(loop),
+    }
 
 
 def worker(spec: Mapping[str, Any]) -> dict[str, Any]:
-    workload = WORKLOADS[spec["workload"]]
     variant = VARIANTS[spec["variant"]]
     factory = variant.factories[spec["loop"]]()
-    size = int(spec["size"])
-    values: list[float] = []
 
     async def check() -> None:
         variant.check(asyncio.get_running_loop())
 
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(check())
-        for i in range(int(spec["warmup"]) + int(spec["repeats"])):
-            gc.collect()
-            seconds, operations = runner.run(workload.run(size))
-            if i >= int(spec["warmup"]):
-                values.append(workload.value(seconds, operations))
+        if spec.get("kind", "speed") == "speed":
+            result = _speed(runner, spec)
+        else:
+            result = {
+                "live": [runner.run(_parked_tasks(int(n))) for n in spec["live_tasks"]],
+                "churn": _churned(runner, int(spec["churn_tasks"]), int(spec["traced_tasks"])),
+            }
     variant.teardown()
     module = sys.modules.get("loopwatch")
-    return {
-        "value": statistics.median(values),
-        "runs": values,
-        "loopwatch": getattr(module, "__file__", None) if module is not None else None,
-    }
+    result["loopwatch"] = getattr(module, "__file__", None) if module is not None else None
+    return result
 
 
 def child_env(source: Path | None) -> dict[str, str]:
@@ -402,7 +754,7 @@ def child_env(source: Path | None) -> dict[str, str]:
 
 def run_worker(
     script: Path, spec: Mapping[str, Any], env: Mapping[str, str], source: Path | None
-) -> float:
+) -> dict[str, Any]:
     command = [sys.executable, str(script), "--worker", json.dumps(dict(spec))]
     done = subprocess.run(
         command, env=dict(env), capture_output=True, text=True, timeout=300, check=False
@@ -415,7 +767,7 @@ def run_worker(
     imported = result["loopwatch"]
     if source is not None and imported is not None and not Path(imported).is_relative_to(source):
         raise RuntimeError(f"worker {dict(spec)} imported {imported}, not the snapshot {source}")
-    return float(result["value"])
+    return result
 
 
 @contextmanager
@@ -484,6 +836,10 @@ class Cell:
     loop: str
     variant: str
     values: list[float] = field(default_factory=list)  # one per round, in round order
+    # Wake-ups per second of the watchdog (or control) thread, one per round; None without one.
+    wakes: list[float | None] = field(default_factory=list)
+    # Every timed run of each round's process, from which ``values`` was taken.
+    runs: list[list[float]] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -520,12 +876,51 @@ def compare(workload: Workload, cell: Cell, base: Cell) -> Comparison:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Added:
+    """Nanoseconds per operation a variant adds to another (the reference): what one task step,
+    task creation or round trip costs more."""
+
+    ns: float  # difference of the two medians, each in ns per operation
+    # The difference within each round (the two runs next to each other in time): its median
+    # and a confidence interval for that median.
+    paired: float
+    ci_low: float
+    ci_high: float
+    ci_level: float
+
+
+def added_ns(workload: Workload, cell: Cell, base: Cell) -> Added:
+    paired = [
+        workload.ns_per_op(v) - workload.ns_per_op(b)
+        for v, b in zip(cell.values, base.values, strict=True)
+    ]
+    low, high, level = median_interval(paired)
+    return Added(
+        ns=workload.ns_per_op(cell.median) - workload.ns_per_op(base.median),
+        paired=statistics.median(paired),
+        ci_low=low,
+        ci_high=high,
+        ci_level=level,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Start-up: what the .pth line costs a process that does not ask for loopwatch, and one that does.
 # --------------------------------------------------------------------------------------------
 
-STARTUP_SNIPPETS = ("pass", "import asyncio")
+STARTUP_SNIPPETS = ("pass", "import asyncio", "import asyncio; asyncio.run(asyncio.sleep(0))")
 STARTUP_SETTINGS = ("unset", "1")
+# With LOOPWATCH unset, loopwatch's whole start-up cost is the line of loopwatch.pth: timed here
+# in a child with that environment, in nanoseconds per execution (best of 5 repeats).
+PTH_TIMER = """
+import sysconfig, timeit
+from pathlib import Path
+pth = Path(sysconfig.get_paths()["purelib"]) / "loopwatch.pth"
+lines = [x for x in pth.read_text().splitlines() if x.startswith("import")] if pth.exists() else []
+n = 100_000
+print(min(timeit.repeat(lines[0], number=n, repeat=5)) / n * 1e9 if lines else "none")
+"""
 
 
 def loopwatch_import_times(stderr: str) -> tuple[int, int, list[str]]:
@@ -568,6 +963,16 @@ class StartupRow:
     modules: list[str] = field(default_factory=list)
 
 
+def pth_line_ns(env: Mapping[str, str]) -> float | None:
+    """What the ``loopwatch.pth`` line costs a process with LOOPWATCH unset, in ns (None: the
+    environment has no ``loopwatch.pth``)."""
+    done = subprocess.run(
+        [sys.executable, "-c", PTH_TIMER], env=dict(env), capture_output=True, text=True, check=True
+    )
+    out = done.stdout.strip()
+    return None if out == "none" else float(out)
+
+
 def measure_startup(
     env: Mapping[str, str], wall_runs: int, importtime_runs: int
 ) -> list[StartupRow]:
@@ -608,6 +1013,52 @@ def measure_startup(
 
 
 # --------------------------------------------------------------------------------------------
+# Memory: what loopwatch keeps per live task, and what is left after many tasks have come and gone.
+# --------------------------------------------------------------------------------------------
+
+# Pending tasks at once, smallest first (each set is finished before the next). loopwatch's
+# live-task dict is part of the cost per task, and that part depends on where N falls between
+# two resizes of the dict: several N show the range.
+LIVE_TASKS = {"quick": (10_000, 30_000), "full": (10_000, 30_000, 100_000)}
+CHURN_TASKS = {"quick": 100_000, "full": 1_000_000}
+TRACED_TASKS = {"quick": 10_000, "full": 20_000}
+
+
+def measure_memory(
+    script: Path,
+    env: Mapping[str, str],
+    source: Path | None,
+    variants: Sequence[str],
+    loops: Sequence[str],
+    *,
+    quick: bool,
+) -> list[dict[str, Any]]:
+    """One fresh process per (variant, loop kind): tracemalloc bytes of N pending tasks, then
+    the churn workload for many tasks with the state before and after. Allocation counts do not
+    drift with the machine's load the way times do, so one process each is enough."""
+    mode = "quick" if quick else "full"
+    pending = " / ".join(f"{n:,}" for n in LIVE_TASKS[mode])
+    log(
+        f"memory: {pending} pending tasks, {CHURN_TASKS[mode]:,} churned"
+        f" (+2 x {TRACED_TASKS[mode]:,} traced) per variant and loop"
+    )
+    rows: list[dict[str, Any]] = []
+    for k in loops:
+        for v in variants:
+            spec = {
+                "kind": "memory",
+                "variant": v,
+                "loop": k,
+                "live_tasks": list(LIVE_TASKS[mode]),
+                "churn_tasks": CHURN_TASKS[mode],
+                "traced_tasks": TRACED_TASKS[mode],
+            }
+            result = run_worker(script, spec, env, source)
+            rows.append({"variant": v, "loop": k, "live": result["live"], "churn": result["churn"]})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # The run and its report
 # --------------------------------------------------------------------------------------------
 
@@ -620,6 +1071,7 @@ class Results:
     variants: list[str]
     cells: dict[tuple[str, str, str], Cell]
     startup: list[StartupRow]
+    memory: list[dict[str, Any]] = field(default_factory=list)  # one per (variant, loop kind)
 
 
 def _git(*args: str) -> str:
@@ -647,6 +1099,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the machine was besides this run."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def _version(distribution: str) -> str:
     try:
         return importlib.metadata.version(distribution)
@@ -658,6 +1118,7 @@ def machine_info(
     mode: str, rounds: int, warmup: int, repeats: int, loopwatch: str
 ) -> dict[str, Any]:
     return {
+        "load_start": _load(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
@@ -686,7 +1147,7 @@ def _run_all(
     description: str,
 ) -> Results:
     mode = "quick" if args.quick else "full"
-    rounds = args.rounds or (3 if args.quick else 15)
+    rounds = args.rounds or (3 if args.quick else 12)
     warmup, repeats = 1, 3
     workloads = args.workloads
     variants = [BASELINE, *[v for v in args.variants if v != BASELINE]]
@@ -696,6 +1157,7 @@ def _run_all(
     cells = {(w, k, v): Cell(w, k, v) for w in workloads for k in loops for v in variants}
     started = time.monotonic()
     meta = machine_info(mode, rounds, warmup, repeats, description)
+    meta["within"] = args.within
     log(f"loopwatch: {description}")
     rng = random.Random(20240601)
     for r in range(rounds):
@@ -716,8 +1178,17 @@ def _run_all(
                         "warmup": warmup,
                         "repeats": repeats,
                     }
-                    cells[(w, k, v)].values.append(run_worker(script, spec, env, source))
+                    result = run_worker(script, spec, env, source)
+                    runs = [float(x) for x in result["runs"]]
+                    cells[(w, k, v)].runs.append(runs)
+                    cells[(w, k, v)].values.append(workload.within(runs, args.within))
+                    cells[(w, k, v)].wakes.append(result.get("wakes_per_s"))
         log(f"round {r + 1}/{rounds} done ({time.monotonic() - started:.0f} s)")
+    memory = (
+        []
+        if args.no_memory
+        else measure_memory(script, env, source, variants, loops, quick=args.quick)
+    )
     startup = (
         []
         if args.no_startup
@@ -725,8 +1196,11 @@ def _run_all(
             env, wall_runs=20 if args.quick else 40, importtime_runs=5 if args.quick else 10
         )
     )
+    if not args.no_startup:
+        meta["pth_line_ns"] = pth_line_ns(env)
+    meta["load_end"] = _load()
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
-    return Results(meta, workloads, loops, variants, cells, startup)
+    return Results(meta, workloads, loops, variants, cells, startup, memory)
 
 
 def _num(value: float) -> str:
@@ -737,28 +1211,169 @@ def _pct(value: float) -> str:
     return f"{value:+.1f}%"
 
 
-def budget_lines(results: Results) -> list[tuple[bool, str]]:
+def _ns(value: float) -> str:
+    return f"{value:+,.0f} ns" if abs(value) >= 10 else f"{value:+,.1f} ns"
+
+
+def _sure(low: float, high: float, limit: float) -> str:
+    if high <= limit or low > limit:
+        return "clearly: the whole interval is on this side"
+    return "not clearly: the interval straddles the budget, more rounds would tell"
+
+
+def _speed_budget_line(results: Results, budget: Budget, k: str) -> tuple[bool, str]:
+    workload = WORKLOADS[budget.workload]
+    cell = results.cells[(budget.workload, k, budget.variant)]
+    base = results.cells[(budget.workload, k, budget.reference)]
+    c = compare(workload, cell, base)
+    a = added_ns(workload, cell, base)
+    pair = f"`{budget.variant}` vs `{budget.reference}`"
+    head = f"{budget.what} ({pair}) on {budget.workload}, {k}:"
+    if budget.unit == "%":
+        met = c.overhead <= budget.limit
+        margin = budget.limit - c.overhead
+        return met, (
+            f"**{'met' if met else 'MISSED'}**: {head} {c.overhead:+.2f}%"
+            f" ({_ns(a.ns)} per {workload.operation}); budget <= {budget.limit:g}%,"
+            f" {'by' if met else 'over by'} {abs(margin):.2f} points; paired {c.paired:+.2f}%,"
+            f" {c.ci_level:.0%} CI {_pct(c.ci_low)} to {_pct(c.ci_high)};"
+            f" {_sure(c.ci_low, c.ci_high, budget.limit)}"
+        )
+    figure = (
+        f"{_ns(a.ns)} per {workload.operation} ({c.overhead:+.1f}%); paired {_ns(a.paired)},"
+        f" {a.ci_level:.0%} CI {_ns(a.ci_low)} to {_ns(a.ci_high)}"
+    )
+    if budget.limit == 0.0:
+        # "Nothing added": a cost is only claimed when the whole interval is above zero.
+        met = a.ci_low <= 0.0
+        why = (
+            "the interval includes 0, so no cost is detectable at this noise"
+            if met
+            else "the whole interval is above 0"
+        )
+        verdict = "met" if met else "MISSED"
+        return met, f"**{verdict}**: {head} {figure}; budget: nothing detectable; {why}"
+    met = a.ns <= budget.limit
+    margin = budget.limit - a.ns
+    return met, (
+        f"**{'met' if met else 'MISSED'}**: {head} {figure}; budget <= {budget.limit:,.0f} ns,"
+        f" {'by' if met else 'over by'} {abs(margin):,.0f} ns;"
+        f" {_sure(a.ci_low, a.ci_high, budget.limit)}"
+    )
+
+
+def _memory_row(results: Results, variant: str, k: str) -> dict[str, Any] | None:
+    for row in results.memory:
+        if row["variant"] == variant and row["loop"] == k:
+            return row
+    return None
+
+
+def live_task_bytes(results: Results, variant: str, k: str) -> list[tuple[int, float]]:
+    """(N, traced bytes per pending task that ``variant`` adds to the plain loop of the same
+    kind), for each N measured; empty if either was not measured."""
+    row, base = _memory_row(results, variant, k), _memory_row(results, BASELINE, k)
+    if row is None or base is None:
+        return []
+    plain = {m["tasks"]: float(m["bytes_per_task"]) for m in base["live"]}
+    return [
+        (m["tasks"], float(m["bytes_per_task"]) - plain[m["tasks"]])
+        for m in row["live"]
+        if m["tasks"] in plain
+    ]
+
+
+def _bytes_range(added: list[tuple[int, float]]) -> str:
+    low, high = min(b for _, b in added), max(b for _, b in added)
+    return f"{low:+,.0f}" if round(low) == round(high) else f"{low:+,.0f} to {high:+,.0f}"
+
+
+def _memory_budget_lines(results: Results) -> list[tuple[bool, str]]:
     lines: list[tuple[bool, str]] = []
-    for (variant, w), limit in BUDGETS.items():
-        if variant not in results.variants or w not in results.workloads:
-            continue
-        workload = WORKLOADS[w]
-        for k in results.loops:
-            c = compare(workload, results.cells[(w, k, variant)], results.cells[(w, k, BASELINE)])
-            met = c.overhead <= limit
-            if c.ci_high <= limit or c.ci_low > limit:
-                sure = "clearly: the whole interval is on this side"
-            else:
-                sure = "not clearly: the interval straddles the budget, more rounds would tell"
+    for k in results.loops:
+        for v in LIVE_TASK_BUDGETED:
+            added = live_task_bytes(results, v, k)
+            if not added:
+                continue
+            worst = max(b for _, b in added)
+            met = worst < LIVE_TASK_BUDGET
+            margin = LIVE_TASK_BUDGET - worst
+            counts = " / ".join(f"{n:,}" for n, _ in added)
             lines.append(
                 (
                     met,
-                    f"**{'met' if met else 'MISSED'}**: {variant} overhead on {w}, {k}:"
-                    f" {c.overhead:+.2f}% (budget <= {limit:g}%); paired {c.paired:+.2f}%,"
-                    f" {c.ci_level:.0%} CI {_pct(c.ci_low)} to {_pct(c.ci_high)}; {sure}",
+                    f"**{'met' if met else 'MISSED'}**: loopwatch state per live task"
+                    f" (`{v}` vs `off`), {k}: {_bytes_range(added)} bytes at {counts} pending"
+                    f" tasks; budget < {LIVE_TASK_BUDGET:,.0f} bytes (judged on the largest),"
+                    f" {'by' if met else 'over by'} {abs(margin):,.0f} bytes",
                 )
             )
+    for row in results.memory:
+        churn = row["churn"]
+        before, after = churn["before"]["tracked"], churn["after"]["tracked"]
+        if before is None or after is None:
+            continue
+        base = _memory_row(results, BASELINE, row["loop"])
+        blocks = churn["after"]["blocks"] - churn["before"]["blocks"]
+        base_blocks = (
+            base["churn"]["after"]["blocks"] - base["churn"]["before"]["blocks"]
+            if base is not None
+            else None
+        )
+        # A leak of one object per task would be `tasks` blocks; allow one per 100 tasks of noise.
+        met = after == before and blocks < churn["tasks"] / 100
+        lines.append(
+            (
+                met,
+                f"**{'met' if met else 'MISSED'}**: state after {churn['tasks']:,} tasks created"
+                f" and finished (`{row['variant']}`), {row['loop']}: tracked entries"
+                f" {before['entries']} -> {after['entries']}, coroutine table rows"
+                f" {before['rows']} -> {after['rows']}, live Python blocks {blocks:+,}"
+                + (f" (`off`: {base_blocks:+,})" if base_blocks is not None else "")
+                + "; budget: back to the starting size",
+            )
+        )
     return lines
+
+
+def _startup_budget_lines(results: Results) -> list[tuple[bool, str]]:
+    lines: list[tuple[bool, str]] = []
+    pth = results.meta.get("pth_line_ns")
+    for row in results.startup:
+        if row.setting != "unset":
+            continue
+        cumulative = statistics.median(row.cumulative_us)
+        met = cumulative < 1000 and not row.modules
+        extra = f"; the `.pth` line itself {pth:,.0f} ns" if pth is not None and not lines else ""
+        lines.append(
+            (
+                met,
+                f"**{'met' if met else 'MISSED'}**: start-up with LOOPWATCH unset,"
+                f' `python -c "{row.snippet}"`: {len(row.modules)} loopwatch modules,'
+                f" {cumulative:,.0f} us of loopwatch import (budget < 1 ms, 0 modules){extra}",
+            )
+        )
+    return lines
+
+
+def budget_lines(results: Results) -> list[tuple[bool, str]]:
+    lines: list[tuple[bool, str]] = []
+    for budget in BUDGETS:
+        if (
+            budget.variant not in results.variants
+            or budget.reference not in results.variants
+            or budget.workload not in results.workloads
+        ):
+            continue
+        lines += [_speed_budget_line(results, budget, k) for k in results.loops]
+    lines += _memory_budget_lines(results)
+    lines += _startup_budget_lines(results)
+    return lines
+
+
+def _wakes(cell: Cell) -> str:
+    known = [w for w in cell.wakes if w is not None]
+    return f"{statistics.median(known):.1f}" if known else ""
 
 
 def render_markdown(results: Results) -> str:
@@ -771,13 +1386,18 @@ def render_markdown(results: Results) -> str:
         f"- Python: {m['python']} ({m['executable']})",
         f"- loopwatch {m['loopwatch']}; uvloop {m['uvloop']}",
         f"- Mode: {m['mode']}: {m['rounds']} rounds; each value is one fresh process"
-        f" ({m['warmup']} warm-up run, median of {m['repeats']} timed runs); variants interleaved"
+        f" ({m['warmup']} warm-up run, {WITHIN[m.get('within', 'median')]} of {m['repeats']}"
+        " timed runs); variants interleaved"
         f" within each round; {m['elapsed_s']} s in all",
+        f"- Load average (1 / 5 / 15 min) at the start {m.get('load_start', '?')}, at the end"
+        f" {m.get('load_end', '?')}, with {m['cpu_count']} CPUs: above 1 means something else"
+        " was running, and the noise grows",
         "",
         "## Budgets",
         "",
     ]
     out += [f"- {text}" for _, text in budget_lines(results)] or ["- (no budgeted pair was run)"]
+    out += render_increments(results)
     out += [
         "",
         "## Overhead",
@@ -787,11 +1407,13 @@ def render_markdown(results: Results) -> str:
         " workload's unit; `overhead` is the extra time per operation that implies (positive:"
         " slower). `paired` is the median of the overhead computed within each round (against"
         " the `off` run next to it in time), with a distribution-free confidence interval for"
-        " that median: the uncertainty of the overhead.",
+        " that median: the uncertainty of the overhead. `wakes/s`: how often the watchdog"
+        " thread (or the control's thread) woke during the timed runs, median over the rounds"
+        " (from its voluntary context switches).",
         "",
         "| workload | loop | variant | median | spread of rounds | vs off | overhead"
-        " | paired (CI) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        " | paired (CI) | wakes/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for w in results.workloads:
         workload = WORKLOADS[w]
@@ -818,17 +1440,147 @@ def render_markdown(results: Results) -> str:
                         f"{_pct(c.paired)} ({c.ci_level:.0%}: {_pct(c.ci_low)} to"
                         f" {_pct(c.ci_high)})",
                     ]
+                row.append(_wakes(cell))
                 out.append("| " + " | ".join(row) + " |")
     out += ["", "Workloads:", ""]
     out += [f"- `{w}`: {WORKLOADS[w].doc}" for w in results.workloads]
     out += ["", "Variants:", ""]
     out += [f"- `{v}`: {VARIANTS[v].doc}" for v in results.variants]
+    if results.memory:
+        out += render_memory(results)
     if results.startup:
-        out += render_startup(results.startup)
+        out += render_startup(results.startup, results.meta.get("pth_line_ns"))
     return "\n".join(out) + "\n"
 
 
-def render_startup(rows: list[StartupRow]) -> list[str]:
+def render_increments(results: Results) -> list[str]:
+    pairs = [
+        (v, ref, what)
+        for v, ref, what in INCREMENTS
+        if v in results.variants and ref in results.variants
+    ]
+    if not pairs:
+        return []
+    out = [
+        "",
+        "## Per-unit costs",
+        "",
+        "What each feature adds, in nanoseconds per operation (ns): the variant's median time per"
+        " operation minus that of the variant it adds to, and in brackets the confidence"
+        " interval of the same difference taken within each round. On `sleep0` an operation is"
+        " one task step; on `churn`, one task created (and run, and gathered); on `echo` and"
+        " `pingpong`, one round trip (several task steps).",
+        "",
+        "| adds | variant vs | loop | "
+        + " | ".join(f"{w} (ns per {WORKLOADS[w].operation})" for w in results.workloads)
+        + " |",
+        "|---|---|---|" + "---:|" * len(results.workloads),
+    ]
+    for v, ref, what in pairs:
+        for k in results.loops:
+            cells = []
+            for w in results.workloads:
+                a = added_ns(WORKLOADS[w], results.cells[(w, k, v)], results.cells[(w, k, ref)])
+                cells.append(f"{a.ns:+,.0f} ({a.ci_low:+,.0f} to {a.ci_high:+,.0f})")
+            out.append(f"| {what} | `{v}` vs `{ref}` | {k} | " + " | ".join(cells) + " |")
+    if results.memory:
+        out += ["", "Memory, from the section below:", ""]
+        for k in results.loops:
+            parts = []
+            for v in results.variants:
+                added = live_task_bytes(results, v, k)
+                if v != BASELINE and added:
+                    parts.append(f"`{v}` {_bytes_range(added)}")
+            out.append(f"- bytes per live task over the plain loop, {k}: " + ", ".join(parts))
+        for k in results.loops:
+            parts = []
+            for v in results.variants:
+                row = _memory_row(results, v, k)
+                if row is None:
+                    continue
+                churn = row["churn"]
+                blocks = churn["after"]["blocks"] - churn["before"]["blocks"]
+                tracked = churn["after"]["tracked"]
+                entries = f", {tracked['entries']} entries" if tracked else ""
+                parts.append(f"`{v}` {blocks:+,} blocks{entries}")
+            out.append(
+                f"- after {results.memory[0]['churn']['tasks']:,} tasks churned, {k}: "
+                + ", ".join(parts)
+            )
+    return out
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1048576:+.2f} MiB"
+
+
+def render_memory(results: Results) -> list[str]:
+    first = results.memory[0]
+    counts = [m["tasks"] for m in first["live"]]
+    churn_n, traced_n = first["churn"]["tasks"], first["churn"]["traced_tasks"]
+    out = [
+        "",
+        "## Memory",
+        "",
+        "Per live task: N tasks created and left pending on one future, measured with"
+        " tracemalloc (every allocation of the interpreter, C and Python: the tasks, their"
+        " coroutines, loopwatch's entries and proxies), in bytes per task; `+` is the difference"
+        " to the plain loop of the same kind at the same N: what loopwatch keeps for each live"
+        " task. Its live-task dict is part of that, and its share per task depends on where N"
+        " falls between two resizes of the dict, hence several N.",
+        "",
+        "| loop | variant | "
+        + " | ".join(f"N = {n:,}" for n in counts)
+        + " | tracked entries (largest N) |",
+        "|---|---|" + "---:|" * (len(counts) + 1),
+    ]
+    for row in results.memory:
+        added = dict(live_task_bytes(results, row["variant"], row["loop"]))
+        cells = []
+        for m in row["live"]:
+            extra = "" if row["variant"] == BASELINE else f" ({added[m['tasks']]:+,.0f})"
+            cells.append(f"{m['bytes_per_task']:,.0f}{extra}")
+        tracked = row["live"][-1]["tracked"]
+        out.append(
+            f"| {row['loop']} | {row['variant']} | "
+            + " | ".join(cells)
+            + f" | {tracked['entries'] if tracked else ''} |"
+        )
+    out += [
+        "",
+        f"After churn: {churn_n:,} tasks created and finished (the `churn` workload, after a"
+        " warm-up of 10,000), with the state before and after: loopwatch's tracked entries"
+        " (`tracker_of(loop).active`) and coroutine table rows, the interpreter's live blocks"
+        " (`sys.getallocatedblocks()`; a leak of one object per task would be"
+        f" +{churn_n:,}) and the RSS; then, under tracemalloc, the traced bytes still allocated"
+        f" after {traced_n:,} more tasks, counted from after a first {traced_n:,} (so that"
+        " tables reallocated as they are reused count on both sides).",
+        "",
+        "| loop | variant | entries | table rows | live blocks | RSS | traced after"
+        f" {traced_n:,} more | ns/task |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results.memory:
+        churn = row["churn"]
+        before, after = churn["before"], churn["after"]
+        tb, ta = before["tracked"], after["tracked"]
+        rss = (
+            after["rss"] - before["rss"]
+            if after["rss"] is not None and before["rss"] is not None
+            else None
+        )
+        entries = f"{tb['entries']} -> {ta['entries']}" if tb and ta else ""
+        rows = f"{tb['rows']} -> {ta['rows']}" if tb and ta else ""
+        out.append(
+            f"| {row['loop']} | {row['variant']} | {entries} | {rows}"
+            f" | {after['blocks'] - before['blocks']:+,} | {_mib(rss)}"
+            f" | {churn['traced_growth']:+,} B"
+            f" | {churn['seconds'] * 1e9 / churn['tasks']:,.0f} |"
+        )
+    return out
+
+
+def render_startup(rows: list[StartupRow], pth_ns: float | None = None) -> list[str]:
     out = [
         "",
         "## Start-up",
@@ -851,7 +1603,14 @@ def render_startup(rows: list[StartupRow]) -> list[str]:
             f" | {statistics.median(row.cumulative_us):,.0f} us |"
         )
     out.append("")
+    if pth_ns is not None:
+        out.append(
+            f"- With LOOPWATCH unset, loopwatch's whole start-up cost is the `loopwatch.pth` line"
+            f" reading `os.environ`: {pth_ns:,.0f} ns per interpreter (timeit, best of 5)."
+        )
     for snippet in STARTUP_SNIPPETS:
+        if (snippet, "unset") not in walls or (snippet, "1") not in walls:
+            continue
         base, on = walls[(snippet, "unset")], walls[(snippet, "1")]
         out.append(
             f'- `python -c "{snippet}"`: LOOPWATCH=1 costs {on - base:+.1f} ms'
@@ -877,10 +1636,13 @@ def results_json(results: Results) -> dict[str, Any]:
                 "variant": c.variant,
                 "unit": WORKLOADS[c.workload].unit,
                 "values": c.values,
+                "runs": c.runs,
                 "median": c.median,
+                "wakes_per_s": c.wakes,
             }
             for c in results.cells.values()
         ],
+        "memory": results.memory,
         "startup": [
             {
                 "snippet": r.snippet,
@@ -895,12 +1657,19 @@ def results_json(results: Results) -> dict[str, Any]:
     }
 
 
-def results_from_json(data: Mapping[str, Any]) -> Results:
-    """The inverse of :func:`results_json`, to render a saved run again (``--report``)."""
+def results_from_json(data: Mapping[str, Any], within: str | None = None) -> Results:
+    """The inverse of :func:`results_json`, to render a saved run again (``--report``), with
+    each process's value taken from its runs again if ``within`` says how."""
+    meta = dict(data["meta"])
     cells: dict[tuple[str, str, str], Cell] = {}
     for c in data["cells"]:
+        runs = [[float(x) for x in r] for r in c.get("runs", [])]
+        values = [float(v) for v in c["values"]]
+        if within is not None and runs:
+            values = [WORKLOADS[c["workload"]].within(r, within) for r in runs]
+            meta["within"] = within
         cells[(c["workload"], c["loop"], c["variant"])] = Cell(
-            c["workload"], c["loop"], c["variant"], [float(v) for v in c["values"]]
+            c["workload"], c["loop"], c["variant"], values, list(c.get("wakes_per_s", [])), runs
         )
     startup = [
         StartupRow(
@@ -914,12 +1683,17 @@ def results_from_json(data: Mapping[str, Any]) -> Results:
         for r in data["startup"]
     ]
     return Results(
-        meta=dict(data["meta"]),
+        meta=meta,
         workloads=list(dict.fromkeys(w for w, _, _ in cells)),
         loops=list(dict.fromkeys(k for _, k, _ in cells)),
         variants=list(dict.fromkeys(v for _, _, v in cells)),
         cells=cells,
         startup=startup,
+        # Runs saved before several N were measured per live task have one dict there.
+        memory=[
+            {**row, "live": row["live"] if isinstance(row["live"], list) else [row["live"]]}
+            for row in data.get("memory", [])
+        ],
     )
 
 
@@ -943,16 +1717,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="3 rounds, small sizes (~1 min; the default full run ~8 min)",
+        help="3 rounds, small sizes (~1.5 min; the default full run: 12 rounds, ~10 min)",
     )
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument(
+        "--within",
+        choices=list(WITHIN),
+        help="each process's value from its timed runs: the fastest (best, the default: other"
+        " programs on the machine only ever slow a run down) or the median; with --report, the"
+        " run's own choice unless given",
+    )
     parser.add_argument("--json", metavar="OUT", type=Path, help="write raw results as JSON")
     parser.add_argument("--markdown", metavar="FILE", type=Path, help="also write the table")
     parser.add_argument(
         "--workloads",
         type=_names(list(WORKLOADS)),
-        default=list(WORKLOADS),
-        help=f"comma-separated subset of {','.join(WORKLOADS)}",
+        default=list(DEFAULT_WORKLOADS),
+        help=f"comma-separated, from {','.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})",
     )
     parser.add_argument(
         "--variants",
@@ -973,6 +1754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated subset of asyncio,uvloop",
     )
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up section")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
     parser.add_argument(
         "--report",
         metavar="JSON",
@@ -985,8 +1767,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     if args.report:
-        results = results_from_json(json.loads(args.report.read_text()))
+        results = results_from_json(json.loads(args.report.read_text()), args.within)
     else:
+        args.within = args.within or "best"
         results = run_all(args)
     text = render_markdown(results)
     sys.stdout.write(text)
