@@ -247,7 +247,20 @@ class TaskTracker:
             outcome = "ok"
         label = entry[1]
         if label is not None:
-            TABLE.record(label, wall=wall, outcome=outcome, timed=timed)
+            if timed is None:
+                TABLE.ended((label, wall, outcome))
+            else:
+                TABLE.ended(
+                    (
+                        label,
+                        wall,
+                        outcome,
+                        timed.busy,
+                        timed.steps,
+                        timed.slow_steps,
+                        timed.max_step,
+                    )
+                )
 
     @property
     def active(self) -> int:

@@ -16,6 +16,7 @@ count under ``other``), under a lock taken once per task end, never per step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import collections.abc
 import functools
 import inspect
@@ -254,12 +255,73 @@ class _Row:
 
 
 class Table:
-    """Per-coroutine totals, capped at ``cap`` names; the rest are counted under ``other``."""
+    """Per-coroutine totals, capped at ``cap`` names; the rest are counted under ``other``.
+
+    A task's end is only queued (:meth:`ended`: one tuple and a deque append, about 100 ns,
+    safe from any thread); the rows are brought up to date in batches of ``BATCH``, and whenever
+    someone reads them. Taking the lock, finding the row and filling two histograms for every task
+    would cost about a microsecond per task.
+    """
+
+    BATCH = 512
 
     def __init__(self, cap: int = 50) -> None:
         self.cap = cap
         self._rows: dict[str, _Row] = {}
         self._lock = threading.Lock()
+        self._ended: collections.deque[tuple[Any, ...]] = collections.deque()
+
+    def ended(self, record: tuple[Any, ...]) -> None:
+        """Queue ``(name, wall, outcome[, busy, steps, slow_steps, max_step])`` of a task."""
+        ended = self._ended
+        ended.append(record)
+        if len(ended) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold queued task ends into the rows (each popped once, whichever thread flushes)."""
+        ended = self._ended
+        with self._lock:
+            while True:
+                try:
+                    rec = ended.popleft()
+                except IndexError:
+                    return
+                self._record(*rec)
+
+    def _record(
+        self,
+        name: str,
+        wall: float,
+        outcome: str,
+        busy: float | None = None,
+        steps: int = 0,
+        slow_steps: int = 0,
+        max_step: float = 0.0,
+    ) -> None:
+        row = self._rows.get(name)
+        if row is None:
+            if len(self._rows) >= self.cap and name != OTHER:
+                name = OTHER
+                row = self._rows.get(OTHER)
+            if row is None:
+                row = self._rows[name] = _Row()
+        row.count += 1
+        if outcome == "error":
+            row.errors += 1
+        elif outcome == "cancelled":
+            row.cancelled += 1
+        row.wall += wall
+        if wall > row.max_wall:
+            row.max_wall = wall
+        row.wall_hist.observe(wall)
+        if busy is not None:
+            row.busy += busy
+            row.steps += steps
+            row.slow_steps += slow_steps
+            if max_step > row.max_step:
+                row.max_step = max_step
+            row.busy_hist.observe(busy)
 
     def record(
         self,
@@ -269,32 +331,18 @@ class Table:
         outcome: str,
         timed: Timed | None,
     ) -> None:
+        """Record one call at once (``@timed``): queued ends first, to keep their order."""
+        self.flush()
         with self._lock:
-            row = self._rows.get(name)
-            if row is None:
-                if len(self._rows) >= self.cap and name != OTHER:
-                    name = OTHER
-                    row = self._rows.get(OTHER)
-                if row is None:
-                    row = self._rows[name] = _Row()
-            row.count += 1
-            if outcome == "error":
-                row.errors += 1
-            elif outcome == "cancelled":
-                row.cancelled += 1
-            row.wall += wall
-            if wall > row.max_wall:
-                row.max_wall = wall
-            row.wall_hist.observe(wall)
-            if timed is not None:
-                row.busy += timed.busy
-                row.steps += timed.steps
-                row.slow_steps += timed.slow_steps
-                if timed.max_step > row.max_step:
-                    row.max_step = timed.max_step
-                row.busy_hist.observe(timed.busy)
+            if timed is None:
+                self._record(name, wall, outcome)
+            else:
+                self._record(
+                    name, wall, outcome, timed.busy, timed.steps, timed.slow_steps, timed.max_step
+                )
 
     def stats(self) -> list[CoroutineStats]:
+        self.flush()
         with self._lock:
             rows = list(self._rows.items())
             out = [
@@ -318,6 +366,7 @@ class Table:
     def histograms(self) -> tuple[dict[str, Any], dict[str, Any]]:
         from ._metrics import HistogramSnapshot
 
+        self.flush()
         with self._lock:
             wall = {n: HistogramSnapshot.of(r.wall_hist) for n, r in self._rows.items()}
             busy = {
@@ -330,6 +379,7 @@ class Table:
     def clear(self) -> None:
         with self._lock:
             self._rows.clear()
+            self._ended.clear()
 
     def after_fork_in_child(self) -> None:
         """The lock may have been held by a thread that does not exist in the child."""
