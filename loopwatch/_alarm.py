@@ -14,42 +14,46 @@ works (not Linux), :func:`new_alarm` returns None and the watchdog wakes on dead
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import time
 from typing import Any
+
+# ctypes only where os.timerfd_* is missing (before 3.13): importing it costs ~5 ms at start-up.
+if not hasattr(os, "timerfd_create"):
+    import ctypes
+    import ctypes.util
 
 _CLOCK_MONOTONIC = getattr(time, "CLOCK_MONOTONIC", 1)
 _TFD_NONBLOCK = getattr(os, "TFD_NONBLOCK", 0o4000)
 _TFD_CLOEXEC = getattr(os, "TFD_CLOEXEC", 0o2000000)
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+if not hasattr(os, "timerfd_create"):
 
+    class _Timespec(ctypes.Structure):
+        _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
 
-class _Itimerspec(ctypes.Structure):
-    _fields_ = (("it_interval", _Timespec), ("it_value", _Timespec))
+    class _Itimerspec(ctypes.Structure):
+        _fields_ = (("it_interval", _Timespec), ("it_value", _Timespec))
 
+    _libc: Any = None
 
-_libc: Any = None
-
-
-def _load_libc() -> Any:
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c") or "libc.so.6"
-        libc = ctypes.CDLL(name, use_errno=True)
-        libc.timerfd_create.argtypes = (ctypes.c_int, ctypes.c_int)
-        libc.timerfd_settime.argtypes = (
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.POINTER(_Itimerspec),
-            ctypes.c_void_p,
-        )
-        _libc = libc
-    return _libc
+    def _load_libc() -> Any:
+        global _libc
+        if _libc is None:
+            try:  # glibc's name, without find_library's subprocess
+                libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            except OSError:
+                libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            libc.timerfd_create.argtypes = (ctypes.c_int, ctypes.c_int)
+            libc.timerfd_settime.argtypes = (
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.POINTER(_Itimerspec),
+                ctypes.c_void_p,
+            )
+            _libc = libc
+        return _libc
 
 
 class Alarm:
@@ -58,7 +62,7 @@ class Alarm:
     def __init__(self) -> None:
         if hasattr(os, "timerfd_create"):
             self.fd: int = os.timerfd_create(_CLOCK_MONOTONIC, flags=_TFD_NONBLOCK | _TFD_CLOEXEC)
-            self._spec: _Itimerspec | None = None
+            self._spec: Any = None
         else:
             libc = _load_libc()
             fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)

@@ -170,6 +170,7 @@ class TaskTracker:
         # ids of live tasks already reported as leaked: a task is one finding, however many
         # ends (a test, a scope, the loop) it outlives. Emptied as those tasks end.
         self.reported: set[int] = set()
+        self.exception_messages = True  # set by LoopState.configure
         self.stats = TaskStats()
         self.on_done = self._on_done  # one bound method for every task, not one per task
         # Step timing: on unless switched off; the threshold and the watchdog's hook are set by
@@ -295,7 +296,9 @@ class TaskTracker:
                         task=task.get_name(),
                         coroutine=coroutine_name(task.get_coro()),
                         created_at=site_place(site),
-                        exception=describe_exception(exc),
+                        exception=describe_exception(exc)
+                        if self.exception_messages
+                        else type(exc).__qualname__,
                         raised_at=raised_at(exc.__traceback__),
                     )
                 )

@@ -160,11 +160,13 @@ class LoopState:
         self.threshold = settings.slow_callback_s
         self.stall = settings.stall_s
         # Heartbeat period: a tenth of the threshold, kept between 1 ms and 100 ms.
+        self.origin_depth = settings.creation_stack if settings.creation_stack > 1 else 0
         self.period = min(max(self.threshold / 10.0, 0.001), 0.1)
         self.first_check = self.threshold / 2.0
         tracker = self.tasks
         if tracker is not None:
             tracker.timing = settings.step_timing
+            tracker.exception_messages = settings.exception_messages
             tracker.depth = settings.creation_stack
             watch = tracker.step_watch
             watch.threshold = self.threshold
@@ -178,6 +180,9 @@ class LoopState:
     def run_started(self) -> None:
         """The loop is about to run (``run_forever`` entered, or watched while running)."""
         self.thread_id = threading.get_ident()
+        if self.origin_depth and sys.get_coroutine_origin_tracking_depth() < self.origin_depth:
+            # Per thread: where never-awaited coroutines were created (creation_stack > 1).
+            sys.set_coroutine_origin_tracking_depth(self.origin_depth)
         now = monotonic()
         self.beat = now
         self.gen += 1
@@ -403,6 +408,7 @@ class Watchdog:
         self._retired: list[Alarm] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._failed = False  # the thread died once: said once, never started again
         self._wake_r, self._wake_w = _pipe()
 
     @property
@@ -425,7 +431,13 @@ class Watchdog:
                 alarm.disarm()
                 # Closed by the thread, which may be in select() on it right now.
                 self._retired.append(alarm)
+            last = not self._states
+            thread = self._thread
         self.wake()
+        if last and thread is not None and thread is not threading.current_thread():
+            # The last loop is gone (closed): let the thread end now, not at its next wake-up,
+            # so that a fork() right after asyncio.run() finds a single-threaded process.
+            thread.join(timeout=1.0)
 
     def wake(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe already means "wake up"
@@ -463,7 +475,9 @@ class Watchdog:
             state.alarm = new_alarm()
 
     def _ensure_thread(self) -> None:
-        if self._stopping or (self._thread is not None and self._thread.is_alive()):
+        if self._stopping or self._failed:
+            return
+        if self._thread is not None and self._thread.is_alive():
             return
         thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._thread = thread
@@ -473,6 +487,7 @@ class Watchdog:
         try:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - the watchdog must never take the host down
+            self._failed = True
             report(
                 f"loopwatch: the watchdog thread failed ({type(exc).__name__}: {exc}); "
                 "block detection is off"
@@ -485,8 +500,14 @@ class Watchdog:
                     return
                 states = list(self._states)
                 retired, self._retired = self._retired, []
+                if not states:
+                    # No loop left to watch: the thread ends (add() starts another), so a
+                    # program that forks after asyncio.run() has returned is single-threaded.
+                    self._thread = None
             for alarm in retired:
                 alarm.close()
+            if not states:
+                return
             now = monotonic()
             deadline = now + 60.0
             fds = [self._wake_r]

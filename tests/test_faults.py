@@ -214,11 +214,6 @@ def test_the_watchdog_thread_dying(tmp_path: Path, kind: str) -> None:
     watchdog_dies(tmp_path, kind, runs=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Watchdog._ensure_thread starts a new watchdog thread for the next loop after the "
-    "thread died and reported 'block detection is off': the line is said again per loop",
-)
 def test_the_watchdog_thread_dying_is_said_once_for_later_loops(tmp_path: Path, kind: str) -> None:
     watchdog_dies(tmp_path, kind, runs=2)
 
@@ -366,13 +361,6 @@ def test_fork_after_preload(tmp_path: Path, kind: str, monkeypatch: pytest.Monke
     fork_after_preload(tmp_path, kind)
 
 
-@pytest.mark.xfail(
-    sys.version_info >= (3, 12),
-    strict=True,
-    reason="the loopwatch-watchdog thread outlives the last watched loop, so os.fork() in the "
-    "preloaded master warns 'This process is multi-threaded, use of fork() may lead to "
-    "deadlocks in the child' (DeprecationWarning, Python 3.12+) on the host's stderr",
-)
 def test_fork_after_preload_adds_no_warning(tmp_path: Path, kind: str) -> None:
     fork_after_preload(tmp_path, kind)
 

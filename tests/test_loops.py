@@ -58,7 +58,7 @@ def test_uninstall_leaves_no_thread_and_restores_the_loop(events: Recorder) -> N
     loop = loopwatch.new_event_loop()
     try:
         loop.run_until_complete(asyncio.sleep(0.01))
-        assert len(watchdog_threads()) == 1
+        assert len(watchdog_threads()) == 1  # the loop is open: its thread waits for the next run
         assert "run_forever" in loop.__dict__
         loopwatch.uninstall()
         assert watchdog_threads() == []
@@ -85,14 +85,18 @@ def test_uninstall_one_loop_while_it_runs(
 
 
 def test_install_is_idempotent(events: Recorder) -> None:
+    threads: list[int] = []
+
     async def main() -> None:
         loopwatch.install()
         loopwatch.install()
         await block_briefly()
+        threads.append(len(watchdog_threads()))
 
     asyncio.run(main())
     assert len(events.wait_for(1)) == 1
-    assert len(watchdog_threads()) == 1
+    assert threads == [1]
+    assert watchdog_threads() == [], "the thread ends with the last watched loop"
 
 
 def test_install_on_the_running_loop_of_a_plain_asyncio_run(kind: str, events: Recorder) -> None:
@@ -207,7 +211,7 @@ def test_loops_in_several_threads_are_watched_each_on_their_own(events: Recorder
     assert results == ["ok", "ok"]
     found = events.wait_for(2)
     assert sorted(e.loop for e in found) == ["asyncio", "uvloop"]  # type: ignore[attr-defined]
-    assert len(watchdog_threads()) == 1
+    assert watchdog_threads() == [], "one thread for both, ended with the last loop"
 
 
 @pytest.mark.parametrize("name", ["slow_callback_ms", "stall_ms"])
