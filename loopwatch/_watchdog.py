@@ -153,6 +153,7 @@ class LoopState:
         # does not report it a second time from a sample it took just before the step ended.
         self.exact_task: asyncio.Task[Any] | None = None
         self.exact_end = 0.0
+        self._origin_before = -1  # coroutine origin tracking depth to restore at the run's end
         self.configure(settings)
 
     def configure(self, settings: Settings) -> None:
@@ -180,8 +181,11 @@ class LoopState:
     def run_started(self) -> None:
         """The loop is about to run (``run_forever`` entered, or watched while running)."""
         self.thread_id = threading.get_ident()
+        self._origin_before = -1
         if self.origin_depth and sys.get_coroutine_origin_tracking_depth() < self.origin_depth:
-            # Per thread: where never-awaited coroutines were created (creation_stack > 1).
+            # Per thread, for this run only: where never-awaited coroutines were created
+            # (creation_stack > 1). Set back when the run ends.
+            self._origin_before = sys.get_coroutine_origin_tracking_depth()
             sys.set_coroutine_origin_tracking_depth(self.origin_depth)
         now = monotonic()
         self.beat = now
@@ -194,6 +198,9 @@ class LoopState:
     def run_stopped(self) -> None:
         self.stopped_at = now = monotonic()
         self.running = False
+        if self._origin_before >= 0:
+            sys.set_coroutine_origin_tracking_depth(self._origin_before)
+            self._origin_before = -1
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.cancel()
