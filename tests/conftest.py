@@ -13,7 +13,7 @@ import pytest
 
 import loopwatch
 from loopwatch import _runtime
-from loopwatch._events import Event
+from loopwatch._events import Event, SlowCallback
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": loopwatch.new_event_loop,
@@ -76,6 +76,20 @@ def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:
     """``asyncio.run(coro, loop_factory=factory)``, which Python 3.11 spells with a Runner."""
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
+
+
+# One slow_callback with fixed fields, for exporter tests that check exact output.
+EVENT = SlowCallback(
+    duration_s=0.25,
+    threshold_s=0.1,
+    task="Task-7",
+    coroutine="handler",
+    location="/srv/app.py:12 in handler",
+    stack=("/srv/app.py:30 in main", "/srv/app.py:12 in handler"),
+    loop="uvloop",
+    time=1700000000.0,
+    pid=42,
+)
 
 
 def line_of(path: str | Path, marker: str) -> int:

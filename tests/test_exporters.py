@@ -10,27 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Recorder, place, run_on
+from conftest import EVENT, Recorder, place, run_on
 
 import loopwatch
 from loopwatch import _runtime
-from loopwatch._events import Event, SlowCallback
+from loopwatch._events import Event
 from loopwatch.exporters.jsonlines import JsonLines
 from loopwatch.exporters.logging import LoggingExporter
 
 HERE = __file__
-
-EVENT = SlowCallback(
-    duration_s=0.25,
-    threshold_s=0.1,
-    task="Task-7",
-    coroutine="handler",
-    location="/srv/app.py:12 in handler",
-    stack=("/srv/app.py:30 in main", "/srv/app.py:12 in handler"),
-    loop="uvloop",
-    time=1700000000.0,
-    pid=42,
-)
 
 
 def test_json_lines_appends_one_object_per_event(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import place, run_on
+from conftest import EVENT, place, run_on
 from prometheus_client import REGISTRY
 from structlog.testing import LogCapture
 
@@ -30,17 +30,6 @@ from loopwatch.exporters.structlog import JsonExporter, StructlogExporter
 Factory = Callable[[], asyncio.AbstractEventLoop]
 HERE = __file__
 
-EVENT = SlowCallback(
-    duration_s=0.25,
-    threshold_s=0.1,
-    task="Task-7",
-    coroutine="handler",
-    location="/srv/app.py:12 in handler",
-    stack=("/srv/app.py:30 in main", "/srv/app.py:12 in handler"),
-    loop="uvloop",
-    time=1700000000.0,
-    pid=42,
-)
 MESSAGE = (
     "loopwatch.slow_callback duration_s=0.250 location='/srv/app.py:12 in handler' "
     "task=Task-7 coroutine=handler threshold_s=0.100 loop=uvloop\n"

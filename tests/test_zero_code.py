@@ -292,6 +292,21 @@ def wait_for_port(port: int, proc: subprocess.Popen[str], timeout: float = 20.0)
     raise AssertionError(f"nothing listens on {port}")
 
 
+def get_then_stop(proc: subprocess.Popen[str], port: int, paths: list[str]) -> int:
+    """Once the server listens, GET each path with a real client (each answers "ok"), give the
+    watchdog time to report, stop the server with SIGINT; its exit code."""
+    try:
+        wait_for_port(port, proc)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for path in paths:
+                assert client.get(path).text == "ok"
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    return proc.returncode
+
+
 ASGI_APP = """
 import time
 
@@ -344,17 +359,7 @@ def test_uvicorn_with_a_blocking_handler(
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        wait_for_port(port, proc)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            assert client.get("/fast").text == "ok"
-            assert client.get("/slow").text == "ok"
-            assert client.get("/fast").text == "ok"
-        time.sleep(0.3)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=20)
-    assert proc.returncode == 0
+    assert get_then_stop(proc, port, ["/fast", "/slow", "/fast"]) == 0
     events = read_events(log)
     assert [(e["event"], e["location"], e["loop"]) for e in events] == [
         ("loopwatch.slow_callback", f"{app}:{line_of(app, 'BLOCK:asgi')} in app", kind)
@@ -397,15 +402,7 @@ def test_aiohttp_run_app_with_a_blocking_handler(tmp_path: Path, kind: str) -> N
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        wait_for_port(port, proc)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            assert client.get("/fast").text == "ok"
-            assert client.get("/slow").text == "ok"
-        time.sleep(0.3)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=20)
+    get_then_stop(proc, port, ["/fast", "/slow"])
     events = read_events(log)
     assert [(e["event"], e["location"], e["loop"]) for e in events] == [
         ("loopwatch.slow_callback", f"{app}:{line_of(app, 'BLOCK:aiohttp')} in slow", kind)
