@@ -34,6 +34,19 @@ def test_demo_shows_each_finding_and_ends_by_itself(kind: str) -> None:
         "loopwatch.task_leaked",
     ], out
     assert f"location='{SERVICE}:" in out
+    # The metrics URL is shown at the start, and the counters read from it before shutdown
+    # (the leak is found at shutdown, after the scrape).
+    url = next(line for line in out.splitlines() if "loopwatch metrics at" in line).split()[-1]
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+    scraped = out[out.index(f"--- GET {url}: the counters so far") :].splitlines()[1:7]
+    assert scraped == [
+        "loopwatch_slow_callbacks_total 2.0",
+        "loopwatch_loop_stalls_total 1.0",
+        "loopwatch_tasks_leaked_total 0.0",
+        "loopwatch_tasks_orphaned_total 1.0",
+        "loopwatch_task_exceptions_unretrieved_total 1.0",
+        "loopwatch_coroutines_never_awaited_total 1.0",
+    ], out
     # The summary at exit puts the handler first: it held the loop for 1.8 s in all.
     # (Python's own never-awaited warning comes first on stderr, pointing at the demo's line.)
     err = proc.stderr.splitlines()
