@@ -49,6 +49,8 @@ LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 WITHIN = {"best": "the fastest", "median": "the median"}
 Measured = tuple[float, int]  # (seconds, operations) of one timed run
 HERE = Path(__file__).resolve()
+# The interpreter of the workers and start-up runs (--python; by default this one).
+PYTHON = sys.executable
 REPO = HERE.parent.parent
 LOOP_KINDS = ("asyncio", "uvloop")
 BASELINE = "off"
@@ -141,6 +143,161 @@ async def pingpong(round_trips: int) -> Measured:
     return time.perf_counter() - start, round_trips
 
 
+CALLBACK_CHAINS = 100
+
+
+async def callbacks(rounds: int) -> Measured:
+    """CALLBACK_CHAINS chains of ``loop.call_soon`` callbacks, each scheduling the next: no task
+    steps at all, only the loop running plain callbacks (what the loop's own handles cost)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = [CALLBACK_CHAINS]
+
+    def step(n: int) -> None:
+        if n:
+            loop.call_soon(step, n - 1)
+        else:
+            left[0] -= 1
+            if not left[0]:
+                done.set_result(None)
+
+    start = time.perf_counter()
+    for _ in range(CALLBACK_CHAINS):
+        loop.call_soon(step, rounds)
+    await done
+    return time.perf_counter() - start, CALLBACK_CHAINS * (rounds + 1)
+
+
+# HTTP services, served on the worker's loop and loaded by wrk in another process. The size of
+# a run is wrk's duration in seconds; wrk's own count and time give the rate, and its latency
+# distribution the percentiles, which each run leaves in HTTP_LATENCY for the worker to report.
+HTTP_CONNECTIONS = 32
+HTTP_THREADS = 1
+HTTP_BODY = b"Hello, world!"
+HTTP_LATENCY: list[dict[str, float]] = []
+WRK_INSTALL = "apt-get install -y wrk (Debian/Ubuntu; or build https://github.com/wg/wrk)"
+
+
+def _listening_socket() -> Any:
+    """A listening socket on 127.0.0.1, as ``loop.create_server(host, port)`` would make it: with
+    ``proto=IPPROTO_TCP``, without which stock asyncio does not set TCP_NODELAY on the accepted
+    connections, and a response written in two parts waits 40 ms for the client's delayed ACK."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _wrk_ms(text: str) -> float:
+    for unit in sorted(_WRK_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * _WRK_UNITS[unit]
+    raise ValueError(f"not a wrk duration: {text!r}")
+
+
+def parse_wrk(output: str) -> tuple[float, int, dict[str, float]]:
+    """(seconds, requests, {"p50": ms, "p90": ms, "p99": ms}) from ``wrk --latency`` output;
+    raises if any request failed (a non-2xx answer, a connect, read or write error)."""
+    seconds, requests, latency = 0.0, 0, {}
+    for line in output.splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[1:3] == ["requests", "in"]:
+            requests, seconds = int(words[0]), _wrk_ms(words[3].rstrip(",")) / 1000.0
+        elif len(words) == 2 and words[0] in ("50%", "90%", "99%"):
+            latency[f"p{words[0][:-1]}"] = _wrk_ms(words[1])
+        elif line.strip().startswith("Non-2xx"):
+            raise RuntimeError(f"wrk saw failed requests:\n{output}")
+        elif line.strip().startswith("Socket errors:"):
+            counts = dict(part.split() for part in line.split(":", 1)[1].split(","))
+            if any(int(counts[k]) for k in ("connect", "read", "write")):
+                raise RuntimeError(f"wrk saw socket errors:\n{output}")
+            latency["timeouts"] = float(counts.get("timeout", 0))
+    if not requests or seconds <= 0:
+        raise RuntimeError(f"no result in wrk's output:\n{output}")
+    return seconds, requests, latency
+
+
+async def _wrk_load(port: int, seconds: int) -> Measured:
+    """wrk against ``port`` for ``seconds``, from a thread (the loop keeps serving meanwhile)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+    command = [
+        "wrk",
+        f"-t{HTTP_THREADS}",
+        f"-c{HTTP_CONNECTIONS}",
+        f"-d{seconds}s",
+        "--latency",
+        f"http://127.0.0.1:{port}/",
+    ]
+
+    def run() -> None:
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        except Exception as error:  # handed to the loop, raised there
+            loop.call_soon_threadsafe(done.set_exception, error)
+        else:
+            loop.call_soon_threadsafe(done.set_result, out)
+
+    threading.Thread(target=run, name="bench-wrk", daemon=True).start()
+    seconds_run, requests, latency = parse_wrk(await done)
+    HTTP_LATENCY.append(latency)
+    return seconds_run, requests
+
+
+async def http_aiohttp(seconds: int) -> Measured:
+    """An aiohttp ``web.Application`` with one small handler, loaded by wrk."""
+    from aiohttp import web
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(body=HTTP_BODY, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = _listening_socket()
+    await web.SockSite(runner, sock).start()
+    try:
+        return await _wrk_load(sock.getsockname()[1], seconds)
+    finally:
+        await runner.cleanup()
+
+
+async def http_starlette(seconds: int) -> Measured:
+    """A Starlette app with one small route, served by uvicorn (httptools when installed, as
+    `uvicorn[standard]` has it), loaded by wrk."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(HTTP_BODY)
+
+    app = Starlette(routes=[Route("/", hello)])
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    sock = _listening_socket()
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()
+            await asyncio.sleep(0.01)
+        return await _wrk_load(sock.getsockname()[1], seconds)
+    finally:
+        server.should_exit = True
+        await serving
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     name: str
@@ -151,6 +308,10 @@ class Workload:
     full_size: int
     doc: str
     operation: str  # what one operation is, for "ns added per ..." lines
+    # An HTTP service under wrk: the size is wrk's duration in seconds (never scaled per
+    # variant), fewer timed runs per process and fewer rounds (see HTTP_PLAN), and each run
+    # also reports latency percentiles.
+    http: bool = False
 
     def value(self, seconds: float, operations: int) -> float:
         return operations / seconds if self.higher_is_better else seconds * 1e9 / operations
@@ -214,11 +375,51 @@ WORKLOADS: dict[str, Workload] = {
             "two tasks passing a future back and forth; size = round trips",
             "round trip",
         ),
+        Workload(
+            "callbacks",
+            callbacks,
+            "callbacks/s",
+            True,
+            400,
+            1000,
+            f"{CALLBACK_CHAINS} chains of `loop.call_soon` callbacks, each scheduling the next;"
+            " size = callbacks per chain",
+            "callback",
+        ),
+        Workload(
+            "http-aiohttp",
+            http_aiohttp,
+            "requests/s",
+            True,
+            1,
+            2,
+            f"aiohttp `web.Application`, one handler returning {len(HTTP_BODY)} bytes, loaded by"
+            f" wrk in another process ({HTTP_THREADS} thread, {HTTP_CONNECTIONS} keep-alive"
+            " connections); size = seconds of load",
+            "request",
+            http=True,
+        ),
+        Workload(
+            "http-starlette",
+            http_starlette,
+            "requests/s",
+            True,
+            1,
+            2,
+            f"uvicorn serving a Starlette app, one route returning {len(HTTP_BODY)} bytes, loaded"
+            f" by wrk in another process ({HTTP_THREADS} thread, {HTTP_CONNECTIONS} keep-alive"
+            " connections); size = seconds of load",
+            "request",
+            http=True,
+        ),
     )
 }
 
-# The budgets need sleep0, echo and churn; pingpong (another per-step workload) on request.
-DEFAULT_WORKLOADS = ("sleep0", "echo", "churn")
+# pingpong (another per-step workload) only on request.
+DEFAULT_WORKLOADS = ("sleep0", "echo", "churn", "callbacks", "http-aiohttp", "http-starlette")
+# Per process of an HTTP workload: (warm-up runs, timed runs); and the most rounds they get (each
+# process takes seconds, not a fraction of one). The other workloads: 1 warm-up, 3 timed runs.
+HTTP_PLAN = {"quick": (0, 1, 2), "full": (1, 2, 6)}
 
 # --------------------------------------------------------------------------------------------
 # Variants: name -> how to make a loop factory for each loop kind. The set-up runs in the worker,
@@ -349,7 +550,11 @@ def _ablated(kind: str, settings: Mapping[str, str], part: str) -> Callable[[], 
         from loopwatch import _tasks, _timing
 
         if part == "end":
-            _tasks.TaskTracker.finished = lambda self, task, entry, coro: None  # type: ignore[method-assign]
+
+            def finished(self: Any, *args: Any) -> None:  # whatever its signature is now
+                pass
+
+            _tasks.TaskTracker.finished = finished  # type: ignore[method-assign,assignment]
         elif part == "site":
             _tasks._new_entry = lambda frame, depth, label: (0.0, label)
         elif part == "timing":
@@ -365,6 +570,18 @@ def _ablated(kind: str, settings: Mapping[str, str], part: str) -> Callable[[], 
 
 def _stop_thread() -> None:
     _control_stop.set()
+
+
+def _loopwatch_reports(kind: str) -> Callable[[], int]:
+    """loopwatch's own count of slow callbacks or stalls, from its Prometheus counters."""
+    name = {"slow": "loopwatch_slow_callbacks_total", "stall": "loopwatch_loop_stalls_total"}[kind]
+
+    def count() -> int:
+        from prometheus_client import REGISTRY
+
+        return int(REGISTRY.get_sample_value(name) or 0)
+
+    return count
 
 
 def _check_unwatched(loop: asyncio.AbstractEventLoop) -> None:
@@ -416,6 +633,195 @@ def _check_watched(
     return check
 
 
+# --------------------------------------------------------------------------------------------
+# The alternatives users have today, each set to loopwatch's thresholds. Their reports are
+# counted (never printed: a worker fails on any output to standard error), as loopwatch's are
+# with LOOPWATCH_LOG=off, so that the probe (--probe, run before the rounds) can check that each
+# one really detects what it claims, on each loop.
+# --------------------------------------------------------------------------------------------
+
+# loopwatch's defaults (LOOPWATCH_SLOW_CALLBACK_MS, LOOPWATCH_STALL_MS), in seconds; the probe
+# worker lowers them so that it can show a detection in well under a second.
+THRESHOLDS = {"slow": 0.1, "stall": 2.0}
+# Reports counted in this process: "slow" (a callback or step that took too long, said after it
+# ended), "stall" (a loop still blocked, said while it is).
+REPORTS = {"slow": 0, "stall": 0}
+_ALT: dict[str, Any] = {}  # the alternatives' handles, for their checks and teardowns
+
+
+def _counting_logger(name: str, kind: str, prefix: str = "") -> Any:
+    """A logger that counts its records (those starting with ``prefix``) as ``kind`` reports
+    and prints nothing."""
+    import logging
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith(prefix):
+                REPORTS[kind] += 1
+
+    logger = logging.getLogger(name)
+    logger.addHandler(Count())
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    return logger
+
+
+def _debug_mode(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
+    """asyncio's debug mode, ``loop.set_debug(True)``, with ``slow_callback_duration`` at
+    loopwatch's slow-callback threshold. It also records a creation traceback for every
+    callback handle and task, and checks the thread of every call: all of it is what users get
+    when they turn it on."""
+
+    def setup() -> LoopFactory:
+        base = make()
+        _counting_logger("asyncio", "slow", "Executing ")
+
+        def factory() -> asyncio.AbstractEventLoop:
+            loop = base()
+            loop.set_debug(True)
+            loop.slow_callback_duration = THRESHOLDS["slow"]
+            return loop
+
+        return factory
+
+    return setup
+
+
+def _check_debug(loop: asyncio.AbstractEventLoop) -> None:
+    _check_unwatched(loop)
+    if not loop.get_debug() or loop.slow_callback_duration != THRESHOLDS["slow"]:
+        raise RuntimeError("debug mode is not on, or not at the slow-callback threshold")
+
+
+def _aiodebug(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
+    """aiodebug: ``log_slow_callbacks.enable`` (patches ``asyncio.events.Handle._run`` to time
+    every callback) at the slow-callback threshold, and ``hang_inspection.start`` (a task
+    stamping the time, a thread dumping every thread's stack to files when the stamp is older
+    than ``interval``) at the stall threshold."""
+
+    def setup() -> LoopFactory:
+        from aiodebug import (  # type: ignore[import-untyped]
+            hang_inspection,
+            log_slow_callbacks,
+        )
+
+        base = make()
+
+        def slow(name: str, duration: float) -> None:
+            REPORTS["slow"] += 1
+
+        log_slow_callbacks.enable(THRESHOLDS["slow"], on_slow_callback=slow)
+        folder = tempfile.mkdtemp(prefix="loopwatch-bench-aiodebug-")
+        _ALT["aiodebug_dir"] = folder
+
+        def factory() -> asyncio.AbstractEventLoop:
+            loop = base()
+            _ALT["aiodebug"] = hang_inspection.start(folder, THRESHOLDS["stall"], loop)
+            return loop
+
+        return factory
+
+    return setup
+
+
+def _aiodebug_stalls() -> int:
+    folder = _ALT.get("aiodebug_dir")
+    return len(os.listdir(folder)) if folder else 0
+
+
+def _check_aiodebug(loop: asyncio.AbstractEventLoop) -> None:
+    _check_unwatched(loop)
+    run = asyncio.events.Handle._run
+    dumper, monitor = _ALT.get("aiodebug", (None, None))
+    if getattr(run, "__module__", "") != "aiodebug.log_slow_callbacks":
+        raise RuntimeError("aiodebug's Handle._run patch is not installed")
+    if dumper is None or not dumper.is_alive() or monitor.done():
+        raise RuntimeError("aiodebug's hang inspection is not running")
+
+
+def _aiodebug_teardown() -> None:
+    dumper, _ = _ALT.get("aiodebug", (None, None))
+    if dumper is not None:
+        dumper.stop = True
+    shutil.rmtree(_ALT.get("aiodebug_dir", ""), ignore_errors=True)
+
+
+def _pyleak_around(coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
+    """pyleak's blocking detector, ``no_event_loop_blocking`` (a thread that schedules a
+    callback with ``call_soon_threadsafe`` every ``check_interval``, its default 50 ms, and
+    reports when it has not run within ``threshold``), around the workload, as its decorator or
+    pytest plugin would put it around a test; ``threshold`` is loopwatch's slow-callback one."""
+
+    async def run() -> Any:
+        from pyleak import no_event_loop_blocking
+        from pyleak.base import LeakAction
+
+        logger = _ALT.get("pyleak_logger") or _counting_logger("bench-pyleak", "stall")
+        _ALT["pyleak_logger"] = logger
+        scope = no_event_loop_blocking(
+            action=LeakAction.LOG, logger=logger, threshold=THRESHOLDS["slow"]
+        )
+        async with scope:
+            thread = scope.detector.monitor_thread
+            if thread is None or not thread.is_alive():
+                raise RuntimeError("pyleak's monitor thread is not running")
+            _ALT["pyleak"] = scope.detector
+            return await coro
+
+    return run()
+
+
+def _pyleak_stalls() -> int:
+    detector = _ALT.get("pyleak")
+    return detector.block_count if detector is not None else 0
+
+
+def _otel(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
+    """The OpenTelemetry asyncio instrumentation, ``AsyncioInstrumentor().instrument()``, with
+    the SDK's meter and tracer providers (a metric reader that keeps what it is given, no
+    exporter): it wraps ``asyncio.create_task``, ``ensure_future``, ``gather``, ``wait_for``,
+    ``wait``, ``as_completed``, ``to_thread`` and ``TaskGroup.create_task``, and records a
+    duration histogram and a counter for every coroutine passed to them. It does not look at
+    blocking at all; it applies where a program's tasks go through those functions (not through
+    ``loop.create_task``, which aiohttp and uvicorn use)."""
+
+    def setup() -> LoopFactory:
+        from opentelemetry.instrumentation.asyncio import AsyncioInstrumentor
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+
+        reader = InMemoryMetricReader()
+        AsyncioInstrumentor().instrument(
+            meter_provider=MeterProvider(metric_readers=[reader]),
+            tracer_provider=TracerProvider(),
+        )
+        _ALT["otel_reader"] = reader
+        return make()
+
+    return setup
+
+
+def _otel_recorded() -> int:
+    """How many coroutines the OpenTelemetry instrumentation has counted so far."""
+    reader = _ALT.get("otel_reader")
+    data = reader.get_metrics_data() if reader is not None else None
+    total = 0
+    for resource in getattr(data, "resource_metrics", None) or ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == "asyncio.process.created":
+                    total += sum(int(point.value) for point in metric.data.data_points)
+    return total
+
+
+def _check_otel(loop: asyncio.AbstractEventLoop) -> None:
+    _check_unwatched(loop)
+    wrapped = ("create_task", "gather", "ensure_future")
+    if not all(hasattr(getattr(asyncio, name), "__wrapped__") for name in wrapped):
+        raise RuntimeError("the OpenTelemetry asyncio instrumentation is not installed")
+
+
 def _uninstall() -> None:
     import loopwatch
 
@@ -433,6 +839,21 @@ class Variant:
     check: Callable[[asyncio.AbstractEventLoop], None]  # called on the running loop; raises
     teardown: Callable[[], None]
     doc: str
+    # "loopwatch", "baseline", "alternative", "control" or "diagnostic".
+    group: str = "loopwatch"
+    # Modules it needs beyond loopwatch and uvloop; the run skips it when one is missing.
+    requires: tuple[str, ...] = ()
+    # Wraps each workload's coroutine (for a detector used as a context manager).
+    around: Callable[[Coroutine[Any, Any, Any]], Coroutine[Any, Any, Any]] | None = None
+    # The workloads' sizes are multiplied by this (a variant many times slower gets shorter
+    # runs: the rate is per operation, so it is unchanged); never HTTP durations.
+    scale: float = 1.0
+    # Reports counted so far, for the probe: slow callbacks said after they ended, and a stalled
+    # loop said while it was still blocked; None for one it does not claim to detect.
+    slow_reports: Callable[[], int] | None = None
+    stall_reports: Callable[[], int] | None = None
+    # Loop kinds where a part of it has no effect, and why (checked by the probe).
+    inert: Mapping[str, str] = field(default_factory=dict)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -445,6 +866,7 @@ VARIANTS: dict[str, Variant] = {
             _no_teardown,
             "plain loop: `asyncio.SelectorEventLoop` / `uvloop.new_event_loop`, loopwatch not"
             " imported",
+            group="baseline",
         ),
         Variant(
             "watchdog",
@@ -453,6 +875,8 @@ VARIANTS: dict[str, Variant] = {
             _uninstall,
             "`loopwatch.new_event_loop` / `loopwatch.new_uvloop_event_loop` with"
             " `LOOPWATCH_TASKS=0`: the heartbeat timer and the watchdog thread only",
+            slow_reports=_loopwatch_reports("slow"),
+            stall_reports=_loopwatch_reports("stall"),
         ),
         Variant(
             "tasks",
@@ -461,6 +885,8 @@ VARIANTS: dict[str, Variant] = {
             _uninstall,
             "`LOOPWATCH_STEP_TIMING=0`: the watchdog plus task tracking (the task factory:"
             " creation site, live-task entry, a done callback per task), no timing proxy",
+            slow_reports=_loopwatch_reports("slow"),
+            stall_reports=_loopwatch_reports("stall"),
         ),
         Variant(
             "default",
@@ -469,6 +895,8 @@ VARIANTS: dict[str, Variant] = {
             _uninstall,
             "default settings: the watchdog, task tracking and per-step timing (a proxy around"
             " each task's coroutine)",
+            slow_reports=_loopwatch_reports("slow"),
+            stall_reports=_loopwatch_reports("stall"),
         ),
         Variant(
             "everything",
@@ -476,6 +904,8 @@ VARIANTS: dict[str, Variant] = {
             _check_watched(tasks=True, step_timing=True, creation_stack=8),
             _uninstall,
             "default plus `LOOPWATCH_CREATION_STACK=8`: 8 frames of each task's creation stack",
+            slow_reports=_loopwatch_reports("slow"),
+            stall_reports=_loopwatch_reports("stall"),
         ),
         # Controls, run only when asked for (--variants): no loopwatch, one of its costs each.
         Variant(
@@ -484,6 +914,7 @@ VARIANTS: dict[str, Variant] = {
             _check_unwatched,
             _no_teardown,
             "control, no loopwatch: the plain loop plus a 10 ms self re-arming `call_later`",
+            group="control",
         ),
         Variant(
             "thread-only",
@@ -491,6 +922,7 @@ VARIANTS: dict[str, Variant] = {
             _check_unwatched,
             _stop_thread,
             "control, no loopwatch: the plain loop plus a daemon thread waking every 20 ms",
+            group="control",
         ),
         Variant(
             "py-factory",
@@ -502,6 +934,7 @@ VARIANTS: dict[str, Variant] = {
             _no_teardown,
             "control, no loopwatch: the plain loop with a Python task factory that only makes"
             " the task",
+            group="control",
         ),
         Variant(
             "py-callback",
@@ -512,6 +945,7 @@ VARIANTS: dict[str, Variant] = {
             _check_unwatched,
             _no_teardown,
             "control, no loopwatch: `py-factory` plus a no-op done callback on every task",
+            group="control",
         ),
         # Diagnostics: `tasks` or `default` with one part cut out (private functions replaced).
         Variant(
@@ -521,6 +955,7 @@ VARIANTS: dict[str, Variant] = {
             _uninstall,
             "diagnostic: `tasks` without the accounting at each task's end (counts, wall time,"
             " coroutine table); the done callback still runs",
+            group="diagnostic",
         ),
         Variant(
             "tasks-no-site",
@@ -528,6 +963,7 @@ VARIANTS: dict[str, Variant] = {
             _check_watched(tasks=True, step_timing=False),
             _uninstall,
             "diagnostic: `tasks` without the walk to each task's creation site",
+            group="diagnostic",
         ),
         Variant(
             "bare-proxy",
@@ -535,11 +971,67 @@ VARIANTS: dict[str, Variant] = {
             _check_watched(tasks=True, step_timing=True),
             _uninstall,
             "diagnostic: `default` with the proxy forwarding each step untimed (its call alone)",
+            group="diagnostic",
+        ),
+        # The alternatives users have today, at loopwatch's thresholds.
+        Variant(
+            "debug",
+            {"asyncio": _debug_mode(_stock_loop), "uvloop": _debug_mode(_uvloop_loop)},
+            _check_debug,
+            _no_teardown,
+            "asyncio's debug mode: `loop.set_debug(True)`, `slow_callback_duration` at"
+            " loopwatch's slow-callback threshold (it also keeps a creation traceback per"
+            " callback and task); uvloop implements it too",
+            group="alternative",
+            scale=0.1,
+            slow_reports=lambda: REPORTS["slow"],
+        ),
+        Variant(
+            "aiodebug",
+            {"asyncio": _aiodebug(_stock_loop), "uvloop": _aiodebug(_uvloop_loop)},
+            _check_aiodebug,
+            _aiodebug_teardown,
+            "aiodebug: `log_slow_callbacks.enable` at the slow-callback threshold (a patch of"
+            " `asyncio.events.Handle._run` timing every callback) and `hang_inspection.start` at"
+            " the stall threshold (a task stamping the time, a thread dumping stacks to files)",
+            group="alternative",
+            requires=("aiodebug",),
+            slow_reports=lambda: REPORTS["slow"],
+            stall_reports=_aiodebug_stalls,
+            inert={
+                "uvloop": "its slow-callback logging patches `asyncio.events.Handle._run`, which"
+                " uvloop never calls (uvloop's handles are its own, compiled): only the hang"
+                " inspection works there"
+            },
+        ),
+        Variant(
+            "pyleak",
+            {"asyncio": _stock_loop, "uvloop": _uvloop_loop},
+            _check_unwatched,
+            _no_teardown,
+            "pyleak: `no_event_loop_blocking(threshold=...)` at the slow-callback threshold around"
+            " the workload (a thread pinging the loop with `call_soon_threadsafe` every 50 ms)",
+            group="alternative",
+            requires=("pyleak",),
+            around=_pyleak_around,
+            stall_reports=_pyleak_stalls,
+        ),
+        Variant(
+            "otel",
+            {"asyncio": _otel(_stock_loop), "uvloop": _otel(_uvloop_loop)},
+            _check_otel,
+            _no_teardown,
+            "OpenTelemetry's asyncio instrumentation, `AsyncioInstrumentor().instrument()` with"
+            " the SDK's meter provider: a duration and a count for every coroutine given to"
+            " `asyncio.create_task`, `gather`, `ensure_future`, ...; it detects no blocking",
+            group="alternative",
+            requires=("opentelemetry.instrumentation.asyncio", "opentelemetry.sdk"),
         ),
     )
 }
 
-DEFAULT_VARIANTS = (BASELINE, "watchdog", "tasks", "default", "everything")
+ALTERNATIVES = tuple(v for v in VARIANTS if VARIANTS[v].group == "alternative")
+DEFAULT_VARIANTS = (BASELINE, "watchdog", "tasks", "default", "everything", *ALTERNATIVES)
 
 # Each variant against the one it adds to: the cost of one feature at a time.
 INCREMENTS: tuple[tuple[str, str, str], ...] = (
@@ -556,6 +1048,10 @@ INCREMENTS: tuple[tuple[str, str, str], ...] = (
     ("tasks", "tasks-no-site", "the creation-site walk"),
     ("bare-proxy", "tasks", "a forwarding proxy"),
     ("default", "bare-proxy", "timing in the proxy"),
+    ("debug", BASELINE, "asyncio debug mode"),
+    ("aiodebug", BASELINE, "aiodebug"),
+    ("pyleak", BASELINE, "pyleak"),
+    ("otel", BASELINE, "OpenTelemetry asyncio"),
 )
 
 
@@ -580,6 +1076,9 @@ BUDGETS: tuple[Budget, ...] = (
     Budget("tasks", "watchdog", "sleep0", 0.0, "ns", "task tracking, per task step"),
     Budget("default", "tasks", "sleep0", 300.0, "ns", "step timing, per task step"),
     Budget("default", "tasks", "echo", 5.0, "%", "step timing"),
+    # "fewer": the rate lost, in percent of the reference's rate.
+    Budget("default", BASELINE, "http-aiohttp", 3.0, "fewer", "HTTP service, default settings"),
+    Budget("default", BASELINE, "http-starlette", 3.0, "fewer", "HTTP service, default settings"),
 )
 # Memory budgets: bytes of loopwatch state per live task, against the plain loop.
 LIVE_TASK_BUDGET = 200.0
@@ -611,22 +1110,83 @@ def _thread_sleeps() -> int | None:
     return None
 
 
-def _speed(runner: asyncio.Runner, spec: Mapping[str, Any]) -> dict[str, Any]:
+def _around(variant: Variant, coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
+    return coro if variant.around is None else variant.around(coro)
+
+
+def _speed(runner: asyncio.Runner, spec: Mapping[str, Any], variant: Variant) -> dict[str, Any]:
     workload = WORKLOADS[spec["workload"]]
     size = int(spec["size"])
     warmup = int(spec["warmup"])
     values: list[float] = []
+    latency: list[dict[str, float]] = []
     sleeps = _thread_sleeps()
     started = time.perf_counter()
     for i in range(warmup + int(spec["repeats"])):
         gc.collect()
-        seconds, operations = runner.run(workload.run(size))
+        HTTP_LATENCY.clear()
+        seconds, operations = runner.run(_around(variant, workload.run(size)))
         if i >= warmup:
             values.append(workload.value(seconds, operations))
+            latency += HTTP_LATENCY
     elapsed = time.perf_counter() - started
     slept = _thread_sleeps()
     wakes = (slept - sleeps) / elapsed if sleeps is not None and slept is not None else None
-    return {"value": statistics.median(values), "runs": values, "wakes_per_s": wakes}
+    return {
+        "value": statistics.median(values),
+        "runs": values,
+        "wakes_per_s": wakes,
+        "latency": latency or None,
+    }
+
+
+# The probe: with the thresholds lowered, a callback that blocks past the slow-callback one,
+# then one that blocks past the stall one, and what the variant reported of each.
+PROBE_THRESHOLDS = {"slow": 0.02, "stall": 0.3}
+# Longer than pyleak's 50 ms sampling plus its threshold: a block shorter than that can fall
+# between two of its pings and go unseen (a limit of sampling, not what the probe asks).
+PROBE_SLOW_BLOCK = 0.12
+PROBE_STALL_BLOCK = 1.0
+
+
+async def _probe(variant: Variant) -> dict[str, Any]:
+    def count(reports: Callable[[], int] | None) -> int | None:
+        return None if reports is None else reports()
+
+    async def settle() -> None:  # let the loop run, and reports made after a block come in
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+
+    await settle()
+    slow0, stall0 = count(variant.slow_reports), count(variant.stall_reports)
+    time.sleep(PROBE_SLOW_BLOCK)  # blocking the loop is the point
+    await settle()
+    slow1, stall1 = count(variant.slow_reports), count(variant.stall_reports)
+    during: list[int | None] = []
+
+    def sample() -> None:  # while the loop is still blocked, near the end of the block
+        time.sleep(PROBE_STALL_BLOCK * 0.9)
+        during.append(count(variant.stall_reports))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    time.sleep(PROBE_STALL_BLOCK)
+    sampler.join()
+    await settle()
+    created = _otel_recorded() if "otel_reader" in _ALT else None
+    if created is not None:
+        await asyncio.create_task(settle())
+        created = _otel_recorded() - created
+
+    def diff(after: int | None, before: int | None) -> int | None:
+        return None if after is None or before is None else after - before
+
+    return {
+        "slow": diff(slow1, slow0),
+        "slow_block_stalls": diff(stall1, stall0),
+        "stall_while_blocked": diff(during[0], stall1),
+        "otel_coroutines": created,
+    }
 
 
 def _rss() -> int | None:
@@ -681,24 +1241,26 @@ def _memory_state(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
     return {"rss": _rss(), "blocks": sys.getallocatedblocks(), "tracked": _tracked(loop)}
 
 
-def _churned(runner: asyncio.Runner, tasks: int, traced_tasks: int) -> dict[str, Any]:
+def _churned(
+    runner: asyncio.Runner, tasks: int, traced_tasks: int, variant: Variant
+) -> dict[str, Any]:
     """``tasks`` tasks created and finished (the churn workload): loopwatch's tracked state, the
     live Python blocks and the RSS before and after. Then, under tracemalloc (slower), the
     traced bytes still allocated after ``traced_tasks`` more, counted from after a first
     ``traced_tasks``: tables that are reallocated as they are reused (a dict that had entries
     deleted and added) are then traced on both sides, and only growth remains."""
     loop = runner.get_loop()
-    runner.run(churn(20))  # warm-up: free lists, caches, table rows
+    runner.run(_around(variant, churn(20)))  # warm-up: free lists, caches, table rows
     gc.collect()
     before = _memory_state(loop)
-    seconds, _ = runner.run(churn(tasks // CHURN_BATCH))
+    seconds, _ = runner.run(_around(variant, churn(tasks // CHURN_BATCH)))
     gc.collect()
     after = _memory_state(loop)
     tracemalloc.start()
-    runner.run(churn(traced_tasks // CHURN_BATCH))
+    runner.run(_around(variant, churn(traced_tasks // CHURN_BATCH)))
     gc.collect()
     traced_before = tracemalloc.get_traced_memory()[0]
-    runner.run(churn(traced_tasks // CHURN_BATCH))
+    runner.run(_around(variant, churn(traced_tasks // CHURN_BATCH)))
     gc.collect()
     traced_after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
@@ -715,6 +1277,11 @@ def _churned(runner: asyncio.Runner, tasks: int, traced_tasks: int) -> dict[str,
 
 def worker(spec: Mapping[str, Any]) -> dict[str, Any]:
     variant = VARIANTS[spec["variant"]]
+    kind = spec.get("kind", "speed")
+    if kind == "probe":
+        THRESHOLDS.update(PROBE_THRESHOLDS)
+        os.environ["LOOPWATCH_SLOW_CALLBACK_MS"] = str(round(PROBE_THRESHOLDS["slow"] * 1000))
+        os.environ["LOOPWATCH_STALL_MS"] = str(round(PROBE_THRESHOLDS["stall"] * 1000))
     factory = variant.factories[spec["loop"]]()
 
     async def check() -> None:
@@ -722,12 +1289,18 @@ def worker(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(check())
-        if spec.get("kind", "speed") == "speed":
-            result = _speed(runner, spec)
+        if kind == "speed":
+            result = _speed(runner, spec, variant)
+        elif kind == "probe":
+            result = runner.run(_around(variant, _probe(variant)))
         else:
             result = {
-                "live": [runner.run(_parked_tasks(int(n))) for n in spec["live_tasks"]],
-                "churn": _churned(runner, int(spec["churn_tasks"]), int(spec["traced_tasks"])),
+                "live": [
+                    runner.run(_around(variant, _parked_tasks(int(n)))) for n in spec["live_tasks"]
+                ],
+                "churn": _churned(
+                    runner, int(spec["churn_tasks"]), int(spec["traced_tasks"]), variant
+                ),
             }
     variant.teardown()
     module = sys.modules.get("loopwatch")
@@ -755,7 +1328,7 @@ def child_env(source: Path | None) -> dict[str, str]:
 def run_worker(
     script: Path, spec: Mapping[str, Any], env: Mapping[str, str], source: Path | None
 ) -> dict[str, Any]:
-    command = [sys.executable, str(script), "--worker", json.dumps(dict(spec))]
+    command = [PYTHON, str(script), "--worker", json.dumps(dict(spec))]
     done = subprocess.run(
         command, env=dict(env), capture_output=True, text=True, timeout=300, check=False
     )
@@ -840,6 +1413,8 @@ class Cell:
     wakes: list[float | None] = field(default_factory=list)
     # Every timed run of each round's process, from which ``values`` was taken.
     runs: list[list[float]] = field(default_factory=list)
+    # HTTP workloads: wrk's latency percentiles (ms) of the run ``values`` was taken from.
+    latency: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -967,7 +1542,7 @@ def pth_line_ns(env: Mapping[str, str]) -> float | None:
     """What the ``loopwatch.pth`` line costs a process with LOOPWATCH unset, in ns (None: the
     environment has no ``loopwatch.pth``)."""
     done = subprocess.run(
-        [sys.executable, "-c", PTH_TIMER], env=dict(env), capture_output=True, text=True, check=True
+        [PYTHON, "-c", PTH_TIMER], env=dict(env), capture_output=True, text=True, check=True
     )
     out = done.stdout.strip()
     return None if out == "none" else float(out)
@@ -982,7 +1557,7 @@ def measure_startup(
     log(f"start-up: {wall_runs} wall-time runs and {importtime_runs} -X importtime runs each")
     for row in rows.values():  # warm-up: fill the bytecode cache, the page cache
         for _ in range(2):
-            subprocess.run([sys.executable, "-c", row.snippet], env=envs[row.setting], check=True)
+            subprocess.run([PYTHON, "-c", row.snippet], env=envs[row.setting], check=True)
     for i in range(max(wall_runs, importtime_runs)):
         for key in order if i % 2 == 0 else reversed(order):
             row = rows[key]
@@ -990,7 +1565,7 @@ def measure_startup(
             if i < wall_runs:
                 start = time.perf_counter()
                 subprocess.run(
-                    [sys.executable, "-c", row.snippet],
+                    [PYTHON, "-c", row.snippet],
                     env=env,
                     check=True,
                     stdout=subprocess.DEVNULL,
@@ -999,7 +1574,7 @@ def measure_startup(
                 row.wall_ms.append((time.perf_counter() - start) * 1000.0)
             if i < importtime_runs:
                 done = subprocess.run(
-                    [sys.executable, "-X", "importtime", "-c", row.snippet],
+                    [PYTHON, "-X", "importtime", "-c", row.snippet],
                     env=env,
                     check=True,
                     capture_output=True,
@@ -1072,6 +1647,7 @@ class Results:
     cells: dict[tuple[str, str, str], Cell]
     startup: list[StartupRow]
     memory: list[dict[str, Any]] = field(default_factory=list)  # one per (variant, loop kind)
+    probes: list[dict[str, Any]] = field(default_factory=list)  # one per (variant, loop kind)
 
 
 def _git(*args: str) -> str:
@@ -1115,7 +1691,7 @@ def _version(distribution: str) -> str:
 
 
 def machine_info(
-    mode: str, rounds: int, warmup: int, repeats: int, loopwatch: str
+    mode: str, rounds: int, warmup: int, repeats: int, loopwatch: str, target: Mapping[str, Any]
 ) -> dict[str, Any]:
     return {
         "load_start": _load(),
@@ -1123,10 +1699,10 @@ def machine_info(
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "executable": sys.executable,
+        "python": target["python"],
+        "executable": PYTHON,
         "loopwatch": loopwatch,
-        "uvloop": _version("uvloop"),
+        "uvloop": target["versions"].get("uvloop") or "not installed",
         "mode": mode,
         "rounds": rounds,
         "warmup": warmup,
@@ -1149,20 +1725,45 @@ def _run_all(
     mode = "quick" if args.quick else "full"
     rounds = args.rounds or (3 if args.quick else 12)
     warmup, repeats = 1, 3
-    workloads = args.workloads
+    http_warmup, http_repeats, http_cap = HTTP_PLAN[mode]
+    http_rounds = min(rounds, args.http_rounds or http_cap)
+    target = interpreter_info(
+        sorted({m for v in VARIANTS.values() for m in v.requires} | set(HTTP_MODULES) | {"uvloop"})
+    )
+    workloads = [w for w in args.workloads if _workload_runs(w, target)]
     variants = [BASELINE, *[v for v in args.variants if v != BASELINE]]
-    loops = [k for k in args.loops if k != "uvloop" or importlib.util.find_spec("uvloop")]
+    for v in variants[:]:
+        missing = [m for m in VARIANTS[v].requires if not target["importable"][m]]
+        if missing:
+            log(f"variant {v} skipped: {', '.join(missing)} not installed ({REQUIREMENTS_HINT})")
+            variants.remove(v)
+    loops = [k for k in args.loops if k != "uvloop" or target["importable"]["uvloop"]]
     if loops != args.loops:
         log("uvloop is not installed: its rows are skipped")
     cells = {(w, k, v): Cell(w, k, v) for w in workloads for k in loops for v in variants}
     started = time.monotonic()
-    meta = machine_info(mode, rounds, warmup, repeats, description)
+    meta = machine_info(mode, rounds, warmup, repeats, description, target)
     meta["within"] = args.within
-    log(f"loopwatch: {description}")
+    meta["http"] = {
+        "rounds": http_rounds,
+        "warmup": http_warmup,
+        "repeats": http_repeats,
+        "seconds": WORKLOADS["http-aiohttp"].quick_size
+        if args.quick
+        else WORKLOADS["http-aiohttp"].full_size,
+        "connections": HTTP_CONNECTIONS,
+        "threads": HTTP_THREADS,
+        "wrk": _wrk_version(),
+        "packages": target["versions"],
+    }
+    log(f"loopwatch: {description}; Python {target['python']} ({PYTHON})")
+    probes = [] if args.no_probe else run_probes(script, env, source, variants, loops)
     rng = random.Random(20240601)
     for r in range(rounds):
         for w in workloads:
             workload = WORKLOADS[w]
+            if workload.http and r >= http_rounds:
+                continue
             size = workload.quick_size if args.quick else workload.full_size
             for k in loops:
                 # A B, then B A, ...: within a round both orders are used equally over the run.
@@ -1170,19 +1771,25 @@ def _run_all(
                 if len(order) > 2:
                     rng.shuffle(order)
                 for v in order:
+                    scale = 1.0 if workload.http else VARIANTS[v].scale
                     spec = {
                         "workload": w,
                         "variant": v,
                         "loop": k,
-                        "size": size,
-                        "warmup": warmup,
-                        "repeats": repeats,
+                        "size": max(1, round(size * scale)),
+                        "warmup": http_warmup if workload.http else warmup,
+                        "repeats": http_repeats if workload.http else repeats,
                     }
                     result = run_worker(script, spec, env, source)
                     runs = [float(x) for x in result["runs"]]
-                    cells[(w, k, v)].runs.append(runs)
-                    cells[(w, k, v)].values.append(workload.within(runs, args.within))
-                    cells[(w, k, v)].wakes.append(result.get("wakes_per_s"))
+                    cell = cells[(w, k, v)]
+                    cell.runs.append(runs)
+                    value = workload.within(runs, args.within)
+                    cell.values.append(value)
+                    cell.wakes.append(result.get("wakes_per_s"))
+                    if result.get("latency"):
+                        chosen = min(range(len(runs)), key=lambda i: abs(runs[i] - value))
+                        cell.latency.append(result["latency"][chosen])
         log(f"round {r + 1}/{rounds} done ({time.monotonic() - started:.0f} s)")
     memory = (
         []
@@ -1200,7 +1807,88 @@ def _run_all(
         meta["pth_line_ns"] = pth_line_ns(env)
     meta["load_end"] = _load()
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
-    return Results(meta, workloads, loops, variants, cells, startup, memory)
+    return Results(meta, workloads, loops, variants, cells, startup, memory, probes)
+
+
+HTTP_MODULES = ("aiohttp", "uvicorn", "starlette")
+REQUIREMENTS_HINT = "python -m pip install -r benchmarks/requirements.txt"
+
+
+def _workload_runs(name: str, target: Mapping[str, Any]) -> bool:
+    """Whether ``name`` can run here (an HTTP workload needs wrk and its server packages)."""
+    if not WORKLOADS[name].http:
+        return True
+    needed = ("aiohttp",) if name == "http-aiohttp" else ("uvicorn", "starlette")
+    missing = [m for m in needed if not target["importable"][m]]
+    if missing:
+        log(f"workload {name} skipped: {', '.join(missing)} not installed ({REQUIREMENTS_HINT})")
+        return False
+    if shutil.which("wrk") is None:
+        log(f"workload {name} skipped: wrk, the load generator, is not installed: {WRK_INSTALL}")
+        return False
+    return True
+
+
+def _wrk_version() -> str:
+    if shutil.which("wrk") is None:
+        return "not installed"
+    done = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    return (done.stdout or done.stderr).split("\n")[0].strip() or "unknown"
+
+
+INTERPRETER_QUERY = """
+import importlib.metadata, importlib.util, json, platform, sys
+def ok(m):
+    try:
+        return importlib.util.find_spec(m) is not None
+    except ModuleNotFoundError:
+        return False
+def version(d):
+    try:
+        return importlib.metadata.version(d)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+names = sys.argv[1:]
+print(json.dumps({
+    "python": f"{platform.python_implementation()} {platform.python_version()}",
+    "importable": {m: ok(m) for m in names},
+    "versions": {d: version(d) for d in ("uvloop", "aiohttp", "uvicorn", "starlette", "httptools",
+        "aiodebug", "pyleak", "opentelemetry-instrumentation-asyncio", "opentelemetry-sdk")},
+}))
+"""
+
+
+def interpreter_info(modules: Sequence[str]) -> dict[str, Any]:
+    """The Python that runs the workers (``--python``): its version, which of ``modules`` it
+    can import, and the versions of the packages the benchmark drives."""
+    done = subprocess.run(
+        [PYTHON, "-c", INTERPRETER_QUERY, *modules], capture_output=True, text=True, check=True
+    )
+    info: dict[str, Any] = json.loads(done.stdout)
+    return info
+
+
+def run_probes(
+    script: Path,
+    env: Mapping[str, str],
+    source: Path | None,
+    variants: Sequence[str],
+    loops: Sequence[str],
+) -> list[dict[str, Any]]:
+    """One process per (variant, loop kind), the thresholds lowered: does the variant report a
+    callback that blocked past the slow-callback threshold, and a loop still blocked past the
+    stall threshold while it is?"""
+    probed = [v for v in variants if VARIANTS[v].group in ("loopwatch", "alternative")]
+    log(f"probe: what {len(probed)} variants detect, on {len(loops)} loops")
+    rows = []
+    for k in loops:
+        for v in probed:
+            result = run_worker(script, {"kind": "probe", "variant": v, "loop": k}, env, source)
+            rows.append({"variant": v, "loop": k, **{x: result[x] for x in PROBE_KEYS}})
+    return rows
+
+
+PROBE_KEYS = ("slow", "slow_block_stalls", "stall_while_blocked", "otel_coroutines")
 
 
 def _num(value: float) -> str:
@@ -1229,6 +1917,18 @@ def _speed_budget_line(results: Results, budget: Budget, k: str) -> tuple[bool, 
     a = added_ns(workload, cell, base)
     pair = f"`{budget.variant}` vs `{budget.reference}`"
     head = f"{budget.what} ({pair}) on {budget.workload}, {k}:"
+    if budget.unit == "fewer":
+        lost = [(1.0 - v / b) * 100.0 for v, b in zip(cell.values, base.values, strict=True)]
+        low, high, level = median_interval(lost)
+        loss = (1.0 - cell.median / base.median) * 100.0
+        met = loss <= budget.limit
+        return met, (
+            f"**{'met' if met else 'MISSED'}**: {head} {loss:.2f}% fewer {workload.unit}"
+            f" ({_num(cell.median)} vs {_num(base.median)}); budget <= {budget.limit:g}% fewer,"
+            f" {'by' if met else 'over by'} {abs(budget.limit - loss):.2f} points; paired"
+            f" {statistics.median(lost):.2f}%, {level:.0%} CI {low:.1f}% to {high:.1f}%;"
+            f" {_sure(low, high, budget.limit)}"
+        )
     if budget.unit == "%":
         met = c.overhead <= budget.limit
         margin = budget.limit - c.overhead
@@ -1398,6 +2098,9 @@ def render_markdown(results: Results) -> str:
     ]
     out += [f"- {text}" for _, text in budget_lines(results)] or ["- (no budgeted pair was run)"]
     out += render_increments(results)
+    out += render_alternatives(results)
+    out += render_http(results)
+    out += render_probes(results)
     out += [
         "",
         "## Overhead",
@@ -1451,6 +2154,149 @@ def render_markdown(results: Results) -> str:
     if results.startup:
         out += render_startup(results.startup, results.meta.get("pth_line_ns"))
     return "\n".join(out) + "\n"
+
+
+def shown_variants(results: Results) -> list[str]:
+    """The variants of the summary table and the chart: loopwatch's and the alternatives."""
+    return [
+        v
+        for v in results.variants
+        if v != BASELINE and VARIANTS[v].group in ("loopwatch", "alternative")
+    ]
+
+
+def overhead_table(results: Results) -> tuple[list[tuple[str, str]], dict[str, list[float]]]:
+    """(columns as (workload, loop)) and, per variant, its overhead vs `off` in each column:
+    the extra time per operation in percent (for HTTP, the requests per second lost)."""
+    columns = [(w, k) for w in results.workloads for k in results.loops]
+    table: dict[str, list[float]] = {}
+    for v in shown_variants(results):
+        row = []
+        for w, k in columns:
+            cell, base = results.cells[(w, k, v)], results.cells[(w, k, BASELINE)]
+            workload = WORKLOADS[w]
+            if workload.http:
+                row.append((1.0 - cell.median / base.median) * 100.0)
+            else:
+                row.append(compare(workload, cell, base).overhead)
+        table[v] = row
+    return columns, table
+
+
+def render_alternatives(results: Results) -> list[str]:
+    columns, table = overhead_table(results)
+    if not table:
+        return []
+    out = [
+        "",
+        "## loopwatch next to the alternatives",
+        "",
+        "Overhead against the plain loop (`off`) of the same kind, from the medians over the"
+        " rounds: the extra time per operation in percent, and for the HTTP services the"
+        " requests per second lost, in percent. Lower is better; a negative value is noise"
+        " (see the paired intervals in the overhead table below).",
+        "",
+        "| variant | " + " | ".join(f"{w}, {k}" for w, k in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for v, row in table.items():
+        out.append(f"| `{v}` | " + " | ".join(f"{x:+.1f}%" for x in row) + " |")
+    inert = [
+        f"- `{v}` on {k}: {why}."
+        for v in table
+        for k, why in VARIANTS[v].inert.items()
+        if k in results.loops
+    ]
+    if inert:
+        out += ["", *inert]
+    return out
+
+
+def _latency(cell: Cell, key: str) -> str:
+    known = [x[key] for x in cell.latency if key in x]
+    return f"{statistics.median(known):.2f} ms" if known else ""
+
+
+def render_http(results: Results) -> list[str]:
+    http = [w for w in results.workloads if WORKLOADS[w].http]
+    if not http:
+        return []
+    plan = results.meta.get("http", {})
+    out = [
+        "",
+        "## HTTP services",
+        "",
+        f"The server runs in the worker process on the variant's loop; wrk ({plan.get('wrk')})"
+        f" loads it from another process with {plan.get('threads')} thread and"
+        f" {plan.get('connections')} keep-alive connections for {plan.get('seconds')} s per"
+        f" run, the same for every variant ({plan.get('warmup')} warm-up run and"
+        f" {plan.get('repeats')} timed per process, {plan.get('rounds')} interleaved rounds)."
+        " Requests per second: median over the rounds; latency percentiles: wrk's, of the"
+        " same runs, median over the rounds.",
+        "",
+        "| service | loop | variant | requests/s | vs off | p50 | p90 | p99 |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for w in http:
+        for k in results.loops:
+            base = results.cells[(w, k, BASELINE)]
+            for v in results.variants:
+                cell = results.cells[(w, k, v)]
+                ratio = "1" if v == BASELINE else f"{cell.median / base.median:.3f}"
+                out.append(
+                    f"| {w} | {k} | {v} | {_num(cell.median)} | {ratio}"
+                    f" | {_latency(cell, 'p50')} | {_latency(cell, 'p90')}"
+                    f" | {_latency(cell, 'p99')} |"
+                )
+    versions = plan.get("packages", {})
+    if versions:
+        names = ", ".join(f"{d} {versions[d]}" for d in versions if versions[d])
+        out += ["", f"Packages: {names}."]
+    return out
+
+
+def _probe_word(value: int | None) -> str:
+    if value is None:
+        return "not claimed"
+    return "yes" if value > 0 else "**no**"
+
+
+def render_probes(results: Results) -> list[str]:
+    if not results.probes:
+        return []
+    slow, stall = PROBE_THRESHOLDS["slow"] * 1000, PROBE_THRESHOLDS["stall"] * 1000
+    out = [
+        "",
+        "## What each variant detects",
+        "",
+        "The probe, run before the rounds in a process of its own per variant and loop, with the"
+        f" thresholds lowered to {slow:.0f} ms (slow callback) and {stall:.0f} ms (stall): a"
+        f" task step that blocks the loop for {PROBE_SLOW_BLOCK * 1000:.0f} ms, then one that"
+        f" blocks it for {PROBE_STALL_BLOCK * 1000:.0f} ms. `slow callback`: reported once the"
+        " first block ended (loopwatch's `slow_callback` counter, debug mode's and aiodebug's"
+        " warnings); `stall, while blocked`: reported while the second block was still going"
+        f" on (sampled {PROBE_STALL_BLOCK * 900:.0f} ms into it: loopwatch's `loop_stalled`"
+        " counter, aiodebug's stack files, pyleak's blocks). pyleak has one threshold, and"
+        " reports a block while it lasts. OpenTelemetry detects no blocking: its row shows"
+        " that it counted the probe's coroutines.",
+        "",
+        "| variant | loop | slow callback | stall, while blocked | note |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results.probes:
+        v, k = row["variant"], row["loop"]
+        note = VARIANTS[v].inert.get(k, "") if v in VARIANTS else ""
+        if row.get("otel_coroutines") is not None:
+            note = f"counted {row['otel_coroutines']} coroutine(s) of the probe"
+        if v == "pyleak":
+            slow_word = _probe_word(row.get("slow_block_stalls"))
+        else:
+            slow_word = _probe_word(row.get("slow"))
+        out.append(
+            f"| `{v}` | {k} | {slow_word} | {_probe_word(row.get('stall_while_blocked'))}"
+            f" | {note} |"
+        )
+    return out
 
 
 def render_increments(results: Results) -> list[str]:
@@ -1639,10 +2485,12 @@ def results_json(results: Results) -> dict[str, Any]:
                 "runs": c.runs,
                 "median": c.median,
                 "wakes_per_s": c.wakes,
+                "latency": c.latency,
             }
             for c in results.cells.values()
         ],
         "memory": results.memory,
+        "probes": results.probes,
         "startup": [
             {
                 "snippet": r.snippet,
@@ -1669,7 +2517,13 @@ def results_from_json(data: Mapping[str, Any], within: str | None = None) -> Res
             values = [WORKLOADS[c["workload"]].within(r, within) for r in runs]
             meta["within"] = within
         cells[(c["workload"], c["loop"], c["variant"])] = Cell(
-            c["workload"], c["loop"], c["variant"], values, list(c.get("wakes_per_s", [])), runs
+            c["workload"],
+            c["loop"],
+            c["variant"],
+            values,
+            list(c.get("wakes_per_s", [])),
+            runs,
+            list(c.get("latency", [])),
         )
     startup = [
         StartupRow(
@@ -1694,7 +2548,133 @@ def results_from_json(data: Mapping[str, Any], within: str | None = None) -> Res
             {**row, "live": row["live"] if isinstance(row["live"], list) else [row["live"]]}
             for row in data.get("memory", [])
         ],
+        probes=list(data.get("probes", [])),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The documentation page and its chart
+# --------------------------------------------------------------------------------------------
+
+DOCS_COMMAND = (
+    "python benchmarks/bench.py --ref HEAD --json benchmarks/results/full.json"
+    " --docs docs/benchmarks.md"
+)
+
+
+def write_chart(results: Results, path: Path) -> bool:
+    """Horizontal bars: each variant's overhead vs `off` per workload, one panel per loop kind.
+    Values beyond the axis are clipped and written at the bar's end. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(f"matplotlib is not installed: no chart ({REQUIREMENTS_HINT})")
+        return False
+    columns, table = overhead_table(results)
+    variants = list(table)
+    limit = 60.0
+    fig, axes = plt.subplots(
+        1,
+        len(results.loops),
+        figsize=(6.5 * len(results.loops), 0.5 + 0.32 * len(variants) * len(results.workloads)),
+        sharey=True,
+        squeeze=False,
+    )
+    colors = plt.get_cmap("tab10")
+    height = 0.8 / max(1, len(variants))
+    for ax, k in zip(axes[0], results.loops, strict=True):
+        for j, v in enumerate(variants):
+            ys, xs = [], []
+            for i, w in enumerate(results.workloads):
+                x = table[v][columns.index((w, k))]
+                ys.append(i + j * height)
+                xs.append(max(-limit / 6, min(x, limit)))
+                if x > limit:
+                    ax.text(limit, i + j * height, f" {x:+.0f}%", va="center", fontsize=7)
+                elif x < -limit / 6:
+                    ax.text(0, i + j * height, f" {x:+.0f}%", va="center", fontsize=7)
+            ax.barh(ys, xs, height=height, color=colors(j % 10), label=v)
+        ax.axvline(0, color="black", linewidth=0.6)
+        for budget in (2.0, 5.0):
+            ax.axvline(budget, color="grey", linewidth=0.5, linestyle=":")
+        ax.set_xlim(-limit / 6, limit * 1.25)
+        ax.set_title(k)
+        ax.set_xlabel("overhead vs off, % (HTTP: requests/s lost)")
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(results.workloads))])
+        ax.set_yticklabels(results.workloads)
+        ax.invert_yaxis()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(variants))
+    m = results.meta
+    fig.suptitle(f"loopwatch and alternatives, {m['python']}, {m['mode']} run {m['date']}")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_docs(results: Results, others: Sequence[Results], page: Path) -> None:
+    """docs/benchmarks.md: how the page was made, the budgets, the chart, the tables; with
+    ``others`` (runs on other Pythons), a cross-Python summary of their budget lines."""
+    chart = page.parent / "assets" / "benchmarks.png"
+    has_chart = write_chart(results, chart)
+    m = results.meta
+    quick = m["mode"] == "quick"
+    out = ["# Benchmarks", ""]
+    if quick:
+        out += [
+            "> **A quick run.** These figures come from `--quick` (few rounds, short runs) on a"
+            " shared machine"
+            " while loopwatch was still being changed: a smoke test of the harness, not results"
+            f" to quote. The full run replaces them: `{DOCS_COMMAND}`.",
+            "",
+        ]
+    out += [
+        "What loopwatch costs a program, next to what users would otherwise run, on stock"
+        " asyncio and on uvloop. Every figure is a ratio to the same loop unwatched; the"
+        " absolute rates are only there to make the ratios checkable. The harness,"
+        " `benchmarks/bench.py`, and how to read each column are described in"
+        " `benchmarks/README.md`. Regenerate this page with:",
+        "",
+        "```sh",
+        "python -m pip install -r benchmarks/requirements.txt   # and: apt-get install -y wrk",
+        DOCS_COMMAND,
+        "```",
+        "",
+    ]
+    report = render_markdown(results).splitlines()
+    body = report[1:]  # the report without its title
+    if has_chart:
+        split = next(
+            (i for i, line in enumerate(body) if line == "## loopwatch next to the alternatives"),
+            None,
+        )
+        picture = [
+            "![Overhead of each variant against the plain loop, per workload, on asyncio and"
+            " uvloop](assets/benchmarks.png)",
+            "",
+        ]
+        if split is not None:
+            body = body[: split + 2] + picture + body[split + 2 :]
+    out += body
+    for other in others:
+        o = other.meta
+        out += [
+            "",
+            f"## {o['python']}",
+            "",
+            f"The same harness with `--python` on {o['python']} ({o['mode']} run, {o['date']},"
+            f" {o['rounds']} rounds): its budget lines.",
+            "",
+        ]
+        out += [f"- {text}" for _, text in budget_lines(other)]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(out).rstrip() + "\n")
+    log(f"wrote {page}" + (f" and {chart}" if has_chart else ""))
 
 
 def log(line: str) -> None:
@@ -1761,8 +2741,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="render a run saved with --json again instead of running anything",
     )
+    parser.add_argument(
+        "--python",
+        metavar="PATH",
+        help="run the workers and start-up measurements with this interpreter (another venv's"
+        " python, with loopwatch installed) instead of this one",
+    )
+    parser.add_argument(
+        "--http-rounds",
+        type=int,
+        help="rounds of the HTTP workloads (default: at most 2 with --quick, 6 otherwise)",
+    )
+    parser.add_argument(
+        "--no-probe", action="store_true", help="skip the probe of what each variant detects"
+    )
+    parser.add_argument(
+        "--docs",
+        metavar="PAGE",
+        type=Path,
+        help="write the documentation page (e.g. docs/benchmarks.md) and its chart"
+        " (assets/benchmarks.png next to it)",
+    )
+    parser.add_argument(
+        "--also",
+        metavar="JSON",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --docs: runs saved with --json on other Pythons, for a cross-Python summary",
+    )
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.python:
+        global PYTHON  # one setting for the whole run
+        PYTHON = str(Path(args.python).absolute())
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
@@ -1777,6 +2789,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.markdown.write_text(text)
     if args.json:
         args.json.write_text(json.dumps(results_json(results), indent=2) + "\n")
+    if args.docs:
+        others = [results_from_json(json.loads(path.read_text())) for path in args.also]
+        write_docs(results, others, args.docs)
     return 0
 
 
