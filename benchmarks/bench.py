@@ -552,7 +552,10 @@ def _ablated(kind: str, settings: Mapping[str, str], part: str) -> Callable[[], 
         from loopwatch import _tasks, _timing
 
         # The private names these replace change as loopwatch is optimised: say so plainly.
-        needed = {"end": (_tasks.TaskTracker, "finished"), "site": (_tasks, "_new_entry")}
+        needed: dict[str, tuple[Any, str]] = {
+            "end": (_tasks.TaskTracker, "finished"),
+            "site": (_tasks, "_new_entry"),
+        }
         if part in needed and not hasattr(*needed[part]):
             owner, name = needed[part]
             raise RuntimeError(f"this diagnostic replaces {owner.__name__}.{name}, now gone")
