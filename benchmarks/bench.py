@@ -552,26 +552,27 @@ def _ablated(kind: str, settings: Mapping[str, str], part: str) -> Callable[[], 
         from loopwatch import _tasks, _timing
 
         # The private names these replace change as loopwatch is optimised: say so plainly.
-        needed: dict[str, tuple[Any, str]] = {
-            "end": (_tasks.TaskTracker, "finished"),
-            "site": (_tasks, "_new_entry"),
+        needed: dict[str, list[tuple[Any, str]]] = {
+            "end": [(_tasks.TaskTracker, "proxy_ended"), (_tasks.TaskTracker, "mark_done")],
+            "site": [(_tasks, "_site_frame")],
         }
-        if part in needed and not hasattr(*needed[part]):
-            owner, name = needed[part]
-            raise RuntimeError(f"this diagnostic replaces {owner.__name__}.{name}, now gone")
+        for owner, name in needed.get(part, []):
+            if not hasattr(owner, name):
+                raise RuntimeError(f"this diagnostic replaces {owner.__name__}.{name}, now gone")
         ignore: Any = _tasks  # the names are checked above, not by the type checker
         if part == "end":
 
-            def finished(self: Any, *args: Any) -> None:  # whatever its signature is now
-                pass
+            def ended(self: Any, *args: Any) -> None:  # whatever its signature is now
+                self.stats.gone += 1
 
-            ignore.TaskTracker.finished = finished
+            ignore.TaskTracker.proxy_ended = ended
+            ignore.TaskTracker.mark_done = ended
         elif part == "site":
-            ignore._new_entry = lambda frame, depth, label: (0.0, label)
+            ignore._site_frame = lambda frame: None
         elif part == "timing":
 
             def forward(self: Any) -> Any:
-                return self._send(None)
+                return self._coro.send(None)
 
             _timing.Timed.__next__ = forward  # type: ignore[method-assign]
         return factory
@@ -618,7 +619,11 @@ def _check_watched(
         if state is None or not state.running or thread is None or not thread.is_alive():
             raise RuntimeError("the variant is not watching its loop")
         tracker = _loops.tracker_of(loop)
-        factory = type(loop).get_task_factory(loop)  # the loop's own, not the shadowing method
+        # The factory the loop really calls: past loopwatch's hook of get_task_factory, which
+        # answers with the program's own.
+        factory = getattr(loop, "_task_factory", None)
+        if factory is None and not isinstance(loop, asyncio.BaseEventLoop):
+            factory = type(loop).get_task_factory(loop)
         task = asyncio.current_task(loop)
         timed = task is not None and type(task.get_coro()).__name__ == "Timed"
         found = (

@@ -8,6 +8,7 @@ has no assertions worth rewriting.
 """
 
 import importlib as _importlib
+import sys as _sys
 
 # Not ``typing.TYPE_CHECKING``: importing typing would cost ~5 ms at every start-up through the
 # .start entry point. Type checkers treat any name TYPE_CHECKING as true.
@@ -91,6 +92,9 @@ def __getattr__(name: str) -> "Any":
         raise AttributeError(f"module 'loopwatch' has no attribute {name!r}")
     value = getattr(_importlib.import_module(module, __name__), name)
     globals()[name] = value
+    hooks = _sys.modules.get(__name__ + "._import_hooks")
+    if hooks is not None:  # LOOPWATCH=1: run what that import had to put off (see there)
+        hooks.flush_deferred()
     return value
 
 

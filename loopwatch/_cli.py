@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run a small service with six asyncio mistakes and show what loopwatch finds",
         description=(
             "Start a small HTTP service on 127.0.0.1 under LOOPWATCH=1, send it one request per "
-            "classic asyncio mistake (about 15 seconds), and show each finding as it appears."
+            "classic asyncio mistake (about 20 seconds), and show each finding as it appears."
         ),
     )
     demo.add_argument("--uvloop", action="store_true", help="run the service on uvloop")

@@ -18,17 +18,52 @@ if TYPE_CHECKING:
     from typing import Any
 
 _hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
+# Hooks whose module arrived while a loopwatch module was itself being imported (the program
+# imported loopwatch before asyncio, say): they use loopwatch's modules, which are not whole
+# yet, so they run once those imports are done (see flush_deferred).
+_deferred: list[tuple[str, Callable[[ModuleType], None], ModuleType]] = []
 
 
 def when_imported(name: str, hook: Callable[[ModuleType], None]) -> None:
     """Call ``hook(module)`` once ``name`` is imported (now, if it already is)."""
     module = sys.modules.get(name)
     if module is not None:
-        _call(name, hook, module)
+        _call_or_defer(name, [hook], module)
         return
     _hooks.setdefault(name, []).append(hook)
     if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportFinder())
+
+
+def _loopwatch_importing() -> bool:
+    """Whether a loopwatch module is being imported right now (on the stack below us)."""
+    for key, module in list(sys.modules.items()):
+        if (key == "loopwatch" or key.startswith("loopwatch.")) and getattr(
+            getattr(module, "__spec__", None), "_initializing", False
+        ):
+            return True
+    return False
+
+
+def _call_or_defer(
+    name: str, hooks: list[Callable[[ModuleType], None]], module: ModuleType
+) -> None:
+    if hooks and _loopwatch_importing():
+        _deferred.extend((name, hook, module) for hook in hooks)
+        return
+    for hook in hooks:
+        _call(name, hook, module)
+
+
+def flush_deferred() -> None:
+    """Run the hooks put off by :func:`_call_or_defer`, once no loopwatch import is under way.
+    Called after each import that passes through loopwatch's finder, and by ``loopwatch``'s
+    lazy attributes."""
+    if not _deferred or _loopwatch_importing():
+        return
+    while _deferred:
+        name, hook, module = _deferred.pop(0)
+        _call(name, hook, module)
 
 
 def _call(name: str, hook: Callable[[ModuleType], None], module: ModuleType) -> None:
@@ -49,6 +84,8 @@ class _PostImportFinder:
     def find_spec(
         self, fullname: str, path: Any = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
+        if _deferred:
+            flush_deferred()
         if fullname not in _hooks or fullname in self._busy:
             return None
         self._busy.add(fullname)
@@ -83,8 +120,7 @@ class _HookedLoader:
             module.__spec__.loader = self._loader
         module.__loader__ = self._loader
         self._loader.exec_module(module)
-        for hook in _hooks.pop(self._name, []):
-            _call(self._name, hook, module)
+        _call_or_defer(self._name, _hooks.pop(self._name, []), module)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)

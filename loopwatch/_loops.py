@@ -22,7 +22,7 @@ from asyncio.base_events import BaseEventLoop
 from collections.abc import Callable
 from typing import Any
 
-from . import _runtime, _tasks
+from . import _runtime, _tasks, _timing
 from ._config import Settings, report
 from ._tasks import TaskStats, TaskTracker
 from ._watchdog import LoopState
@@ -114,9 +114,9 @@ def detach(loop: asyncio.AbstractEventLoop) -> None:
     tracker = state.tasks
     if tracker is not None:
         if loop.get_task_factory() is tracker.factory:
-            type(loop).set_task_factory(loop, tracker.inner)
+            _unhooked(type(loop), "set_task_factory")(loop, tracker.inner)
         _retired.add(tracker.stats)
-        tracker.live.clear()
+        _timing.TABLE.retire(tracker.rows)
 
 
 def _running_here(loop: asyncio.AbstractEventLoop) -> bool:
@@ -129,13 +129,11 @@ def _running_here(loop: asyncio.AbstractEventLoop) -> bool:
 # Methods shadowed on a watched loop instance (instance attributes, deleted by detach):
 # - run_forever: marks each run's start and end for the watchdog (run_until_complete, on asyncio
 #   and on uvloop, calls self.run_forever());
-# - set_task_factory / get_task_factory: a factory the program sets later is wrapped, not lost,
-#   and the program still reads back its own;
-# - call_exception_handler: asyncio reports orphaned tasks and lost exceptions through it;
 # - close: tasks still pending when the loop is closed leaked;
 # - create_task, on stock loops of Pythons whose create_task calls ``task.set_name(None)`` after a
 #   task factory (3.13.0): that would rename every unnamed task 'None' just because loopwatch
 #   brought a factory, so unnamed tasks are made by the factory directly there.
+# and, with task tracking, three rarely called methods (below, at _class_hooks).
 _CREATE_TASK_RENAMES = "set_name" in BaseEventLoop.create_task.__code__.co_names
 _SHADOWED = (
     "create_task",
@@ -145,6 +143,15 @@ _SHADOWED = (
     "call_exception_handler",
     "close",
 )
+# - set_task_factory / get_task_factory: a factory the program sets later is wrapped, not lost,
+#   and the program still reads back its own;
+# - call_exception_handler: asyncio reports orphaned tasks and lost exceptions through it.
+# On a stock loop these are hooked once on ``BaseEventLoop`` (each hook looks the loop up and
+# hands unwatched loops straight on), not on the instance: asyncio's pure-Python loop reads its
+# own attributes on every callback, and from 30 instance attributes on CPython stops sharing
+# the instance dict's keys, which slows every ``self.<attr>`` (about +80 ns per task step,
+# measured in benchmarks/results.md). A stock loop has 26; loopwatch adds at most 3.
+_class_hooks: dict[str, Any] = {}  # name -> BaseEventLoop's own method, while hooked
 
 
 def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
@@ -170,7 +177,11 @@ def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
             state.run_stopped()
 
     def close() -> None:
-        this = _loop()
+        this = loop_ref()
+        if this is None:
+            # Called from the loop's own __del__ once the garbage collector has let go of
+            # it (a loop never closed, at interpreter exit): nothing left to close from here.
+            return
         if tracker is not None and not this.is_running() and not this.is_closed():
             try:
                 tracker.report_leaks(asyncio.all_tasks(this))
@@ -187,7 +198,84 @@ def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
         setattr(method, "__loopwatch__", True)  # noqa: B010 - mypy: functions take attributes
         setattr(loop, method.__name__, method)
     if tracker is not None:
-        cls.set_task_factory(loop, tracker.factory)
+        _unhooked(cls, "set_task_factory")(loop, tracker.factory)
+
+
+def _unhooked(cls: type, name: str) -> Any:
+    """``cls.<name>`` as the loop itself has it, past loopwatch's class hook."""
+    method = getattr(cls, name)
+    hook: Any = _class_hooks.get(name)
+    return hook.__wrapped__ if hook is not None and method is hook else method
+
+
+def _tracker_for(loop: Any) -> TaskTracker | None:
+    state = _states.get(loop)
+    return state.tasks if state is not None else None
+
+
+def _class_hookable(loop: asyncio.AbstractEventLoop, name: str) -> bool:
+    """Whether the loop's class takes ``name`` from ``BaseEventLoop`` (or its hook)."""
+    if not isinstance(loop, BaseEventLoop):
+        return False
+    method = getattr(type(loop), name, None)
+    return method is BaseEventLoop.__dict__[name] or method is _class_hooks.get(name)
+
+
+def _hook_class(name: str) -> None:
+    """Hook ``BaseEventLoop.<name>`` once for every watched stock loop (under _lock)."""
+    if name in _class_hooks:
+        return
+    original = BaseEventLoop.__dict__[name]
+    hook: Callable[..., Any]
+    if name == "set_task_factory":
+
+        def set_task_factory(self: Any, factory: Any) -> None:
+            tracker = _tracker_for(self)
+            if tracker is None:
+                return original(self, factory)  # type: ignore[no-any-return]
+            if factory is not None and not callable(factory):
+                raise TypeError("task factory must be a callable or None")
+            tracker.inner = factory
+            return None
+
+        hook = set_task_factory
+    elif name == "get_task_factory":
+
+        def get_task_factory(self: Any) -> Any:
+            tracker = _tracker_for(self)
+            return original(self) if tracker is None else tracker.inner
+
+        hook = get_task_factory
+    else:
+
+        def call_exception_handler(self: Any, context: dict[str, Any]) -> None:
+            tracker = _tracker_for(self)
+            if tracker is not None:
+                _tell_tracker(tracker, context)
+            return original(self, context)  # type: ignore[no-any-return]
+
+        hook = call_exception_handler
+    hook.__qualname__ = f"BaseEventLoop.{name}"
+    hook.__doc__ = original.__doc__
+    setattr(hook, "__wrapped__", original)  # noqa: B010 - mypy: functions take attributes
+    setattr(hook, "__loopwatch__", True)  # noqa: B010
+    type.__setattr__(BaseEventLoop, name, hook)
+    _class_hooks[name] = hook
+
+
+def _unhook_classes() -> None:
+    for name, hook in list(_class_hooks.items()):
+        original = hook.__wrapped__
+        if BaseEventLoop.__dict__.get(name) is hook:
+            type.__setattr__(BaseEventLoop, name, original)
+        del _class_hooks[name]
+
+
+def _tell_tracker(tracker: TaskTracker, context: dict[str, Any]) -> None:
+    try:
+        tracker.on_exception_context(context)
+    except Exception as exc:  # noqa: BLE001 - never in the way of the program's handler
+        report(f"loopwatch: reading an asyncio report failed ({type(exc).__name__}: {exc})")
 
 
 def _task_methods(
@@ -206,10 +294,7 @@ def _task_methods(
         return tracker.inner
 
     def call_exception_handler(context: dict[str, Any]) -> None:
-        try:
-            tracker.on_exception_context(context)
-        except Exception as exc:  # noqa: BLE001 - never in the way of the program's handler
-            report(f"loopwatch: reading an asyncio report failed ({type(exc).__name__}: {exc})")
+        _tell_tracker(tracker, context)
         cls.call_exception_handler(_loop(), context)
 
     def create_task(coro: Any, *, name: Any = None, context: Any = None, **kwargs: Any) -> Any:
@@ -222,7 +307,12 @@ def _task_methods(
             return factory(this, coro)
         return factory(this, coro, context=context)
 
-    methods: list[Callable[..., Any]] = [set_task_factory, get_task_factory, call_exception_handler]
+    methods: list[Callable[..., Any]] = []
+    for method in (set_task_factory, get_task_factory, call_exception_handler):
+        if _class_hookable(loop, method.__name__):
+            _hook_class(method.__name__)
+        else:
+            methods.append(method)
     if _CREATE_TASK_RENAMES and isinstance(loop, BaseEventLoop):
         methods.append(create_task)
     return methods
@@ -356,6 +446,8 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> None:
     disable_global()
     for known in watched_loops():
         detach(known)
+    with _lock:
+        _unhook_classes()
     _tasks.remove_process_hooks()
     _retired.__init__()  # type: ignore[misc]  # counts start again with the next install
     _runtime.deactivate()

@@ -6,11 +6,12 @@ step, ``throw`` to cancel), and the proxy forwards everything a program reads fr
 (``__qualname__``, ``cr_frame``, ``cr_code``, ``cr_await``...), so ``repr(task)``,
 ``task.get_stack()`` and ``task.get_coro().__qualname__`` read as before. Each step costs two
 ``perf_counter`` reads and a Python-level call the C task cannot inline, measured in
-``benchmarks/``. Wall time and counts come from the done callback and need no proxy, so they
-stay when step timing is switched off (``LOOPWATCH_STEP_TIMING=0``).
+``benchmarks/``. The proxy also sees the coroutine end (its return is a ``StopIteration``), so a
+task's wall time and outcome are taken there with no done callback. With step timing switched
+off (``LOOPWATCH_STEP_TIMING=0``) there is no proxy, and a done callback takes them instead.
 
-Totals are kept per coroutine name in one table, capped at ``coroutine_labels`` names (the rest
-count under ``other``), under a lock taken once per task end, never per step.
+Totals are kept per coroutine name, capped at ``coroutine_labels`` names (the rest count under
+``other``): each loop adds into rows of its own, with no lock, and readers add the loops up.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import functools
 import inspect
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
-from ._stats import LATENCY_BUCKETS, Histogram
+from ._stats import LATENCY_BUCKETS
 
 _perf = time.perf_counter
 OTHER = "other"
@@ -66,15 +68,45 @@ _NO_WATCH = StepWatch()
 
 
 class Timed:
-    """Drives one coroutine for its task and adds up the time each step holds the loop."""
+    """Drives one coroutine for its task and adds up the time each step holds the loop.
 
-    # Eight slots (~100 bytes per live task), the bound ``send`` kept to save a lookup per step.
-    __slots__ = ("_cfg", "_coro", "_send", "_watch", "busy", "max_step", "slow_steps", "steps")
+    A proxy made by the task factory also carries its task's bookkeeping (when it was created,
+    its label and creation site: ``_owner`` is the loop's tracker), and tells the tracker when the
+    coroutine ends, so a task's end costs no done callback. One made by ``@timed`` has no owner.
+    """
+
+    # Slots only: about 170 bytes per live task with the floats of the first step.
+    __slots__ = (
+        "_cfg",
+        "_code",
+        "_coro",
+        "_label",
+        "_lasti",
+        "_leaked",
+        "_owner",
+        "_stack",
+        "_watch",
+        "born",
+        "busy",
+        "max_step",
+        "slow_steps",
+        "steps",
+    )
+    # Set by the task factory only (a proxy of ``@timed`` has no owner and leaves them unset).
+    _code: Any
+    _label: str | None
+    _lasti: int | None
+    _leaked: bool
+    _owner: Any
+    _stack: tuple[Any, ...] | None
+    born: float
 
     def __init__(self, coro: Coroutine[Any, Any, Any], cfg: StepWatch = _NO_WATCH) -> None:
+        # The task factory builds its proxies without this call (see TaskTracker): what is set
+        # here is set there too.
         self._coro = coro
-        self._send = coro.send
         self._cfg = cfg
+        self._owner = None
         # One comparison per step: a step longer than this is a new maximum or a long one.
         self._watch = 0.0
         self.busy = 0.0
@@ -87,11 +119,9 @@ class Timed:
     def __next__(self) -> Any:
         start = _perf()
         try:
-            result = self._send(None)
+            result = self._coro.send(None)
         except BaseException as exc:
-            self._step_done(start)
-            if type(exc) is not StopIteration:
-                _strip_own_frame(exc)
+            self._ended(start, exc)
             raise
         took = _perf() - start
         self.busy += took
@@ -103,11 +133,9 @@ class Timed:
     def send(self, value: Any) -> Any:
         start = _perf()
         try:
-            result = self._send(value)
+            result = self._coro.send(value)
         except BaseException as exc:
-            self._step_done(start)
-            if type(exc) is not StopIteration:
-                _strip_own_frame(exc)
+            self._ended(start, exc)
             raise
         self._step_done(start)
         return result
@@ -117,9 +145,7 @@ class Timed:
         try:
             result = self._coro.throw(*args)
         except BaseException as exc:
-            self._step_done(start)
-            if type(exc) is not StopIteration:
-                _strip_own_frame(exc)
+            self._ended(start, exc)
             raise
         self._step_done(start)
         return result
@@ -130,6 +156,15 @@ class Timed:
         self.steps += 1
         if took > self._watch:
             self._long_step(took)
+
+    def _ended(self, start: float, exc: BaseException) -> None:
+        """The coroutine raised: it has ended (``StopIteration`` is its return)."""
+        self._step_done(start)
+        if type(exc) is not StopIteration:
+            _strip_own_frame(exc)
+        owner = self._owner
+        if owner is not None:
+            owner.proxy_ended(self, exc)
 
     def _long_step(self, took: float) -> None:
         cfg = self._cfg
@@ -232,10 +267,18 @@ class CoroutineStats:
         return self.busy_s / self.count if self.count else 0.0
 
 
-class _Row:
+class Row:
+    """One coroutine name's totals, kept by one loop's thread (or under the table's lock).
+
+    ``wall_counts`` / ``busy_counts`` are histogram buckets (``DURATION_BUCKETS`` /
+    ``LATENCY_BUCKETS``, the last one +Inf); their sums and counts are ``wall``/``count`` and
+    ``busy``/``timed``. A reader in another thread may see a row half-updated, which a scrape
+    tolerates; it never sees a row go backwards.
+    """
+
     __slots__ = (
         "busy",
-        "busy_hist",
+        "busy_counts",
         "cancelled",
         "count",
         "errors",
@@ -243,85 +286,126 @@ class _Row:
         "max_wall",
         "slow_steps",
         "steps",
+        "timed",
         "wall",
-        "wall_hist",
+        "wall_counts",
     )
 
     def __init__(self) -> None:
-        self.count = self.errors = self.cancelled = self.steps = self.slow_steps = 0
+        self.count = self.errors = self.cancelled = self.steps = self.slow_steps = self.timed = 0
         self.wall = self.max_wall = self.busy = self.max_step = 0.0
-        self.wall_hist = Histogram(DURATION_BUCKETS)
-        self.busy_hist = Histogram(LATENCY_BUCKETS)
+        self.wall_counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.busy_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    def add(
+        self,
+        wall: float,
+        outcome: str,
+        timed: Timed | None,
+    ) -> None:
+        """One ended call (the task factory's proxies inline this: see TaskTracker)."""
+        self.count += 1
+        if outcome == "error":
+            self.errors += 1
+        elif outcome == "cancelled":
+            self.cancelled += 1
+        self.wall += wall
+        if wall > self.max_wall:
+            self.max_wall = wall
+        self.wall_counts[bisect_left(DURATION_BUCKETS, wall)] += 1
+        if timed is not None:
+            self.timed += 1
+            self.busy += timed.busy
+            self.busy_counts[bisect_left(LATENCY_BUCKETS, timed.busy)] += 1
+            self.steps += timed.steps
+            self.slow_steps += timed.slow_steps
+            if timed.max_step > self.max_step:
+                self.max_step = timed.max_step
+
+    def merge(self, other: Row) -> None:
+        self.count += other.count
+        self.errors += other.errors
+        self.cancelled += other.cancelled
+        self.steps += other.steps
+        self.slow_steps += other.slow_steps
+        self.timed += other.timed
+        self.wall += other.wall
+        self.busy += other.busy
+        self.max_wall = max(self.max_wall, other.max_wall)
+        self.max_step = max(self.max_step, other.max_step)
+        self.wall_counts = [a + b for a, b in zip(self.wall_counts, other.wall_counts, strict=True)]
+        self.busy_counts = [a + b for a, b in zip(self.busy_counts, other.busy_counts, strict=True)]
+
+
+Rows = dict[str, Row]
 
 
 class Table:
     """Per-coroutine totals, capped at ``cap`` names; the rest are counted under ``other``.
 
-    A task's end is only queued (:meth:`ended`: one tuple and a deque append, about 100 ns,
-    safe from any thread); the rows are brought up to date in batches of ``BATCH``, and whenever
-    someone reads them. Taking the lock, finding the row and filling two histograms for every task
-    would cost about a microsecond per task.
+    Each watched loop keeps its own rows (:meth:`rows_for`), written by its thread alone, with no
+    lock and nothing queued: a task's end costs a few hundred nanoseconds of additions. Readers
+    add the rows of every loop up (:meth:`stats`, :meth:`histograms`); the rows of a loop no
+    longer watched are folded in once (:meth:`retire`). Which names get a row of their own is
+    decided once per name and loop, under the lock, so the cap holds over all loops.
     """
-
-    BATCH = 512
 
     def __init__(self, cap: int = 50) -> None:
         self.cap = cap
-        self._rows: dict[str, _Row] = {}
         self._lock = threading.Lock()
-        self._ended: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._names: set[str] = set()  # names with a row of their own, over every loop
+        self._own = Rows()  # @timed calls and retired loops
+        self._loops: list[Rows] = []  # the rows of each watched loop
 
-    def ended(self, record: tuple[Any, ...]) -> None:
-        """Queue ``(name, wall, outcome[, busy, steps, slow_steps, max_step])`` of a task."""
-        ended = self._ended
-        ended.append(record)
-        if len(ended) >= self.BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        """Fold queued task ends into the rows (each popped once, whichever thread flushes)."""
-        ended = self._ended
+    def rows_for(self) -> Rows:
+        """A new loop's rows, counted in from now on."""
+        rows = Rows()
         with self._lock:
-            while True:
-                try:
-                    rec = ended.popleft()
-                except IndexError:
-                    return
-                self._record(*rec)
+            self._loops.append(rows)
+        return rows
 
-    def _record(
-        self,
-        name: str,
-        wall: float,
-        outcome: str,
-        busy: float | None = None,
-        steps: int = 0,
-        slow_steps: int = 0,
-        max_step: float = 0.0,
-    ) -> None:
-        row = self._rows.get(name)
-        if row is None:
-            if len(self._rows) >= self.cap and name != OTHER:
-                name = OTHER
-                row = self._rows.get(OTHER)
-            if row is None:
-                row = self._rows[name] = _Row()
-        row.count += 1
-        if outcome == "error":
-            row.errors += 1
-        elif outcome == "cancelled":
-            row.cancelled += 1
-        row.wall += wall
-        if wall > row.max_wall:
-            row.max_wall = wall
-        row.wall_hist.observe(wall)
-        if busy is not None:
-            row.busy += busy
-            row.steps += steps
-            row.slow_steps += slow_steps
-            if max_step > row.max_step:
-                row.max_step = max_step
-            row.busy_hist.observe(busy)
+    def retire(self, rows: Rows) -> None:
+        """Fold a loop's rows into the table's own (the loop is no longer watched)."""
+        with self._lock:
+            if any(r is rows for r in self._loops):
+                self._loops = [r for r in self._loops if r is not rows]
+                seen: set[int] = set()
+                for name, row in list(rows.items()):
+                    if id(row) not in seen:  # aliases of OTHER share a row
+                        seen.add(id(row))
+                        self._merge_into(self._own, self._canonical(name, row, rows), row)
+            rows.clear()
+
+    @staticmethod
+    def _canonical(name: str, row: Row, rows: Rows) -> str:
+        return OTHER if rows.get(OTHER) is row else name
+
+    @staticmethod
+    def _merge_into(into: Rows, name: str, row: Row) -> None:
+        mine = into.get(name)
+        if mine is None:
+            mine = into[name] = Row()
+        mine.merge(row)
+
+    def row(self, rows: Rows, name: str) -> Row:
+        """The row of ``name`` in ``rows`` (a loop's, or the table's own), made on first use."""
+        with self._lock:
+            row = rows.get(name)
+            if row is not None:
+                return row
+            if name not in self._names:
+                if len(self._names) < self.cap or name == OTHER:
+                    self._names.add(name)
+                else:
+                    other = rows.get(OTHER)
+                    if other is None:
+                        other = rows[OTHER] = Row()
+                        self._names.add(OTHER)
+                    if len(rows) < 4 * max(self.cap, 1):
+                        rows[name] = other  # later ends of this name find it at once
+                    return other
+            row = rows[name] = Row()
+            return row
 
     def record(
         self,
@@ -331,55 +415,70 @@ class Table:
         outcome: str,
         timed: Timed | None,
     ) -> None:
-        """Record one call at once (``@timed``): queued ends first, to keep their order."""
-        self.flush()
+        """Record one call at once (``@timed``), in the table's own rows."""
+        row = self.row(self._own, name)
         with self._lock:
-            if timed is None:
-                self._record(name, wall, outcome)
-            else:
-                self._record(
-                    name, wall, outcome, timed.busy, timed.steps, timed.slow_steps, timed.max_step
-                )
+            row.add(wall, outcome, timed)
+
+    def _merged(self) -> Rows:
+        with self._lock:
+            sources = [self._own, *self._loops]
+            merged = Rows()
+            for rows in sources:
+                seen: set[int] = set()
+                for name, row in list(rows.items()):
+                    if id(row) not in seen:
+                        seen.add(id(row))
+                        self._merge_into(merged, self._canonical(name, row, rows), row)
+        return merged
 
     def stats(self) -> list[CoroutineStats]:
-        self.flush()
-        with self._lock:
-            rows = list(self._rows.items())
-            out = [
-                CoroutineStats(
-                    name=name,
-                    count=row.count,
-                    errors=row.errors,
-                    cancelled=row.cancelled,
-                    wall_s=row.wall,
-                    max_wall_s=row.max_wall,
-                    busy_s=row.busy,
-                    steps=row.steps,
-                    slow_steps=row.slow_steps,
-                    max_step_s=row.max_step,
-                )
-                for name, row in rows
-            ]
+        out = [
+            CoroutineStats(
+                name=name,
+                count=row.count,
+                errors=row.errors,
+                cancelled=row.cancelled,
+                wall_s=row.wall,
+                max_wall_s=row.max_wall,
+                busy_s=row.busy,
+                steps=row.steps,
+                slow_steps=row.slow_steps,
+                max_step_s=row.max_step,
+            )
+            for name, row in self._merged().items()
+        ]
         out.sort(key=lambda s: (-s.busy_s, -s.wall_s, s.name))
         return out
 
     def histograms(self) -> tuple[dict[str, Any], dict[str, Any]]:
         from ._metrics import HistogramSnapshot
 
-        self.flush()
-        with self._lock:
-            wall = {n: HistogramSnapshot.of(r.wall_hist) for n, r in self._rows.items()}
-            busy = {
-                n: HistogramSnapshot.of(r.busy_hist)
-                for n, r in self._rows.items()
-                if r.busy_hist.count
-            }
+        def snapshot(
+            bounds: tuple[float, ...], counts: list[int], total: float
+        ) -> HistogramSnapshot:
+            running = 0
+            buckets: list[tuple[float, int]] = []
+            for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+                running += n
+                buckets.append((bound, running))
+            return HistogramSnapshot(buckets=buckets, sum=total, count=running)
+
+        merged = self._merged()
+        wall = {n: snapshot(DURATION_BUCKETS, r.wall_counts, r.wall) for n, r in merged.items()}
+        busy = {
+            n: snapshot(LATENCY_BUCKETS, r.busy_counts, r.busy)
+            for n, r in merged.items()
+            if r.timed
+        }
         return wall, busy
 
     def clear(self) -> None:
         with self._lock:
-            self._rows.clear()
-            self._ended.clear()
+            self._own.clear()
+            self._names.clear()
+            for rows in self._loops:
+                rows.clear()
 
     def after_fork_in_child(self) -> None:
         """The lock may have been held by a thread that does not exist in the child."""

@@ -7,6 +7,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import uvloop
@@ -270,3 +271,62 @@ def test_the_watchdog_thread_sleeps_while_the_loop_is_healthy(events: Recorder) 
 
     run_on(loopwatch.new_event_loop, main())
     assert checks == []
+
+
+def test_stock_loops_stay_under_30_instance_attributes(events: Recorder) -> None:
+    """asyncio's pure-Python loop reads its own attributes on every callback; from 30 instance
+    attributes on, CPython stops sharing the instance dict's keys and every such read is slower
+    (about +80 ns per task step, benchmarks/results.md). Watching adds at most 3."""
+    plain = asyncio.SelectorEventLoop()
+    watched = loopwatch.new_event_loop()
+    try:
+        added = set(vars(watched)) - set(vars(plain))
+        assert len(vars(watched)) < 30, sorted(vars(watched))
+        assert added <= {"run_forever", "close", "create_task"}, added
+    finally:
+        plain.close()
+        watched.close()
+
+
+def test_task_hooks_on_the_loop_class_leave_other_loops_alone(events: Recorder) -> None:
+    """Stock loops get their task-factory and exception-handler hooks on ``BaseEventLoop``: a
+    loop that is not watched keeps its own behaviour, a watched one answers with the program's
+    factory and still calls the loopwatch one, and uninstall puts the class back as it was."""
+    from asyncio.base_events import BaseEventLoop
+
+    names = ("set_task_factory", "get_task_factory", "call_exception_handler")
+    own = {n: BaseEventLoop.__dict__[n] for n in names}
+    assert not any(getattr(m, "__loopwatch__", False) for m in own.values())
+    made: list[str] = []
+
+    def program_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> Any:
+        made.append(type(loop).__name__)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    async def job() -> int:
+        return 7
+
+    watched = loopwatch.new_event_loop()
+    plain = asyncio.SelectorEventLoop()
+    try:
+        assert all(getattr(BaseEventLoop.__dict__[n], "__loopwatch__", False) for n in names)
+        plain.set_task_factory(program_factory)
+        assert plain.get_task_factory() is program_factory
+        assert plain.run_until_complete(plain.create_task(job())) == 7
+        watched.set_task_factory(program_factory)
+        assert watched.get_task_factory() is program_factory  # the program reads back its own
+        tracker = _loops.tracker_of(watched)
+        assert tracker is not None
+        assert watched._task_factory is tracker.factory  # type: ignore[attr-defined]
+        assert watched.run_until_complete(watched.create_task(job())) == 7
+        assert made == ["_UnixSelectorEventLoop", "_UnixSelectorEventLoop"]
+        assert tracker.stats.created == 1  # the plain loop's task is none of loopwatch's business
+        handled: list[str] = []
+        plain.set_exception_handler(lambda loop, ctx: handled.append(ctx["message"]))
+        plain.call_exception_handler({"message": "from the program"})
+        assert handled == ["from the program"]
+    finally:
+        plain.close()
+        watched.close()
+    loopwatch.uninstall()
+    assert {n: BaseEventLoop.__dict__[n] for n in names} == own

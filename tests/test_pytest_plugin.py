@@ -629,7 +629,7 @@ from helpers import worker
 async def test_installed_once():
     loop = asyncio.get_running_loop()
     assert loop.get_task_factory() is None  # the program's own: no second loopwatch layer
-    assert getattr(type(loop).get_task_factory(loop), "__loopwatch__", False)
+    assert getattr(loop._task_factory, "__loopwatch__", False)  # the one the loop calls
     assert not getattr(BaseEventLoop.__init__.__wrapped__, "__loopwatch__", False)
     names = [t.name for t in threading.enumerate() if t.name.startswith("loopwatch")]
     assert names == ["loopwatch-watchdog"]

@@ -435,3 +435,49 @@ def test_set_but_no_asyncio_loads_only_the_start_up_check(tmp_path: Path) -> Non
         "['MainThread']",
     ]
     assert proc.stderr == ""
+
+
+LOOPWATCH_FIRST = """
+import sys
+import loopwatch
+
+{use}
+import asyncio
+from loopwatch import _loops
+from prometheus_client import REGISTRY, generate_latest
+
+
+async def main():
+    asyncio.get_running_loop().call_soon(lambda: None)
+
+
+asyncio.run(main())
+print("global", _loops.global_enabled())
+print([line for line in generate_latest(REGISTRY).decode().splitlines()
+       if line.startswith("loopwatch_tasks_created_total")])
+"""
+
+
+@pytest.mark.parametrize(
+    "use",
+    ["loopwatch.install()", "app = loopwatch.metrics_app()", "from loopwatch import watch"],
+)
+def test_loopwatch_imported_before_asyncio(tmp_path: Path, use: str) -> None:
+    """With LOOPWATCH=1, a program that reaches loopwatch's API before asyncio is imported (the
+    API's own import brings asyncio and prometheus_client in, and their start-up hooks need
+    loopwatch's modules, still half imported): the hooks wait for those imports, nothing is
+    reported as failed, and loops and metrics are watched."""
+    app = write(tmp_path, "app.py", LOOPWATCH_FIRST.format(use=use))
+    proc = subprocess.run(
+        [sys.executable, str(app)],
+        env=env_with(LOOPWATCH="1"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.stderr == ""
+    assert proc.returncode == 0
+    assert proc.stdout.splitlines() == [
+        "global True",
+        "['loopwatch_tasks_created_total 3.0']",  # main, and asyncio.run's two at its end
+    ]

@@ -39,6 +39,7 @@ def render(event: Event, *, full_stack: bool = False) -> str:
     keys = [k for k in _FIRST if k in data] + [
         k for k in data if k not in _FIRST and k not in _SKIP
     ]
-    head = " ".join([event.event] + [f"{k}={_value(data[k])}" for k in keys if data[k] is not None])
+    shown = [k for k in keys if data[k] not in (None, [], ())]  # an empty stack says nothing
+    head = " ".join([event.event] + [f"{k}={_value(data[k])}" for k in shown])
     stack = shown_stack(data.get("stack") or [], full_stack=full_stack)
     return "\n".join([head, *(f"    {p}" for p in stack)])
