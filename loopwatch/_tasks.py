@@ -214,15 +214,6 @@ class TaskMark:
 Mark = Timed | TaskMark
 
 
-def _mark_site(mark: Mark, frame: FrameType | None, depth: int) -> None:
-    if frame is None:
-        mark._code = mark._lasti = mark._stack = None
-    else:
-        mark._code = frame.f_code
-        mark._lasti = frame.f_lasti
-        mark._stack = _stack_from(frame, depth) if depth > 1 else None
-
-
 class TaskTracker:
     """The task bookkeeping of one watched loop.
 
@@ -278,7 +269,14 @@ class TaskTracker:
                 mark = _new_object(TaskMark)
             mark._leaked = False
             mark._owner = tracker
-            _mark_site(mark, _site_frame(_getframe(1)), tracker.depth)
+            frame = _site_frame(_getframe(1))
+            if frame is None:
+                mark._code = mark._lasti = mark._stack = None
+            else:
+                mark._code = frame.f_code
+                mark._lasti = frame.f_lasti
+                depth = tracker.depth
+                mark._stack = _stack_from(frame, depth) if depth > 1 else None
             if code is not None:
                 if _machinery.get(code.co_filename) is False:
                     mark._label = code.co_qualname
