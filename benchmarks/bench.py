@@ -2635,6 +2635,9 @@ def write_chart(results: Results, path: Path) -> bool:
     return True
 
 
+MISSED_NOTES = HERE.parent / "missed-budgets.md"
+
+
 def write_docs(results: Results, others: Sequence[Results], page: Path) -> None:
     """docs/benchmarks.md: how the page was made, the budgets, the chart, the tables; with
     ``others`` (runs on other Pythons), a cross-Python summary of their budget lines."""
@@ -2678,6 +2681,11 @@ def write_docs(results: Results, others: Sequence[Results], page: Path) -> None:
         ]
         if split is not None:
             body = body[: split + 2] + picture + body[split + 2 :]
+    if MISSED_NOTES.exists():
+        # What a missed budget would take: written by hand after reading a run, kept beside
+        # this script, and placed right after the budget lines.
+        at = next((i for i, line in enumerate(body) if line == "## Per-unit costs"), len(body))
+        body = [*body[:at], *MISSED_NOTES.read_text().rstrip().splitlines(), "", *body[at:]]
     out += body
     for other in others:
         o = other.meta
