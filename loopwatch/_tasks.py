@@ -468,9 +468,6 @@ class TaskTracker:
         return count
 
 
-_INTERNAL = "\x00internal"  # a label placeholder: see _label
-
-
 def _label(coro: Any, site: CodeType | None) -> str | None:
     """The timing table's key for a new task whose coroutine is not plainly the program's.
 
