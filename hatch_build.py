@@ -23,6 +23,10 @@ seen with ``pip install -v .``, ``pip wheel -v .`` and ``python -m build``; it i
 quiet install that fell back to pure Python looks like any other.
 
 Extra compiler flags can be passed in the ``CFLAGS`` and ``LDFLAGS`` environment variables.
+
+Run as a script, ``python hatch_build.py ROOT`` compiles ``ROOT/loopwatch/_accel.c`` in place for
+that interpreter, with no hatchling needed (``benchmarks/bench.py --ref`` builds its snapshot of
+loopwatch so); it exits 1, after the warning, when the module is not built.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ import sysconfig
 import tempfile
 from typing import Any
 
-from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+try:
+    from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+except ImportError:  # run as a script, outside a build: only build_in_place() is used
+    BuildHookInterface = object
 
 SOURCE = "loopwatch/_accel.c"
 MODULE = "loopwatch/_accel"  # + EXT_SUFFIX, relative to the project root
@@ -72,16 +79,8 @@ class AccelBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             return
 
         relative = MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
-        target = os.path.join(self.root, *relative.split("/"))
-
-        try:
-            self._compile(target)
-        except Skip as skip:
-            message = f"{skip.reason}; building without the C accelerator (pure Python)"
-            stale = self._remove_stale(target)
-            if stale:
-                message += f"; {stale}"
-            _warn(message, skip.details)
+        target = build_in_place(self.root)
+        if target is None:
             return
 
         if version == "editable":
@@ -100,102 +99,121 @@ class AccelBuildHook(BuildHookInterface):  # type: ignore[type-arg]
     def clean(self, versions: list[str]) -> None:
         """``hatch build --clean``: delete the module built for this interpreter."""
         relative = MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
-        stale = self._remove_stale(os.path.join(self.root, *relative.split("/")))
+        stale = _remove_stale(os.path.join(self.root, *relative.split("/")))
         if stale.startswith("could not"):
             _warn(stale)
 
-    # -- helpers ------------------------------------------------------------------------------
 
-    def _compile(self, target: str) -> None:
-        """Build `target` from SOURCE, or raise Skip."""
-        setting = os.environ.get("LOOPWATCH_BUILD_ACCEL", "")
-        if setting.strip().lower() in OFF_VALUES:
-            raise Skip(f"LOOPWATCH_BUILD_ACCEL={setting} is set")
-        if sys.platform != "linux":
-            raise Skip(f"the C accelerator is built on Linux only (this is {sys.platform})")
-        if sys.implementation.name != "cpython":
-            raise Skip(f"the C accelerator needs CPython (this is {sys.implementation.name})")
+def build_in_place(root: str) -> str | None:
+    """Compile ``root``'s loopwatch/_accel.c next to it: the module's path, or None (warned)."""
+    relative = MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+    target = os.path.join(root, *relative.split("/"))
+    try:
+        _compile(root, target)
+    except Skip as skip:
+        message = f"{skip.reason}; building without the C accelerator (pure Python)"
+        stale = _remove_stale(target)
+        if stale:
+            message += f"; {stale}"
+        _warn(message, skip.details)
+        return None
+    return target
 
-        source = os.path.join(self.root, *SOURCE.split("/"))
-        if not os.path.isfile(source):
-            raise Skip(f"{SOURCE} not found")
 
-        paths = sysconfig.get_paths()
-        include = paths.get("include") or ""
-        if not os.path.isfile(os.path.join(include, "Python.h")):
-            raise Skip(f"Python.h not found in {include!r} (no Python development headers)")
-        includes = [f"-I{include}"]
-        platinclude = paths.get("platinclude")
-        if platinclude and platinclude != include:  # pyconfig.h, on some distributions' Pythons
-            includes.append(f"-I{platinclude}")
+def _compile(root: str, target: str) -> None:
+    """Build `target` from SOURCE, or raise Skip."""
+    setting = os.environ.get("LOOPWATCH_BUILD_ACCEL", "")
+    if setting.strip().lower() in OFF_VALUES:
+        raise Skip(f"LOOPWATCH_BUILD_ACCEL={setting} is set")
+    if sys.platform != "linux":
+        raise Skip(f"the C accelerator is built on Linux only (this is {sys.platform})")
+    if sys.implementation.name != "cpython":
+        raise Skip(f"the C accelerator needs CPython (this is {sys.implementation.name})")
 
-        cc_setting = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    source = os.path.join(root, *SOURCE.split("/"))
+    if not os.path.isfile(source):
+        raise Skip(f"{SOURCE} not found")
+
+    paths = sysconfig.get_paths()
+    include = paths.get("include") or ""
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        raise Skip(f"Python.h not found in {include!r} (no Python development headers)")
+    includes = [f"-I{include}"]
+    platinclude = paths.get("platinclude")
+    if platinclude and platinclude != include:  # pyconfig.h, on some distributions' Pythons
+        includes.append(f"-I{platinclude}")
+
+    cc_setting = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    try:
+        cc = shlex.split(cc_setting)
+    except ValueError:
+        cc = []
+    if not cc or shutil.which(cc[0]) is None:
+        raise Skip(f"no C compiler found (CC={cc_setting!r})")
+
+    try:
+        extra = [
+            *shlex.split(os.environ.get("CFLAGS", "")),
+            *shlex.split(os.environ.get("LDFLAGS", "")),
+        ]
+    except ValueError as exc:
+        raise Skip(f"cannot parse CFLAGS/LDFLAGS ({exc})") from None
+
+    # Compile next to the target, then rename: an import never sees a half-written module,
+    # and a failed compile leaves nothing behind. (The name starts with a dot, so it can
+    # never be imported, and ends in .so, so .gitignore and the sdist exclude it.)
+    try:
+        fd, partial = tempfile.mkstemp(
+            prefix=".tmp-_accel-", suffix=".so", dir=os.path.dirname(target)
+        )
+    except OSError as exc:
+        raise Skip(f"cannot write to {os.path.dirname(target)!r} ({exc})") from None
+    os.close(fd)
+    command = [*cc, *FLAGS, *includes, *extra, source, "-o", partial]
+    try:
         try:
-            cc = shlex.split(cc_setting)
-        except ValueError:
-            cc = []
-        if not cc or shutil.which(cc[0]) is None:
-            raise Skip(f"no C compiler found (CC={cc_setting!r})")
-
-        try:
-            extra = [
-                *shlex.split(os.environ.get("CFLAGS", "")),
-                *shlex.split(os.environ.get("LDFLAGS", "")),
-            ]
-        except ValueError as exc:
-            raise Skip(f"cannot parse CFLAGS/LDFLAGS ({exc})") from None
-
-        # Compile next to the target, then rename: an import never sees a half-written module,
-        # and a failed compile leaves nothing behind. (The name starts with a dot, so it can
-        # never be imported, and ends in .so, so .gitignore and the sdist exclude it.)
-        try:
-            fd, partial = tempfile.mkstemp(
-                prefix=".tmp-_accel-", suffix=".so", dir=os.path.dirname(target)
+            result = subprocess.run(
+                command,
+                cwd=root,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=COMPILE_TIMEOUT,
+                check=False,
             )
-        except OSError as exc:
-            raise Skip(f"cannot write to {os.path.dirname(target)!r} ({exc})") from None
-        os.close(fd)
-        command = [*cc, *FLAGS, *includes, *extra, source, "-o", partial]
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise Skip(f"could not run the C compiler {cc[0]!r} ({exc})") from None
+        if result.returncode != 0 or os.path.getsize(partial) == 0:
+            status = f"exit status {result.returncode}" if result.returncode else "no output file"
+            output = (result.stderr or "") + (result.stdout or "")
+            raise Skip(
+                f"compiling {SOURCE} failed ({shlex.join(cc)}: {status})",
+                output if output.strip() else "(the compiler printed nothing)",
+            )
         try:
-            try:
-                result = subprocess.run(
-                    command,
-                    cwd=self.root,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    errors="replace",
-                    timeout=COMPILE_TIMEOUT,
-                    check=False,
-                )
-            except (OSError, subprocess.SubprocessError) as exc:
-                raise Skip(f"could not run the C compiler {cc[0]!r} ({exc})") from None
-            if result.returncode != 0 or os.path.getsize(partial) == 0:
-                status = (
-                    f"exit status {result.returncode}" if result.returncode else "no output file"
-                )
-                output = (result.stderr or "") + (result.stdout or "")
-                raise Skip(
-                    f"compiling {SOURCE} failed ({shlex.join(cc)}: {status})",
-                    output if output.strip() else "(the compiler printed nothing)",
-                )
-            try:
-                os.chmod(partial, 0o755)
-                os.replace(partial, target)
-            except OSError as exc:
-                raise Skip(f"cannot write {os.path.basename(target)!r} ({exc})") from None
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
+            os.chmod(partial, 0o755)
+            os.replace(partial, target)
+        except OSError as exc:
+            raise Skip(f"cannot write {os.path.basename(target)!r} ({exc})") from None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
-    @staticmethod
-    def _remove_stale(target: str) -> str:
-        """Delete a module left by an earlier build; what was done, for the warning, or ""."""
-        if not os.path.exists(target):
-            return ""
-        name = f"loopwatch/{os.path.basename(target)}"
-        try:
-            os.unlink(target)
-        except OSError as exc:
-            return f"could not delete the old {name} ({exc}): delete it by hand"
-        return f"deleted the old {name}"
+
+def _remove_stale(target: str) -> str:
+    """Delete a module left by an earlier build; what was done, for the warning, or ""."""
+    if not os.path.exists(target):
+        return ""
+    name = f"loopwatch/{os.path.basename(target)}"
+    try:
+        os.unlink(target)
+    except OSError as exc:
+        return f"could not delete the old {name} ({exc}): delete it by hand"
+    return f"deleted the old {name}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python hatch_build.py PROJECT_ROOT")
+    sys.exit(0 if build_in_place(sys.argv[1]) else 1)

@@ -574,7 +574,7 @@ def _ablated(kind: str, settings: Mapping[str, str], part: str) -> Callable[[], 
             def forward(self: Any) -> Any:
                 return self._coro.send(None)
 
-            _timing.Timed.__next__ = forward  # type: ignore[method-assign]
+            _timing.PyTimed.__next__ = forward  # type: ignore[method-assign]
         return factory
 
     return setup
@@ -602,17 +602,24 @@ def _check_unwatched(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _check_watched(
-    *, tasks: bool, step_timing: bool = False, creation_stack: int = 1
+    *, tasks: bool, step_timing: bool = False, creation_stack: int = 1, compiled: bool = True
 ) -> Callable[[asyncio.AbstractEventLoop], None]:
     """A check that the loop is watched, with task tracking, step timing and creation stacks as
-    the variant says. Called from a task of the loop (so its own coroutine shows the proxy)."""
+    the variant says, and the compiled hot paths (``loopwatch._accel``) in use or not. Called
+    from a task of the loop (so its own coroutine shows the proxy)."""
 
     def check(loop: asyncio.AbstractEventLoop) -> None:
         # Private names on purpose: a benchmark of "the watchdog" that silently measured a loop
         # with no heartbeat or no thread, or "step timing" with no proxy, would be worse than one
         # that fails.
-        from loopwatch import _loops, _runtime
+        from loopwatch import _loops, _runtime, _timing
 
+        if (_timing.ACCEL is not None) != compiled:
+            raise RuntimeError(
+                "expected the compiled hot paths (loopwatch._accel) to be in use"
+                if compiled
+                else "expected the pure-Python hot paths (LOOPWATCH_ACCEL=0)"
+            )
         state = _loops.state_of(loop)
         runtime = _runtime.current()
         thread = runtime.watchdog.thread if runtime is not None else None
@@ -625,7 +632,9 @@ def _check_watched(
         if factory is None and not isinstance(loop, asyncio.BaseEventLoop):
             factory = type(loop).get_task_factory(loop)
         task = asyncio.current_task(loop)
-        timed = task is not None and type(task.get_coro()).__name__ == "Timed"
+        coro = task.get_coro() if task is not None else None
+        # A proxy that times steps (the compiled one stays, untimed, with step timing off).
+        timed = type(coro).__name__ in ("Timed", "PyTimed") and getattr(coro, "_timing", True)
         found = (
             f"tracker {tracker is not None}, task factory {factory!r}, proxy {timed},"
             f" creation_stack {getattr(tracker, 'depth', None)}"
@@ -899,8 +908,9 @@ VARIANTS: dict[str, Variant] = {
             _watched_factories(step_timing="0"),
             _check_watched(tasks=True, step_timing=False),
             _uninstall,
-            "`LOOPWATCH_STEP_TIMING=0`: the watchdog plus task tracking (the task factory:"
-            " creation site, live-task entry, a done callback per task), no timing proxy",
+            "`LOOPWATCH_STEP_TIMING=0`: the watchdog plus task tracking (the compiled task"
+            " factory: creation site, and a proxy that forwards each step untimed and counts the"
+            " task's end)",
             slow_reports=_loopwatch_reports("slow"),
             stall_reports=_loopwatch_reports("stall"),
         ),
@@ -920,6 +930,26 @@ VARIANTS: dict[str, Variant] = {
             _check_watched(tasks=True, step_timing=True, creation_stack=8),
             _uninstall,
             "default plus `LOOPWATCH_CREATION_STACK=8`: 8 frames of each task's creation stack",
+            slow_reports=_loopwatch_reports("slow"),
+            stall_reports=_loopwatch_reports("stall"),
+        ),
+        # The same with the pure-Python hot paths (no compiler at install, or LOOPWATCH_ACCEL=0).
+        Variant(
+            "tasks-py",
+            _watched_factories(step_timing="0", accel="0"),
+            _check_watched(tasks=True, step_timing=False, compiled=False),
+            _uninstall,
+            "`tasks` in pure Python (`LOOPWATCH_ACCEL=0`): the Python task factory, and a done"
+            " callback per task",
+            slow_reports=_loopwatch_reports("slow"),
+            stall_reports=_loopwatch_reports("stall"),
+        ),
+        Variant(
+            "default-py",
+            _watched_factories(accel="0"),
+            _check_watched(tasks=True, step_timing=True, compiled=False),
+            _uninstall,
+            "`default` in pure Python (`LOOPWATCH_ACCEL=0`): the Python task factory and proxy",
             slow_reports=_loopwatch_reports("slow"),
             stall_reports=_loopwatch_reports("stall"),
         ),
@@ -966,27 +996,27 @@ VARIANTS: dict[str, Variant] = {
         # Diagnostics: `tasks` or `default` with one part cut out (private functions replaced).
         Variant(
             "tasks-no-end",
-            {k: _ablated(k, {"step_timing": "0"}, "end") for k in LOOP_KINDS},
-            _check_watched(tasks=True, step_timing=False),
+            {k: _ablated(k, {"step_timing": "0", "accel": "0"}, "end") for k in LOOP_KINDS},
+            _check_watched(tasks=True, step_timing=False, compiled=False),
             _uninstall,
-            "diagnostic: `tasks` without the accounting at each task's end (counts, wall time,"
-            " coroutine table); the done callback still runs",
+            "diagnostic: `tasks-py` without the accounting at each task's end (counts, wall"
+            " time, coroutine table); the done callback still runs",
             group="diagnostic",
         ),
         Variant(
             "tasks-no-site",
-            {k: _ablated(k, {"step_timing": "0"}, "site") for k in LOOP_KINDS},
-            _check_watched(tasks=True, step_timing=False),
+            {k: _ablated(k, {"step_timing": "0", "accel": "0"}, "site") for k in LOOP_KINDS},
+            _check_watched(tasks=True, step_timing=False, compiled=False),
             _uninstall,
-            "diagnostic: `tasks` without the walk to each task's creation site",
+            "diagnostic: `tasks-py` without the walk to each task's creation site",
             group="diagnostic",
         ),
         Variant(
             "bare-proxy",
-            {k: _ablated(k, {}, "timing") for k in LOOP_KINDS},
-            _check_watched(tasks=True, step_timing=True),
+            {k: _ablated(k, {"accel": "0"}, "timing") for k in LOOP_KINDS},
+            _check_watched(tasks=True, step_timing=True, compiled=False),
             _uninstall,
-            "diagnostic: `default` with the proxy forwarding each step untimed (its call alone)",
+            "diagnostic: `default-py` with the proxy forwarding each step untimed (its call alone)",
             group="diagnostic",
         ),
         # The alternatives users have today, at loopwatch's thresholds.
@@ -1047,7 +1077,16 @@ VARIANTS: dict[str, Variant] = {
 }
 
 ALTERNATIVES = tuple(v for v in VARIANTS if VARIANTS[v].group == "alternative")
-DEFAULT_VARIANTS = (BASELINE, "watchdog", "tasks", "default", "everything", *ALTERNATIVES)
+DEFAULT_VARIANTS = (
+    BASELINE,
+    "watchdog",
+    "tasks",
+    "default",
+    "everything",
+    "tasks-py",
+    "default-py",
+    *ALTERNATIVES,
+)
 
 # Each variant against the one it adds to: the cost of one feature at a time.
 INCREMENTS: tuple[tuple[str, str, str], ...] = (
@@ -1056,14 +1095,17 @@ INCREMENTS: tuple[tuple[str, str, str], ...] = (
     ("default", "tasks", "step timing"),
     ("everything", "default", "8-frame creation stacks"),
     ("default", BASELINE, "all of the default"),
+    ("tasks-py", "watchdog", "task tracking, pure Python"),
+    ("default-py", "tasks-py", "step timing, pure Python"),
+    ("default-py", BASELINE, "all of the default, pure Python"),
     ("timer-only", BASELINE, "a 10 ms timer"),
     ("thread-only", BASELINE, "a thread waking every 20 ms"),
     ("py-factory", BASELINE, "a Python task factory"),
     ("py-callback", "py-factory", "a done callback per task"),
-    ("tasks", "tasks-no-end", "accounting at task end"),
-    ("tasks", "tasks-no-site", "the creation-site walk"),
-    ("bare-proxy", "tasks", "a forwarding proxy"),
-    ("default", "bare-proxy", "timing in the proxy"),
+    ("tasks-py", "tasks-no-end", "accounting at task end (pure Python)"),
+    ("tasks-py", "tasks-no-site", "the creation-site walk (pure Python)"),
+    ("bare-proxy", "tasks-py", "a forwarding proxy (pure Python)"),
+    ("default-py", "bare-proxy", "timing in the proxy (pure Python)"),
     ("debug", BASELINE, "asyncio debug mode"),
     ("aiodebug", BASELINE, "aiodebug"),
     ("pyleak", BASELINE, "pyleak"),
@@ -1092,6 +1134,9 @@ BUDGETS: tuple[Budget, ...] = (
     Budget("tasks", "watchdog", "sleep0", 0.0, "ns", "task tracking, per task step"),
     Budget("default", "tasks", "sleep0", 300.0, "ns", "step timing, per task step"),
     Budget("default", "tasks", "echo", 5.0, "%", "step timing"),
+    # The same two per-operation budgets with the pure-Python hot paths (LOOPWATCH_ACCEL=0).
+    Budget("tasks-py", "watchdog", "churn", 1000.0, "ns", "task tracking in pure Python"),
+    Budget("default-py", "tasks-py", "sleep0", 300.0, "ns", "step timing in pure Python"),
     # "fewer": the rate lost, in percent of the reference's rate.
     Budget("default", BASELINE, "http-aiohttp", 3.0, "fewer", "HTTP service, default settings"),
     Budget("default", BASELINE, "http-starlette", 3.0, "fewer", "HTTP service, default settings"),
@@ -1378,14 +1423,29 @@ def workspace(ref: str | None) -> Iterator[tuple[Path, Path | None, str]]:
             return
         commit = _git("rev-parse", "--verify", f"{ref}^{{commit}}")
         source = Path(tmp) / "source"
+        paths = ["loopwatch"]
+        if _git("ls-tree", "--name-only", commit, "hatch_build.py"):
+            paths.append("hatch_build.py")
         archive = subprocess.run(
-            ["git", "-C", str(REPO), "archive", "--format=tar", commit, "loopwatch"],
+            ["git", "-C", str(REPO), "archive", "--format=tar", commit, *paths],
             capture_output=True,
             check=True,
         ).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(source, filter="data")
-        yield script, source, f"git {commit[:12]} ({ref}), exported from {REPO}"
+        compiled = ""
+        if (source / "hatch_build.py").exists():
+            # The snapshot's compiled hot paths, built as an install would build them, for the
+            # workers' interpreter; without them the compiled variants fail their check.
+            built = subprocess.run(
+                [PYTHON, str(source / "hatch_build.py"), str(source)], check=False
+            )
+            compiled = (
+                ", with its compiled module built"
+                if built.returncode == 0
+                else ", its compiled module NOT built (the warning above says why)"
+            )
+        yield script, source, f"git {commit[:12]} ({ref}), exported from {REPO}{compiled}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -245,7 +245,9 @@ SPECS: Final[dict[str, Spec]] = {
             _bool,
             "1 or 0 (also true/false, yes/no, on/off)",
             "Time each task step, for busy time per coroutine and exact durations of slow task "
-            "steps. Off: wall time and counts stay, and tasks drive their coroutines directly.",
+            "steps. Off: wall time and counts stay, and no clock is read per step (the compiled "
+            "hot paths keep a proxy that only forwards each step and sees the task end; the "
+            "pure-Python ones leave the coroutine unwrapped and add a done callback).",
         ),
         Spec(
             "summary",
@@ -333,6 +335,28 @@ def environ_settings() -> Settings:
     settings = from_environ()
     _environ_cache = (key, settings)
     return settings
+
+
+ACCEL_ENV: Final = f"{PREFIX}_ACCEL"
+
+
+def accel_wanted() -> bool:
+    """``LOOPWATCH_ACCEL``: use the compiled hot paths when they are installed (default yes).
+
+    Read once, when loopwatch's timing module is first imported: the choice is the process's,
+    not a per-``install()`` setting. A bad value is reported and the default kept.
+    """
+    text = os.environ.get(ACCEL_ENV)
+    if text is None or not text.strip():
+        return True
+    try:
+        return _bool(text)
+    except ValueError:
+        report(
+            f"loopwatch: {ACCEL_ENV}={text!r} is not 1 or 0 (also true/false, yes/no, on/off); "
+            "using the compiled hot paths"
+        )
+        return True
 
 
 def report(line: str) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ._config import SPECS, Settings
+from ._config import ACCEL_ENV, SPECS, Settings
 from ._events import EVENT_TYPES, Event
 
 # What each event field means. The names, types and order come from the event classes; a field
@@ -106,6 +106,19 @@ def configuration_markdown() -> str:
             else f"`{default}`"
         )
         rows.append(f"| `{spec.env}` | `{spec.name}` | {shown} | {spec.accepted} | {spec.doc} |")
+    rows += [
+        "",
+        "One more variable is read once per process, when loopwatch is first imported, and has no",
+        "keyword:",
+        "",
+        "| variable | default | accepts | meaning |",
+        "| --- | --- | --- | --- |",
+        f"| `{ACCEL_ENV}` | `1` | 1 or 0 (also true/false, yes/no, on/off) | Use the compiled hot"
+        " paths (`loopwatch._accel`: the task factory, the step-timing proxy, the accounting when a"
+        " task ends) when the install built them (Linux, CPython, a C compiler at install time)."
+        " `0`: the pure-Python ones, which report the same and cost more per task and per step"
+        " (see [Benchmarks](../benchmarks.md)). |",
+    ]
     return "\n".join(rows) + "\n"
 
 

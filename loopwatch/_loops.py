@@ -449,5 +449,5 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> None:
     with _lock:
         _unhook_classes()
     _tasks.remove_process_hooks()
-    _retired.__init__()  # type: ignore[misc]  # counts start again with the next install
+    _retired.reset()  # counts start again with the next install
     _runtime.deactivate()

@@ -12,6 +12,12 @@ off (``LOOPWATCH_STEP_TIMING=0``) there is no proxy, and a done callback takes t
 
 Totals are kept per coroutine name, capped at ``coroutine_labels`` names (the rest count under
 ``other``): each loop adds into rows of its own, with no lock, and readers add the loops up.
+
+The hot paths have a compiled twin, ``loopwatch._accel`` (``_accel.c``), built at install time
+where a C compiler is found: its proxy is driven through the ``am_send`` slot (a step is a C call,
+about 40 ns, and a return makes no ``StopIteration``), and it updates the task counts and the
+coroutine's row itself when the coroutine ends. ``ACCEL`` is that module, or None (not built, or
+``LOOPWATCH_ACCEL=0``): then the pure-Python classes here do the same work.
 """
 
 from __future__ import annotations
@@ -26,14 +32,45 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from . import _config, _places
 from ._stats import LATENCY_BUCKETS
 
 _perf = time.perf_counter
 OTHER = "other"
 # Task lifetimes run longer than loop latencies: the same edges, then minutes.
 DURATION_BUCKETS: tuple[float, ...] = (*LATENCY_BUCKETS, 30.0, 60.0, 300.0)
+_ACCEL_API = 1  # the loopwatch._accel.API this code is written for
+
+
+def _load_accel() -> ModuleType | None:
+    """The compiled hot paths, if built for this interpreter and not switched off."""
+    if not _config.accel_wanted():
+        return None
+    try:
+        from . import _accel
+    except ImportError:
+        return None
+    if getattr(_accel, "API", None) != _ACCEL_API:
+        _config.report(
+            "loopwatch: the compiled module loopwatch._accel is from another version of "
+            "loopwatch (reinstall loopwatch); using the pure-Python hot paths"
+        )
+        return None
+    _accel.configure(
+        asyncio.Task,
+        asyncio.CancelledError,
+        _places.machinery_cache(),
+        asyncio.Handle._run.__code__,
+        DURATION_BUCKETS,
+        LATENCY_BUCKETS,
+    )
+    return _accel
+
+
+ACCEL: Any = _load_accel()
 
 
 def _strip_own_frame(exc: BaseException) -> None:
@@ -67,7 +104,7 @@ class StepWatch:
 _NO_WATCH = StepWatch()
 
 
-class Timed:
+class PyTimed:
     """Drives one coroutine for its task and adds up the time each step holds the loop.
 
     A proxy made by the task factory also carries its task's bookkeeping (when it was created,
@@ -190,10 +227,10 @@ class Timed:
     def close(self) -> None:
         self._coro.close()
 
-    def __iter__(self) -> Timed:
+    def __iter__(self) -> PyTimed:
         return self
 
-    def __await__(self) -> Timed:
+    def __await__(self) -> PyTimed:
         return self
 
     # -- what a program reads from a coroutine ---------------------------------------------
@@ -241,8 +278,11 @@ class Timed:
         return repr(self._coro)
 
 
+_OWN_CODES = frozenset(f.__code__ for f in (PyTimed.__next__, PyTimed.send, PyTimed.throw))
+# The proxy in use: the compiled one when there is one. It has the same attributes, adds no
+# frame to tracebacks, and reports its end itself (see the module docstring).
+Timed: Any = PyTimed if ACCEL is None else ACCEL.Timed
 collections.abc.Coroutine.register(Timed)
-_OWN_CODES = frozenset(f.__code__ for f in (Timed.__next__, Timed.send, Timed.throw))
 
 
 def unwrap(coro: Any) -> Any:
@@ -277,14 +317,8 @@ class CoroutineStats:
         return self.busy_s / self.count if self.count else 0.0
 
 
-class Row:
-    """One coroutine name's totals, kept by one loop's thread (or under the table's lock).
-
-    ``wall_counts`` / ``busy_counts`` are histogram buckets (``DURATION_BUCKETS`` /
-    ``LATENCY_BUCKETS``, the last one +Inf); their sums and counts are ``wall``/``count`` and
-    ``busy``/``timed``. A reader in another thread may see a row half-updated, which a scrape
-    tolerates; it never sees a row go backwards.
-    """
+class _PyRowFields:
+    """A row's numbers as Python attributes (the compiled ``Row`` keeps them as C numbers)."""
 
     __slots__ = (
         "busy",
@@ -307,11 +341,29 @@ class Row:
         self.wall_counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.busy_counts = [0] * (len(LATENCY_BUCKETS) + 1)
 
+
+if TYPE_CHECKING:
+    _RowFields = _PyRowFields
+else:
+    _RowFields = _PyRowFields if ACCEL is None else ACCEL.Row
+
+
+class Row(_RowFields):
+    """One coroutine name's totals, kept by one loop's thread (or under the table's lock).
+
+    ``wall_counts`` / ``busy_counts`` are histogram buckets (``DURATION_BUCKETS`` /
+    ``LATENCY_BUCKETS``, the last one +Inf); their sums and counts are ``wall``/``count`` and
+    ``busy``/``timed``. A reader in another thread may see a row half-updated, which a scrape
+    tolerates; it never sees a row go backwards.
+    """
+
+    __slots__ = ()
+
     def add(
         self,
         wall: float,
         outcome: str,
-        timed: Timed | None,
+        timed: Any,
     ) -> None:
         """One ended call (the task factory's proxies inline this: see TaskTracker)."""
         self.count += 1
@@ -423,7 +475,7 @@ class Table:
         *,
         wall: float,
         outcome: str,
-        timed: Timed | None,
+        timed: Any,
     ) -> None:
         """Record one call at once (``@timed``), in the table's own rows."""
         row = self.row(self._own, name)

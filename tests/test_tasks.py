@@ -20,13 +20,14 @@ HERE = __file__
 Factory = Callable[[], asyncio.AbstractEventLoop]
 
 
-@pytest.fixture(params=["proxy", "mark"])
+@pytest.fixture(params=["timed", "untimed"])
 def tracking(request: pytest.FixtureRequest) -> str:
     """How each task is followed: by its step-timing proxy (the default), or, with step timing
-    off, by a mark that is its done callback. Every finding must come out the same."""
+    off, by a mark that is its done callback (pure Python) or a proxy that only forwards (the
+    compiled module). Every finding must come out the same."""
     from loopwatch import _runtime
 
-    _runtime.activate(step_timing=request.param == "proxy")
+    _runtime.activate(step_timing=request.param == "timed")
     return str(request.param)
 
 

@@ -1,0 +1,1263 @@
+/* loopwatch._accel: the per-task and per-step hot paths of loopwatch, compiled.
+ *
+ * Optional: built at install time where a C compiler is found (see hatch_build.py), and used
+ * unless LOOPWATCH_ACCEL=0. loopwatch/_timing.py and loopwatch/_tasks.py hold the pure-Python
+ * versions of everything here and remain the reference for what it does.
+ *
+ * Timed    the step-timing proxy between an asyncio.Task and its coroutine. The C Task drives
+ *          its coroutine with PyIter_Send(), which calls the am_send slot: a step is a C call,
+ *          and a return reaches the task as PYGEN_RETURN with no StopIteration made. With
+ *          timing off (LOOPWATCH_STEP_TIMING=0) it only forwards, and still sees the end.
+ *          When the coroutine ends, its task's counts and its coroutine's row are updated here
+ *          (TaskCounts, Row), in the loop's thread, with no lock: the same as
+ *          TaskTracker.proxy_ended.
+ * Factory  the task factory's common case: a plain coroutine created from a file whose kind
+ *          (the program's, or asyncio/uvloop/loopwatch's) is already in the machinery cache.
+ *          Anything else is handed to the pure-Python factory (`fallback`), which does it all.
+ * TaskCounts, Row   the bases of _tasks.TaskStats and _timing.Row: plain C numbers that Python
+ *          reads and writes as attributes.
+ *
+ * Clock: clock_gettime(CLOCK_MONOTONIC), the clock of time.monotonic() and time.perf_counter()
+ * on Linux, the only platform this is built for.
+ *
+ * Errors raised by a hook (on_slow, proxy_ended, Table.row) go to sys.unraisablehook and never
+ * reach the program.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <time.h>
+
+#define API_VERSION 1
+#define MAX_BUCKETS 40
+
+/* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
+
+static PyObject *g_task_type;  /* asyncio.Task */
+static PyObject *g_cancelled;  /* asyncio.CancelledError */
+static PyObject *g_machinery;  /* dict: file name -> True (asyncio/uvloop/loopwatch) / False */
+static PyObject *g_handle_run; /* code of asyncio.Handle._run */
+static PyObject *g_driver;     /* code of loopwatch's run wrapper, or NULL */
+static double g_duration[MAX_BUCKETS], g_latency[MAX_BUCKETS];
+static Py_ssize_t g_nduration = -1, g_nlatency = -1;
+static PyObject *g_loop_kwnames; /* ("loop",) */
+
+static PyObject *s_proxy_ended, *s_half, *s_threshold, *s_on_slow, *s_throw, *s_close, *s_name,
+    *s_qualname, *s_cr_frame, *s_cr_code, *s_cr_await, *s_cr_running, *s_cr_suspended,
+    *s_cr_origin, *s_row, *s_loop;
+
+static inline double
+now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The index of the first bound >= x (bisect_left), n (the +Inf bucket) if none. */
+static inline Py_ssize_t
+bucket(const double *bounds, Py_ssize_t n, double x)
+{
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (bounds[mid] < x) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+/* -- the exception in flight, across versions ------------------------------------------ */
+
+static PyObject *
+take_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) {
+        return NULL;
+    }
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL) {
+        PyException_SetTraceback(value, tb);
+        Py_DECREF(tb);
+    }
+    Py_DECREF(type);
+    return value;
+#endif
+}
+
+static void
+put_exception(PyObject *exc) /* steals exc */
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyObject *type = Py_NewRef((PyObject *)Py_TYPE(exc));
+    PyObject *tb = PyException_GetTraceback(exc);
+    PyErr_Restore(type, exc, tb);
+#endif
+}
+
+/* ======================================================================================= */
+/* TaskCounts: the base of _tasks.TaskStats                                                */
+
+typedef struct {
+    PyObject_HEAD
+    long long created, ok, error, cancelled, gone, leaked, orphaned, unretrieved;
+    PyObject *rows;  /* the loop's coroutine rows: dict label -> Row */
+    PyObject *table; /* _timing.Table: table.row(rows, label) makes a missing row */
+} CountsObject;
+
+static PyTypeObject Counts_Type;
+
+static int
+Counts_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    CountsObject *self = (CountsObject *)op;
+    Py_VISIT(self->rows);
+    Py_VISIT(self->table);
+    return 0;
+}
+
+static int
+Counts_clear(PyObject *op)
+{
+    CountsObject *self = (CountsObject *)op;
+    Py_CLEAR(self->rows);
+    Py_CLEAR(self->table);
+    return 0;
+}
+
+static void
+Counts_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    Counts_clear(op);
+    tp->tp_free(op);
+}
+
+static PyMemberDef Counts_members[] = {
+    {"created", T_LONGLONG, offsetof(CountsObject, created), 0, NULL},
+    {"ok", T_LONGLONG, offsetof(CountsObject, ok), 0, NULL},
+    {"error", T_LONGLONG, offsetof(CountsObject, error), 0, NULL},
+    {"cancelled", T_LONGLONG, offsetof(CountsObject, cancelled), 0, NULL},
+    {"gone", T_LONGLONG, offsetof(CountsObject, gone), 0, NULL},
+    {"leaked", T_LONGLONG, offsetof(CountsObject, leaked), 0, NULL},
+    {"orphaned", T_LONGLONG, offsetof(CountsObject, orphaned), 0, NULL},
+    {"unretrieved", T_LONGLONG, offsetof(CountsObject, unretrieved), 0, NULL},
+    {"_rows", T_OBJECT, offsetof(CountsObject, rows), 0, NULL},
+    {"_table", T_OBJECT, offsetof(CountsObject, table), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Counts_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.TaskCounts",
+    .tp_basicsize = sizeof(CountsObject),
+    .tp_dealloc = Counts_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = Counts_traverse,
+    .tp_clear = Counts_clear,
+    .tp_members = Counts_members,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ======================================================================================= */
+/* Row: the base of _timing.Row                                                            */
+
+typedef struct {
+    PyObject_HEAD
+    long long count, errors, cancelled, steps, slow_steps, timed;
+    double wall, max_wall, busy, max_step;
+    long long wall_counts[MAX_BUCKETS + 1];
+    long long busy_counts[MAX_BUCKETS + 1];
+} RowObject;
+
+static PyTypeObject Row_Type;
+
+static PyObject *
+Row_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (g_nduration < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "loopwatch._accel.configure() was not called");
+        return NULL;
+    }
+    return PyType_GenericNew(type, args, kwds);
+}
+
+static void
+Row_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    tp->tp_free(op);
+}
+
+static PyObject *
+counts_get(const long long *counts, Py_ssize_t n)
+{
+    PyObject *list = PyList_New(n);
+    if (list == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromLongLong(counts[i]);
+        if (v == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, v);
+    }
+    return list;
+}
+
+static int
+counts_set(long long *counts, Py_ssize_t n, PyObject *value)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "bucket counts cannot be deleted");
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(value, "bucket counts must be a sequence of ints");
+    if (seq == NULL) {
+        return -1;
+    }
+    if (PySequence_Fast_GET_SIZE(seq) != n) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "expected %zd bucket counts", n);
+        return -1;
+    }
+    long long tmp[MAX_BUCKETS + 1];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        tmp[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (tmp[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    memcpy(counts, tmp, sizeof(long long) * (size_t)n);
+    return 0;
+}
+
+static PyObject *
+Row_get_wall_counts(PyObject *op, void *Py_UNUSED(closure))
+{
+    return counts_get(((RowObject *)op)->wall_counts, g_nduration + 1);
+}
+
+static int
+Row_set_wall_counts(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    return counts_set(((RowObject *)op)->wall_counts, g_nduration + 1, value);
+}
+
+static PyObject *
+Row_get_busy_counts(PyObject *op, void *Py_UNUSED(closure))
+{
+    return counts_get(((RowObject *)op)->busy_counts, g_nlatency + 1);
+}
+
+static int
+Row_set_busy_counts(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    return counts_set(((RowObject *)op)->busy_counts, g_nlatency + 1, value);
+}
+
+static PyGetSetDef Row_getset[] = {
+    {"wall_counts", Row_get_wall_counts, Row_set_wall_counts, NULL, NULL},
+    {"busy_counts", Row_get_busy_counts, Row_set_busy_counts, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Row_members[] = {
+    {"count", T_LONGLONG, offsetof(RowObject, count), 0, NULL},
+    {"errors", T_LONGLONG, offsetof(RowObject, errors), 0, NULL},
+    {"cancelled", T_LONGLONG, offsetof(RowObject, cancelled), 0, NULL},
+    {"steps", T_LONGLONG, offsetof(RowObject, steps), 0, NULL},
+    {"slow_steps", T_LONGLONG, offsetof(RowObject, slow_steps), 0, NULL},
+    {"timed", T_LONGLONG, offsetof(RowObject, timed), 0, NULL},
+    {"wall", T_DOUBLE, offsetof(RowObject, wall), 0, NULL},
+    {"max_wall", T_DOUBLE, offsetof(RowObject, max_wall), 0, NULL},
+    {"busy", T_DOUBLE, offsetof(RowObject, busy), 0, NULL},
+    {"max_step", T_DOUBLE, offsetof(RowObject, max_step), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Row_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.Row",
+    .tp_basicsize = sizeof(RowObject),
+    .tp_dealloc = Row_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_members = Row_members,
+    .tp_getset = Row_getset,
+    .tp_new = Row_new,
+};
+
+/* ======================================================================================= */
+/* Timed: the proxy                                                                        */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *coro;
+    PyObject *cfg;   /* _timing.StepWatch, or NULL */
+    PyObject *owner; /* the loop's TaskTracker, or NULL (@timed) */
+    PyObject *sink;  /* the loop's TaskCounts (C accounting at the end), or NULL */
+    PyObject *label; /* the coroutine's row, or NULL (not timed) */
+    PyObject *code;  /* creation site: code object, or NULL */
+    PyObject *stack; /* deeper creation stack (code, offset, ...), or NULL */
+    double born, busy, max_step, watch;
+    long long steps, slow_steps;
+    int lasti;
+    char leaked, ended, timing;
+} TimedObject;
+
+static PyTypeObject Timed_Type;
+
+static double
+attr_double(PyObject *obj, PyObject *name, double dflt)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) {
+        PyErr_Clear();
+        return dflt;
+    }
+    double d = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    if (d == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return dflt;
+    }
+    return d;
+}
+
+/* A step longer than `watch`: a new maximum, or one the watchdog hears of. Called with no
+   exception set. */
+static void
+long_step(TimedObject *self, double took)
+{
+    if (took > self->max_step) {
+        self->max_step = took;
+    }
+    if (self->cfg == NULL || self->cfg == Py_None) {
+        self->watch = self->max_step;
+        return;
+    }
+    double half = attr_double(self->cfg, s_half, Py_HUGE_VAL);
+    self->watch = self->max_step < half ? self->max_step : half;
+    if (took < half) {
+        return;
+    }
+    if (took >= attr_double(self->cfg, s_threshold, Py_HUGE_VAL)) {
+        self->slow_steps++;
+    }
+    PyObject *on_slow = PyObject_GetAttr(self->cfg, s_on_slow);
+    if (on_slow == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    if (on_slow != Py_None) {
+        PyObject *a = PyFloat_FromDouble(took);
+        PyObject *b = PyFloat_FromDouble(now_s());
+        PyObject *r = NULL;
+        if (a != NULL && b != NULL) {
+            PyObject *args[2] = {a, b};
+            r = PyObject_Vectorcall(on_slow, args, 2, NULL);
+        }
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        if (r == NULL) {
+            PyErr_WriteUnraisable(on_slow);
+        }
+        Py_XDECREF(r);
+    }
+    Py_DECREF(on_slow);
+}
+
+/* The coroutine ended (exc: NULL for a return): count the task and time its coroutine, as
+   TaskTracker.proxy_ended does. Called with no exception set; leaves none set. */
+static void
+account(TimedObject *self, CountsObject *sink, PyObject *exc)
+{
+    double wall = now_s() - self->born;
+    sink->gone++;
+    RowObject *row = NULL;
+    if (self->label != NULL && self->label != Py_None && sink->rows != NULL &&
+        PyDict_CheckExact(sink->rows)) {
+        PyObject *found = PyDict_GetItemWithError(sink->rows, self->label);
+        if (found != NULL) {
+            Py_INCREF(found);
+        }
+        else if (!PyErr_Occurred() && sink->table != NULL) {
+            PyObject *args[3] = {sink->table, sink->rows, self->label};
+            found = PyObject_VectorcallMethod(s_row, args, 3, NULL);
+        }
+        if (found == NULL) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        else if (PyObject_TypeCheck(found, &Row_Type)) {
+            row = (RowObject *)found;
+        }
+        else {
+            Py_DECREF(found);
+        }
+    }
+    if (row != NULL) {
+        row->count++;
+    }
+    if (exc == NULL) {
+        sink->ok++;
+    }
+    else if (g_cancelled != NULL && PyErr_GivenExceptionMatches(exc, g_cancelled)) {
+        /* The task becomes cancelled (one cancelled just as its coroutine returned is counted
+           ok: the proxy cannot see that). */
+        sink->cancelled++;
+        if (row != NULL) {
+            row->cancelled++;
+        }
+    }
+    else {
+        sink->error++;
+        if (row != NULL) {
+            row->errors++;
+        }
+    }
+    if (row == NULL) {
+        return;
+    }
+    row->wall += wall;
+    if (wall > row->max_wall) {
+        row->max_wall = wall;
+    }
+    row->wall_counts[bucket(g_duration, g_nduration, wall)]++;
+    if (self->timing) {
+        row->timed++;
+        row->busy += self->busy;
+        row->busy_counts[bucket(g_latency, g_nlatency, self->busy)]++;
+        row->steps += self->steps;
+        row->slow_steps += self->slow_steps;
+        if (self->max_step > row->max_step) {
+            row->max_step = self->max_step;
+        }
+    }
+    Py_DECREF(row);
+}
+
+static void
+ended(TimedObject *self, PyObject *exc)
+{
+    if (self->ended) {
+        return;
+    }
+    self->ended = 1;
+    if (self->sink != NULL) {
+        Py_INCREF(self->sink);
+        account(self, (CountsObject *)self->sink, exc);
+        Py_DECREF(self->sink);
+        return;
+    }
+    PyObject *owner = self->owner;
+    if (owner == NULL || owner == Py_None) {
+        return;
+    }
+    Py_INCREF(owner);
+    PyObject *args[3] = {owner, (PyObject *)self, exc ? exc : Py_None};
+    PyObject *r = PyObject_VectorcallMethod(s_proxy_ended, args, 3, NULL);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(owner);
+    }
+    Py_XDECREF(r);
+    Py_DECREF(owner);
+}
+
+/* After a timed step: count it, and if the coroutine ended, account for it. `status` is
+   PYGEN_NEXT, PYGEN_RETURN, or PYGEN_ERROR with the exception set (which stays set). */
+static inline void
+step_done(TimedObject *self, double start, PySendResult status)
+{
+    double took = now_s() - start;
+    self->busy += took;
+    self->steps++;
+    if (status == PYGEN_NEXT) {
+        if (took > self->watch) {
+            long_step(self, took);
+        }
+        return;
+    }
+    PyObject *exc = status == PYGEN_ERROR ? take_exception() : NULL;
+    if (took > self->watch) {
+        long_step(self, took);
+    }
+    /* A StopIteration out of throw() is a return. */
+    ended(self, exc != NULL && PyErr_GivenExceptionMatches(exc, PyExc_StopIteration) ? NULL : exc);
+    if (exc != NULL) {
+        put_exception(exc);
+    }
+}
+
+/* After an untimed step (timing off): only the end matters. */
+static void
+untimed_end(TimedObject *self, PySendResult status)
+{
+    PyObject *exc = status == PYGEN_ERROR ? take_exception() : NULL;
+    ended(self, exc != NULL && PyErr_GivenExceptionMatches(exc, PyExc_StopIteration) ? NULL : exc);
+    if (exc != NULL) {
+        put_exception(exc);
+    }
+}
+
+/* A step of the coroutine: its own am_send when it has one (a coroutine does), else PyIter_Send. */
+static inline PySendResult
+send_to(PyObject *coro, PyObject *arg, PyObject **presult)
+{
+    PyAsyncMethods *am = Py_TYPE(coro)->tp_as_async;
+    if (am != NULL && am->am_send != NULL) {
+        return am->am_send(coro, arg, presult);
+    }
+    return PyIter_Send(coro, arg, presult);
+}
+
+static PySendResult
+Timed_am_send(PyObject *op, PyObject *arg, PyObject **presult)
+{
+    TimedObject *self = (TimedObject *)op;
+    if (!self->timing) {
+        PySendResult status = send_to(self->coro, arg, presult);
+        self->steps++;
+        if (status != PYGEN_NEXT) {
+            untimed_end(self, status);
+        }
+        return status;
+    }
+    double start = now_s();
+    PySendResult status = send_to(self->coro, arg, presult);
+    step_done(self, start, status);
+    return status;
+}
+
+/* The return of a Python-level send/__next__: raise StopIteration(value). */
+static PyObject *
+stop_with(PyObject *value) /* steals value */
+{
+    if (value == Py_None) {
+        PyErr_SetNone(PyExc_StopIteration);
+    }
+    else {
+        PyObject *e = PyObject_CallOneArg(PyExc_StopIteration, value);
+        if (e != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, e);
+            Py_DECREF(e);
+        }
+    }
+    Py_DECREF(value);
+    return NULL;
+}
+
+static PyObject *
+Timed_iternext(PyObject *op)
+{
+    PyObject *result;
+    if (Timed_am_send(op, Py_None, &result) == PYGEN_RETURN) {
+        return stop_with(result);
+    }
+    return result;
+}
+
+static PyObject *
+Timed_send(PyObject *op, PyObject *value)
+{
+    PyObject *result;
+    if (Timed_am_send(op, value, &result) == PYGEN_RETURN) {
+        return stop_with(result);
+    }
+    return result;
+}
+
+static PyObject *
+Timed_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    TimedObject *self = (TimedObject *)op;
+    PyObject *stack[4];
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
+        return NULL;
+    }
+    stack[0] = self->coro;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        stack[i + 1] = args[i];
+    }
+    if (!self->timing) {
+        PyObject *result = PyObject_VectorcallMethod(s_throw, stack, (size_t)nargs + 1, NULL);
+        self->steps++;
+        if (result == NULL) {
+            untimed_end(self, PYGEN_ERROR);
+        }
+        return result;
+    }
+    double start = now_s();
+    PyObject *result = PyObject_VectorcallMethod(s_throw, stack, (size_t)nargs + 1, NULL);
+    step_done(self, start, result != NULL ? PYGEN_NEXT : PYGEN_ERROR);
+    return result;
+}
+
+static PyObject *
+Timed_close(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    return PyObject_CallMethodNoArgs(((TimedObject *)op)->coro, s_close);
+}
+
+static PyObject *
+Timed_self(PyObject *op)
+{
+    return Py_NewRef(op);
+}
+
+static PyObject *
+Timed_self_meth(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    return Py_NewRef(op);
+}
+
+/* -- what a program reads from a coroutine --------------------------------------------- */
+
+static PyObject *
+forward(TimedObject *self, PyObject *name, PyObject *dflt)
+{
+    PyObject *v = PyObject_GetAttr(self->coro, name);
+    if (v == NULL && dflt != NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        return Py_NewRef(dflt);
+    }
+    return v;
+}
+
+static PyObject *
+forward_bool(TimedObject *self, PyObject *name)
+{
+    PyObject *v = forward(self, name, Py_False);
+    if (v == NULL) {
+        return NULL;
+    }
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t < 0 ? NULL : PyBool_FromLong(t);
+}
+
+#define FORWARD(fn, name, dflt)                                 \
+    static PyObject *fn(PyObject *op, void *Py_UNUSED(closure)) \
+    {                                                           \
+        return forward((TimedObject *)op, name, dflt);          \
+    }
+
+FORWARD(get_name, s_name, NULL)
+FORWARD(get_qualname, s_qualname, NULL)
+FORWARD(get_cr_frame, s_cr_frame, Py_None)
+FORWARD(get_cr_code, s_cr_code, Py_None)
+FORWARD(get_cr_await, s_cr_await, Py_None)
+FORWARD(get_cr_origin, s_cr_origin, Py_None)
+
+static PyObject *
+get_cr_running(PyObject *op, void *Py_UNUSED(closure))
+{
+    return forward_bool((TimedObject *)op, s_cr_running);
+}
+
+static PyObject *
+get_cr_suspended(PyObject *op, void *Py_UNUSED(closure))
+{
+    return forward_bool((TimedObject *)op, s_cr_suspended);
+}
+
+static PyObject *
+get_wrapped(PyObject *op, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(((TimedObject *)op)->coro);
+}
+
+static PyObject *
+get_sink(PyObject *op, void *Py_UNUSED(closure))
+{
+    PyObject *sink = ((TimedObject *)op)->sink;
+    return Py_NewRef(sink ? sink : Py_None);
+}
+
+static int
+set_sink(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    TimedObject *self = (TimedObject *)op;
+    if (value != NULL && value != Py_None && !PyObject_TypeCheck(value, &Counts_Type)) {
+        PyErr_SetString(PyExc_TypeError, "_sink must be a TaskCounts or None");
+        return -1;
+    }
+    Py_XSETREF(self->sink, value == NULL || value == Py_None ? NULL : Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+Timed_repr(PyObject *op)
+{
+    return PyObject_Repr(((TimedObject *)op)->coro);
+}
+
+/* -- life cycle -------------------------------------------------------------------------- */
+
+static TimedObject *
+timed_new(PyTypeObject *type, PyObject *coro, PyObject *cfg, PyObject *owner, PyObject *label)
+{
+    TimedObject *self = PyObject_GC_New(TimedObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->coro = Py_NewRef(coro);
+    self->cfg = cfg == NULL || cfg == Py_None ? NULL : Py_NewRef(cfg);
+    self->owner = owner == NULL || owner == Py_None ? NULL : Py_NewRef(owner);
+    self->sink = NULL;
+    self->label = label == NULL || label == Py_None ? NULL : Py_NewRef(label);
+    self->code = NULL;
+    self->stack = NULL;
+    self->born = now_s();
+    self->busy = self->max_step = self->watch = 0.0;
+    self->steps = self->slow_steps = 0;
+    self->lasti = 0;
+    self->leaked = self->ended = 0;
+    self->timing = 1;
+    PyObject_GC_Track(self);
+    return self;
+}
+
+/* Timed(coro, cfg=None, owner=None, label=None), positional only. */
+static PyObject *
+Timed_vectorcall(PyObject *type, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames)) || nargs < 1 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "Timed(coro, cfg=None, owner=None, label=None)");
+        return NULL;
+    }
+    return (PyObject *)timed_new((PyTypeObject *)type, args[0], nargs > 1 ? args[1] : NULL,
+                                 nargs > 2 ? args[2] : NULL, nargs > 3 ? args[3] : NULL);
+}
+
+static PyObject *
+Timed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Timed takes no keyword arguments");
+        return NULL;
+    }
+    return Timed_vectorcall((PyObject *)type, &PyTuple_GET_ITEM(args, 0),
+                            (size_t)PyTuple_GET_SIZE(args), NULL);
+}
+
+static int
+Timed_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    TimedObject *self = (TimedObject *)op;
+    Py_VISIT(self->coro);
+    Py_VISIT(self->cfg);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->sink);
+    Py_VISIT(self->label);
+    Py_VISIT(self->code);
+    Py_VISIT(self->stack);
+    return 0;
+}
+
+static int
+Timed_clear(PyObject *op)
+{
+    TimedObject *self = (TimedObject *)op;
+    /* coro stays until dealloc: repr() and the forwarded attributes read it. */
+    Py_CLEAR(self->cfg);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->sink);
+    Py_CLEAR(self->label);
+    Py_CLEAR(self->code);
+    Py_CLEAR(self->stack);
+    return 0;
+}
+
+static void
+Timed_dealloc(PyObject *op)
+{
+    PyObject_GC_UnTrack(op);
+    Timed_clear(op);
+    Py_CLEAR(((TimedObject *)op)->coro);
+    PyObject_GC_Del(op);
+}
+
+static PyMethodDef Timed_methods[] = {
+    {"send", (PyCFunction)Timed_send, METH_O, NULL},
+    {"throw", (PyCFunction)(void (*)(void))Timed_throw, METH_FASTCALL, NULL},
+    {"close", Timed_close, METH_NOARGS, NULL},
+    {"__await__", Timed_self_meth, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Timed_getset[] = {
+    {"__name__", get_name, NULL, NULL, NULL},
+    {"__qualname__", get_qualname, NULL, NULL, NULL},
+    {"__wrapped__", get_wrapped, NULL, NULL, NULL},
+    {"cr_frame", get_cr_frame, NULL, NULL, NULL},
+    {"cr_code", get_cr_code, NULL, NULL, NULL},
+    {"cr_await", get_cr_await, NULL, NULL, NULL},
+    {"cr_running", get_cr_running, NULL, NULL, NULL},
+    {"cr_suspended", get_cr_suspended, NULL, NULL, NULL},
+    {"cr_origin", get_cr_origin, NULL, NULL, NULL},
+    {"_sink", get_sink, set_sink, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+/* T_OBJECT members read NULL as None. */
+static PyMemberDef Timed_members[] = {
+    {"_coro", T_OBJECT, offsetof(TimedObject, coro), READONLY, NULL},
+    {"_cfg", T_OBJECT, offsetof(TimedObject, cfg), 0, NULL},
+    {"_owner", T_OBJECT, offsetof(TimedObject, owner), 0, NULL},
+    {"_label", T_OBJECT, offsetof(TimedObject, label), 0, NULL},
+    {"_code", T_OBJECT, offsetof(TimedObject, code), 0, NULL},
+    {"_stack", T_OBJECT, offsetof(TimedObject, stack), 0, NULL},
+    {"_lasti", T_INT, offsetof(TimedObject, lasti), 0, NULL},
+    {"_leaked", T_BOOL, offsetof(TimedObject, leaked), 0, NULL},
+    {"_timing", T_BOOL, offsetof(TimedObject, timing), 0, NULL},
+    {"_ended", T_BOOL, offsetof(TimedObject, ended), READONLY, NULL},
+    {"born", T_DOUBLE, offsetof(TimedObject, born), 0, NULL},
+    {"busy", T_DOUBLE, offsetof(TimedObject, busy), 0, NULL},
+    {"max_step", T_DOUBLE, offsetof(TimedObject, max_step), 0, NULL},
+    {"_watch", T_DOUBLE, offsetof(TimedObject, watch), 0, NULL},
+    {"steps", T_LONGLONG, offsetof(TimedObject, steps), 0, NULL},
+    {"slow_steps", T_LONGLONG, offsetof(TimedObject, slow_steps), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyAsyncMethods Timed_as_async = {
+    .am_await = Timed_self,
+    .am_send = Timed_am_send,
+};
+
+static PyTypeObject Timed_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.Timed",
+    .tp_doc = "Drives one coroutine for its task and adds up the time each step holds the loop.",
+    .tp_basicsize = sizeof(TimedObject),
+    .tp_dealloc = Timed_dealloc,
+    .tp_as_async = &Timed_as_async,
+    .tp_repr = Timed_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = Timed_traverse,
+    .tp_clear = Timed_clear,
+    .tp_iter = Timed_self,
+    .tp_iternext = Timed_iternext,
+    .tp_methods = Timed_methods,
+    .tp_members = Timed_members,
+    .tp_getset = Timed_getset,
+    .tp_new = Timed_new,
+    .tp_vectorcall = Timed_vectorcall,
+};
+
+/* ======================================================================================= */
+/* Factory: the task factory's common case                                                 */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *tracker;  /* the loop's TaskTracker: each proxy's _owner */
+    PyObject *counts;   /* its TaskCounts */
+    PyObject *watch;    /* its StepWatch */
+    PyObject *fallback; /* the pure-Python factory: everything this does not do */
+    PyObject *inner;    /* the factory loopwatch wraps, or NULL */
+    PyObject *kw_in;    /* the last keyword names seen, and ("loop", *kw_in) */
+    PyObject *kw_out;
+    int timing;
+    int depth;
+} FactoryObject;
+
+#define MAX_KW 6
+
+static PyObject *
+code_of(PyObject *coro) /* new reference */
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return (PyObject *)PyGen_GetCode((PyGenObject *)coro);
+#else
+    return Py_NewRef((PyObject *)((PyGenObject *)coro)->gi_code);
+#endif
+}
+
+/* ("loop", *kwnames), cached for the last kwnames seen (names are interned). */
+static PyObject *
+task_kwnames(FactoryObject *self, PyObject *kwnames)
+{
+    if (kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0) {
+        return Py_NewRef(g_loop_kwnames);
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(kwnames);
+    if (self->kw_in != NULL && PyTuple_GET_SIZE(self->kw_in) == n) {
+        Py_ssize_t i = 0;
+        while (i < n && PyTuple_GET_ITEM(self->kw_in, i) == PyTuple_GET_ITEM(kwnames, i)) {
+            i++;
+        }
+        if (i == n) {
+            return Py_NewRef(self->kw_out);
+        }
+    }
+    PyObject *out = PyTuple_New(n + 1);
+    if (out == NULL) {
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, Py_NewRef(s_loop));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyTuple_SET_ITEM(out, i + 1, Py_NewRef(PyTuple_GET_ITEM(kwnames, i)));
+    }
+    Py_XSETREF(self->kw_in, Py_NewRef(kwnames));
+    Py_XSETREF(self->kw_out, Py_NewRef(out));
+    return out;
+}
+
+static PyObject *
+Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    FactoryObject *self = (FactoryObject *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs != 2 || nkw > MAX_KW || !PyCoro_CheckExact(args[1]) || self->depth > 1 ||
+        g_machinery == NULL) {
+        goto slow;
+    }
+    PyObject *loop = args[0], *coro = args[1];
+
+    /* The label: the coroutine's qualified name, if it is the program's own. */
+    PyObject *coro_code = code_of(coro);
+    if (coro_code == NULL) {
+        return NULL;
+    }
+    PyObject *kind = PyDict_GetItemWithError(g_machinery,
+                                             ((PyCodeObject *)coro_code)->co_filename);
+    if (kind != Py_False) {
+        Py_DECREF(coro_code);
+        if (kind == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        goto slow;
+    }
+    PyObject *label = Py_NewRef(((PyCodeObject *)coro_code)->co_qualname);
+    Py_DECREF(coro_code);
+
+    /* The creation site: the first frame of a file known not to be asyncio/uvloop/loopwatch;
+       a file not yet in the cache, or the loop's own code running a callback, go the slow
+       way. */
+    PyFrameObject *frame = PyEval_GetFrame();
+    Py_XINCREF(frame);
+    PyObject *site = NULL;
+    int lasti = 0;
+    while (frame != NULL) {
+        PyCodeObject *code = PyFrame_GetCode(frame);
+        kind = PyDict_GetItemWithError(g_machinery, code->co_filename);
+        if (kind == Py_False) {
+            site = (PyObject *)code;
+            lasti = PyFrame_GetLasti(frame);
+            Py_DECREF(frame);
+            break;
+        }
+        if (kind != Py_True || (PyObject *)code == g_handle_run ||
+            (PyObject *)code == g_driver) {
+            Py_DECREF(code);
+            Py_DECREF(frame);
+            Py_DECREF(label);
+            if (kind == NULL && PyErr_Occurred()) {
+                return NULL;
+            }
+            goto slow;
+        }
+        Py_DECREF(code);
+        PyFrameObject *back = PyFrame_GetBack(frame);
+        Py_DECREF(frame);
+        frame = back;
+    }
+    if (site == NULL) {
+        Py_DECREF(label);
+        goto slow;
+    }
+
+    TimedObject *proxy = timed_new(&Timed_Type, coro, self->watch, self->tracker, NULL);
+    if (proxy == NULL) {
+        Py_DECREF(label);
+        Py_DECREF(site);
+        return NULL;
+    }
+    proxy->label = label;
+    proxy->code = site;
+    proxy->lasti = lasti;
+    proxy->timing = (char)self->timing;
+    proxy->sink = Py_NewRef(self->counts);
+    CountsObject *counts = (CountsObject *)self->counts;
+    counts->created++;
+
+    PyObject *stack[MAX_KW + 2];
+    PyObject *task;
+    if (self->inner == NULL || self->inner == Py_None) {
+        /* asyncio.Task(proxy, loop=loop, **kwargs) */
+        PyObject *names = task_kwnames(self, kwnames);
+        if (names == NULL) {
+            counts->created--;
+            Py_DECREF(proxy);
+            return NULL;
+        }
+        stack[0] = (PyObject *)proxy;
+        stack[1] = loop;
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            stack[i + 2] = args[2 + i];
+        }
+        task = PyObject_Vectorcall(g_task_type, stack, 1, names);
+        Py_DECREF(names);
+    }
+    else {
+        /* inner(loop, proxy, **kwargs) */
+        stack[0] = loop;
+        stack[1] = (PyObject *)proxy;
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            stack[i + 2] = args[2 + i];
+        }
+        PyObject *inner = Py_NewRef(self->inner);
+        task = PyObject_Vectorcall(inner, stack, 2, kwnames);
+        Py_DECREF(inner);
+    }
+    if (task == NULL && proxy->steps == 0) {
+        counts->created--; /* no task came of it */
+    }
+    Py_DECREF(proxy);
+    return task;
+
+slow:
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+static PyObject *
+Factory_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *tracker, *counts, *watch, *fallback;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Factory takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OO!OO:Factory", &tracker, &Counts_Type, &counts, &watch,
+                          &fallback)) {
+        return NULL;
+    }
+    FactoryObject *self = (FactoryObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = Factory_vectorcall;
+    self->tracker = Py_NewRef(tracker);
+    self->counts = Py_NewRef(counts);
+    self->watch = Py_NewRef(watch);
+    self->fallback = Py_NewRef(fallback);
+    self->inner = NULL;
+    self->timing = 1;
+    self->depth = 1;
+    return (PyObject *)self;
+}
+
+static int
+Factory_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    FactoryObject *self = (FactoryObject *)op;
+    Py_VISIT(self->tracker);
+    Py_VISIT(self->counts);
+    Py_VISIT(self->watch);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->inner);
+    return 0;
+}
+
+static int
+Factory_clear(PyObject *op)
+{
+    FactoryObject *self = (FactoryObject *)op;
+    Py_CLEAR(self->tracker);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->watch);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->inner);
+    Py_CLEAR(self->kw_in);
+    Py_CLEAR(self->kw_out);
+    return 0;
+}
+
+static void
+Factory_dealloc(PyObject *op)
+{
+    PyObject_GC_UnTrack(op);
+    Factory_clear(op);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyObject *
+Factory_marker(PyObject *Py_UNUSED(op), void *Py_UNUSED(closure))
+{
+    Py_RETURN_TRUE;
+}
+
+static PyGetSetDef Factory_getset[] = {
+    {"__loopwatch__", Factory_marker, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Factory_members[] = {
+    {"inner", T_OBJECT, offsetof(FactoryObject, inner), 0, NULL},
+    {"timing", T_INT, offsetof(FactoryObject, timing), 0, NULL},
+    {"depth", T_INT, offsetof(FactoryObject, depth), 0, NULL},
+    {"fallback", T_OBJECT, offsetof(FactoryObject, fallback), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Factory_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.Factory",
+    .tp_doc = "loopwatch's task factory (the common case compiled; the rest in Python).",
+    .tp_basicsize = sizeof(FactoryObject),
+    .tp_dealloc = Factory_dealloc,
+    .tp_vectorcall_offset = offsetof(FactoryObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_traverse = Factory_traverse,
+    .tp_clear = Factory_clear,
+    .tp_members = Factory_members,
+    .tp_getset = Factory_getset,
+    .tp_new = Factory_new,
+};
+
+/* ======================================================================================= */
+/* the module                                                                              */
+
+static int
+read_bounds(PyObject *seq, double *out, Py_ssize_t *n)
+{
+    PyObject *fast = PySequence_Fast(seq, "bucket bounds must be a sequence of floats");
+    if (fast == NULL) {
+        return -1;
+    }
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(fast);
+    if (size > MAX_BUCKETS) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "at most %d bucket bounds", MAX_BUCKETS);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < size; i++) {
+        out[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+        if (out[i] == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+    }
+    Py_DECREF(fast);
+    *n = size;
+    return 0;
+}
+
+static PyObject *
+configure(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *task_type, *cancelled, *machinery, *handle_run, *duration, *latency;
+    if (!PyArg_ParseTuple(args, "OOO!OOO:configure", &task_type, &cancelled, &PyDict_Type,
+                          &machinery, &handle_run, &duration, &latency)) {
+        return NULL;
+    }
+    Py_ssize_t nd, nl;
+    double d[MAX_BUCKETS], l[MAX_BUCKETS];
+    if (read_bounds(duration, d, &nd) < 0 || read_bounds(latency, l, &nl) < 0) {
+        return NULL;
+    }
+    if (g_nduration >= 0 && (nd != g_nduration || nl != g_nlatency)) {
+        PyErr_SetString(PyExc_ValueError, "the number of buckets cannot change");
+        return NULL;
+    }
+    memcpy(g_duration, d, sizeof(d));
+    memcpy(g_latency, l, sizeof(l));
+    g_nduration = nd;
+    g_nlatency = nl;
+    Py_XSETREF(g_task_type, Py_NewRef(task_type));
+    Py_XSETREF(g_cancelled, Py_NewRef(cancelled));
+    Py_XSETREF(g_machinery, Py_NewRef(machinery));
+    Py_XSETREF(g_handle_run, Py_NewRef(handle_run));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+set_driver(PyObject *Py_UNUSED(m), PyObject *code)
+{
+    Py_XSETREF(g_driver, code == Py_None ? NULL : Py_NewRef(code));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(Task, CancelledError, machinery_cache, Handle._run code, duration_bounds, "
+     "latency_bounds)"},
+    {"set_driver", set_driver, METH_O, "The code of loopwatch's run wrapper (a driver frame)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef accel_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "loopwatch._accel",
+    .m_doc = "loopwatch's per-task and per-step hot paths, compiled (optional).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+#define INTERN(var, text)                                 \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) \
+        return NULL;
+
+PyMODINIT_FUNC
+PyInit__accel(void)
+{
+    INTERN(s_proxy_ended, "proxy_ended");
+    INTERN(s_half, "half");
+    INTERN(s_threshold, "threshold");
+    INTERN(s_on_slow, "on_slow");
+    INTERN(s_throw, "throw");
+    INTERN(s_close, "close");
+    INTERN(s_name, "__name__");
+    INTERN(s_qualname, "__qualname__");
+    INTERN(s_cr_frame, "cr_frame");
+    INTERN(s_cr_code, "cr_code");
+    INTERN(s_cr_await, "cr_await");
+    INTERN(s_cr_running, "cr_running");
+    INTERN(s_cr_suspended, "cr_suspended");
+    INTERN(s_cr_origin, "cr_origin");
+    INTERN(s_row, "row");
+    INTERN(s_loop, "loop");
+    g_loop_kwnames = PyTuple_Pack(1, s_loop);
+    if (g_loop_kwnames == NULL) {
+        return NULL;
+    }
+    if (PyType_Ready(&Counts_Type) < 0 || PyType_Ready(&Row_Type) < 0 ||
+        PyType_Ready(&Timed_Type) < 0 || PyType_Ready(&Factory_Type) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&accel_module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "TaskCounts", (PyObject *)&Counts_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Row", (PyObject *)&Row_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Timed", (PyObject *)&Timed_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Factory", (PyObject *)&Factory_Type) < 0 ||
+        PyModule_AddIntConstant(m, "API", API_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,81 @@
+# Types of loopwatch._accel, the optional compiled hot paths (_accel.c). Private: loopwatch's own
+# modules use it through loopwatch._timing.ACCEL, which is None when it is not there.
+from collections.abc import Callable, Sequence
+from types import CodeType
+from typing import Any
+
+API: int
+
+def configure(
+    task_type: type,
+    cancelled: type[BaseException],
+    machinery: dict[str, bool],
+    handle_run: CodeType,
+    duration_bounds: Sequence[float],
+    latency_bounds: Sequence[float],
+) -> None: ...
+def set_driver(code: CodeType | None) -> None: ...
+
+class TaskCounts:
+    created: int
+    ok: int
+    error: int
+    cancelled: int
+    gone: int
+    leaked: int
+    orphaned: int
+    unretrieved: int
+    _rows: dict[str, Any] | None
+    _table: Any
+
+class Row:
+    count: int
+    errors: int
+    cancelled: int
+    steps: int
+    slow_steps: int
+    timed: int
+    wall: float
+    max_wall: float
+    busy: float
+    max_step: float
+    wall_counts: list[int]
+    busy_counts: list[int]
+
+class Timed:
+    _coro: Any
+    _cfg: Any
+    _owner: Any
+    _sink: TaskCounts | None
+    _label: str | None
+    _code: CodeType | None
+    _stack: tuple[Any, ...] | None
+    _lasti: int
+    _leaked: bool
+    _timing: bool
+    _ended: bool
+    _watch: float
+    born: float
+    busy: float
+    max_step: float
+    steps: int
+    slow_steps: int
+    def __init__(
+        self, coro: Any, cfg: Any = ..., owner: Any = ..., label: str | None = ..., /
+    ) -> None: ...
+    def send(self, value: Any, /) -> Any: ...
+    def throw(self, *args: Any) -> Any: ...
+    def close(self) -> None: ...
+    def __next__(self) -> Any: ...
+    def __iter__(self) -> Timed: ...
+    def __await__(self) -> Timed: ...
+
+class Factory:
+    inner: Callable[..., Any] | None
+    timing: int
+    depth: int
+    fallback: Callable[..., Any]
+    def __init__(
+        self, tracker: Any, counts: TaskCounts, watch: Any, fallback: Callable[..., Any], /
+    ) -> None: ...
+    def __call__(self, loop: Any, coro: Any, **kwargs: Any) -> Any: ...

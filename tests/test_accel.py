@@ -1,0 +1,233 @@
+"""The compiled hot paths (``loopwatch._accel``): built where the suite runs, switched off by
+``LOOPWATCH_ACCEL=0``, and giving the same findings by their fast path and by the Python one.
+
+The whole suite runs with the compiled module, and ``scripts/test`` runs the task and timing
+tests again with ``LOOPWATCH_ACCEL=0``: these tests check the module itself and the switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Recorder, place, run_on
+
+import loopwatch
+from loopwatch import _loops, _timing
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+PURE = os.environ.get("LOOPWATCH_ACCEL", "1").strip().lower() in ("0", "false", "no", "off")
+compiled_only = pytest.mark.skipif(
+    _timing.ACCEL is None, reason="loopwatch._accel is not in use (LOOPWATCH_ACCEL=0)"
+)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
+    environ.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_compiled_module_is_built_and_used_here() -> None:
+    """CI must not test the pure-Python paths twice by mistake: on Linux CPython the install
+    builds the module, and it is used unless LOOPWATCH_ACCEL=0."""
+    if PURE:
+        assert _timing.ACCEL is None
+        return
+    assert sys.platform == "linux" and sys.implementation.name == "cpython"
+    assert _timing.ACCEL is not None
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    assert Path(_timing.ACCEL.__file__).name == f"_accel{suffix}"
+    assert _timing.Timed is _timing.ACCEL.Timed
+
+
+@pytest.mark.parametrize(
+    ("value", "compiled", "stderr"),
+    [
+        ("0", False, ""),
+        ("off", False, ""),
+        ("1", True, ""),
+        (
+            "maybe",
+            True,
+            "loopwatch: LOOPWATCH_ACCEL='maybe' is not 1 or 0 (also true/false, yes/no, on/off);"
+            " using the compiled hot paths\n",
+        ),
+    ],
+)
+def test_the_switch(value: str, compiled: bool, stderr: str) -> None:
+    if _timing.ACCEL is None and not PURE:
+        pytest.skip("no compiled module on this machine")
+    done = _python(
+        "import asyncio, loopwatch\n"
+        "from loopwatch import _timing\n"
+        "async def main():\n"
+        "    return type(asyncio.get_running_loop()._task_factory).__name__,"
+        " type(asyncio.current_task().get_coro()).__name__\n"
+        "loop = loopwatch.new_event_loop()\n"
+        "print(_timing.ACCEL is not None, *loop.run_until_complete(main()))\n"
+        "loop.close()\n",
+        LOOPWATCH_ACCEL=value,
+        LOOPWATCH_LOG="off",
+    )
+    factory, proxy = ("Factory", "Timed") if compiled else ("function", "PyTimed")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0,
+        f"{compiled} {factory} {proxy}\n",
+        stderr,
+    )
+
+
+async def pending() -> None:
+    await asyncio.sleep(10)
+
+
+def made_in_a_callback(loop: asyncio.AbstractEventLoop, tasks: list[Any]) -> None:
+    tasks.append(loop.create_task(pending(), name="from-callback"))  # CREATE:callback
+
+
+def task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+    task = asyncio.Task(coro, loop=loop, **kwargs)
+    task.set_name(f"theirs-{task.get_name()}")
+    return task
+
+
+async def creates_every_way() -> list[loopwatch.watch]:
+    loop = asyncio.get_running_loop()
+    tasks: list[Any] = []
+    scopes = []
+    async with loopwatch.watch() as scope:
+        tasks.append(asyncio.create_task(pending(), name="plain"))  # CREATE:plain
+        context = contextvars.copy_context()
+        tasks.append(asyncio.create_task(pending(), name="kw", context=context))  # CREATE:kw
+        tasks.append(asyncio.ensure_future(pending()))  # CREATE:ensure
+        # asyncio's own coroutine, asked for by the program: labelled by the Python path.
+        tasks.append(asyncio.create_task(asyncio.Event().wait(), name="event"))  # CREATE:event
+        loop.call_soon(made_in_a_callback, loop, tasks)
+        await asyncio.sleep(0.01)
+    scopes.append(scope)
+    loop.set_task_factory(task_factory)
+    async with loopwatch.watch() as scope:
+        tasks.append(asyncio.create_task(pending()))  # CREATE:inner
+        await asyncio.sleep(0.01)
+    scopes.append(scope)
+    loop.set_task_factory(None)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return scopes
+
+
+def test_every_way_of_making_a_task_has_its_place(
+    factory: Any, events: Recorder, request: pytest.FixtureRequest
+) -> None:
+    """The compiled factory's own path (a program's coroutine, made by program code) and the
+    ones it hands to Python (made by a callback the loop runs, through the program's factory)
+    give the same findings: each leaked task with the line that made it."""
+    first, second = run_on(factory, creates_every_way())
+    leaks = {e.task: e.created_at for e in first.events if e.event == "loopwatch.task_leaked"}
+    assert leaks == {
+        "plain": place(HERE, "CREATE:plain", "creates_every_way"),
+        "kw": place(HERE, "CREATE:kw", "creates_every_way"),
+        next(n for n in leaks if n.startswith("Task-")): place(
+            HERE, "CREATE:ensure", "creates_every_way"
+        ),
+        "from-callback": place(HERE, "CREATE:callback", "made_in_a_callback"),
+        "event": place(HERE, "CREATE:event", "creates_every_way"),
+    }
+    [inner] = [e for e in second.events if e.event == "loopwatch.task_leaked"]
+    assert inner.task.startswith("theirs-Task-")  # the program's factory made it
+    assert inner.created_at == place(HERE, "CREATE:inner", "creates_every_way")
+    assert inner.coroutine == "pending"
+    rows = {s.name: s for s in loopwatch.coroutine_stats()}
+    assert (rows["pending"].count, rows["pending"].cancelled) == (5, 5)
+    assert (rows["Event.wait"].count, rows["Event.wait"].cancelled) == (1, 1)
+
+
+@compiled_only
+def test_an_error_in_a_hook_never_reaches_the_program(factory: Any, events: Recorder) -> None:
+    """The compiled proxy calls into Python when a step is long (the watchdog's hook): if that
+    raises, the error goes to sys.unraisablehook and the task goes on as if nothing happened."""
+    seen: list[Any] = []
+
+    async def main() -> int:
+        tracker = _loops.tracker_of(asyncio.get_running_loop())
+        assert tracker is not None
+
+        def broken(took: float, now: float) -> None:
+            raise RuntimeError("hook failed")
+
+        tracker.step_watch.on_slow = broken
+        tracker.step_watch.half = 0.0
+
+        async def work() -> int:
+            await asyncio.sleep(0)
+            return 7
+
+        return await asyncio.create_task(work())
+
+    hook = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        assert run_on(factory, main()) == 7
+    finally:
+        sys.unraisablehook = hook
+    assert seen and all(str(u.exc_value) == "hook failed" for u in seen)
+    [row] = [s for s in loopwatch.coroutine_stats() if s.name.endswith(".work")]
+    assert (row.count, row.errors) == (1, 0)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no cc")
+def test_a_failed_build_falls_back_to_pure_python(tmp_path: Path) -> None:
+    """``python hatch_build.py ROOT`` (what the install runs) with no working compiler: one
+    warning line, exit 1, and the module an earlier build left is deleted, never used stale."""
+    (tmp_path / "loopwatch").mkdir()
+    (tmp_path / "loopwatch" / "__init__.py").write_text("")
+    shutil.copy(ROOT / "loopwatch" / "_accel.c", tmp_path / "loopwatch" / "_accel.c")
+    stale = tmp_path / "loopwatch" / f"_accel{sysconfig.get_config_var('EXT_SUFFIX')}"
+    stale.write_bytes(b"old")
+    env = {k: v for k, v in os.environ.items() if k != "LOOPWATCH_BUILD_ACCEL"}
+    env["CC"] = "false"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "hatch_build.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[0] == (
+        "loopwatch: compiling loopwatch/_accel.c failed (false: exit status 1); building"
+        f" without the C accelerator (pure Python); deleted the old loopwatch/{stale.name}"
+    )
+    assert not stale.exists()
+    # And with a compiler, the same command builds a module that imports.
+    del env["CC"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "hatch_build.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    check = subprocess.run(
+        [sys.executable, "-c", "import loopwatch._accel as a; print(a.API)"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.stdout == "1\n", check.stderr
