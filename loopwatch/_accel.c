@@ -403,7 +403,9 @@ account(TimedObject *self, CountsObject *sink, PyObject *exc)
             found = PyObject_VectorcallMethod(s_row, args, 3, NULL);
         }
         if (found == NULL) {
-            PyErr_WriteUnraisable((PyObject *)self);
+            if (PyErr_Occurred()) {
+                PyErr_WriteUnraisable((PyObject *)self);
+            }
         }
         else if (PyObject_TypeCheck(found, &Row_Type)) {
             row = (RowObject *)found;
@@ -470,14 +472,28 @@ ended(TimedObject *self, PyObject *exc)
     if (owner == NULL || owner == Py_None) {
         return;
     }
+    /* TaskTracker.proxy_ended takes a return as a StopIteration, as the Python proxy gives it. */
+    PyObject *stop = exc == NULL ? PyObject_CallNoArgs(PyExc_StopIteration) : Py_NewRef(exc);
+    if (stop == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+        return;
+    }
     Py_INCREF(owner);
-    PyObject *args[3] = {owner, (PyObject *)self, exc ? exc : Py_None};
+    PyObject *args[3] = {owner, (PyObject *)self, stop};
     PyObject *r = PyObject_VectorcallMethod(s_proxy_ended, args, 3, NULL);
     if (r == NULL) {
         PyErr_WriteUnraisable(owner);
     }
     Py_XDECREF(r);
     Py_DECREF(owner);
+    Py_DECREF(stop);
+}
+
+/* A StopIteration out of throw() is the coroutine's return (exactly that type, as in Python). */
+static inline int
+is_return(PyObject *exc)
+{
+    return exc != NULL && Py_IS_TYPE(exc, (PyTypeObject *)PyExc_StopIteration);
 }
 
 /* After a timed step: count it, and if the coroutine ended, account for it. `status` is
@@ -499,7 +515,7 @@ step_done(TimedObject *self, double start, PySendResult status)
         long_step(self, took);
     }
     /* A StopIteration out of throw() is a return. */
-    ended(self, exc != NULL && PyErr_GivenExceptionMatches(exc, PyExc_StopIteration) ? NULL : exc);
+    ended(self, is_return(exc) ? NULL : exc);
     if (exc != NULL) {
         put_exception(exc);
     }
@@ -510,7 +526,7 @@ static void
 untimed_end(TimedObject *self, PySendResult status)
 {
     PyObject *exc = status == PYGEN_ERROR ? take_exception() : NULL;
-    ended(self, exc != NULL && PyErr_GivenExceptionMatches(exc, PyExc_StopIteration) ? NULL : exc);
+    ended(self, is_return(exc) ? NULL : exc);
     if (exc != NULL) {
         put_exception(exc);
     }
@@ -886,7 +902,11 @@ typedef struct {
 static PyObject *
 code_of(PyObject *coro) /* new reference */
 {
-#if PY_VERSION_HEX >= 0x030C0000
+#if PY_VERSION_HEX >= 0x030C0000 && defined(Py_DEBUG)
+    /* PyGen_GetCode asserts a generator; a coroutine shares the layout, but a debug build of
+       CPython would abort. */
+    return PyObject_GetAttr(coro, s_cr_code);
+#elif PY_VERSION_HEX >= 0x030C0000
     return (PyObject *)PyGen_GetCode((PyGenObject *)coro);
 #else
     return Py_NewRef((PyObject *)((PyGenObject *)coro)->gi_code);
@@ -932,6 +952,11 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
     if (nargs != 2 || nkw > MAX_KW || !PyCoro_CheckExact(args[1]) || self->depth > 1 ||
         g_machinery == NULL) {
         goto slow;
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        if (PyTuple_GET_ITEM(kwnames, i) == s_loop) {
+            goto slow; /* Task(coro, loop=loop, loop=...) is Python's TypeError to raise */
+        }
     }
     PyObject *loop = args[0], *coro = args[1];
 

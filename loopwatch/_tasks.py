@@ -336,7 +336,10 @@ class TaskTracker:
                 mark = _new_object(TaskMark)
             mark._leaked = False
             mark._owner = tracker
-            frame = _site_frame(_getframe(1))
+            try:
+                frame = _site_frame(_getframe(1))
+            except ValueError:  # called with no Python frame below (from C code alone)
+                frame = None
             if frame is None:
                 mark._code = mark._stack = None
                 mark._lasti = 0

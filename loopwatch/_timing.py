@@ -1,14 +1,16 @@
 """Per-step and per-coroutine timing: wall time, busy time (the sum of a task's steps), steps.
 
 Busy time is measured by :class:`Timed`, a proxy the task factory puts between a task and its
-coroutine. The task drives the proxy exactly as it would drive the coroutine (``__next__`` for a
-step, ``throw`` to cancel), and the proxy forwards everything a program reads from a coroutine
+coroutine. The task drives the proxy exactly as it would drive the coroutine (a step, or
+``throw`` to cancel), and the proxy forwards everything a program reads from a coroutine
 (``__qualname__``, ``cr_frame``, ``cr_code``, ``cr_await``...), so ``repr(task)``,
-``task.get_stack()`` and ``task.get_coro().__qualname__`` read as before. Each step costs two
-``perf_counter`` reads and a Python-level call the C task cannot inline, measured in
-``benchmarks/``. The proxy also sees the coroutine end (its return is a ``StopIteration``), so a
-task's wall time and outcome are taken there with no done callback. With step timing switched
-off (``LOOPWATCH_STEP_TIMING=0``) there is no proxy, and a done callback takes them instead.
+``task.get_stack()`` and ``task.get_coro().__qualname__`` read as before. The proxy also sees the
+coroutine end, so a task's wall time and outcome are taken there with no done callback.
+
+:class:`PyTimed` is the pure-Python proxy: each step costs two ``perf_counter`` reads and a
+Python-level ``__next__`` call the C task cannot inline (about 300 ns on 3.13, more on 3.11), a
+return is a ``StopIteration``, and with step timing off (``LOOPWATCH_STEP_TIMING=0``) there is no
+proxy and a done callback takes the end instead.
 
 Totals are kept per coroutine name, capped at ``coroutine_labels`` names (the rest count under
 ``other``): each loop adds into rows of its own, with no lock, and readers add the loops up.
@@ -202,7 +204,7 @@ class PyTimed:
         took = _perf() - start
         self.busy += took
         self.steps += 1
-        if took > self.max_step:
+        if took > self._watch:  # as in __next__: a new maximum, or a long step
             if took < self._cfg.half:
                 self.max_step = took
             else:

@@ -228,6 +228,32 @@ def test_slow_task_step_has_its_exact_duration(
     assert stats_of("one_slow_step").slow_steps == 1
 
 
+async def slow_to_the_end() -> None:
+    await asyncio.sleep(0)
+    time.sleep(0.25)  # BLOCK:first
+    await asyncio.sleep(0)
+    time.sleep(0.15)  # BLOCK:last
+
+
+def test_every_slow_step_counts_the_last_one_too(factory: Factory, events: Recorder) -> None:
+    """A task's last step is slow but shorter than its slowest: it still counts as slow and is
+    reported with its own duration (the compiled and the Python proxy alike)."""
+
+    async def main() -> None:
+        await asyncio.create_task(slow_to_the_end())
+
+    run_on(factory, main())
+    s = stats_of("slow_to_the_end")
+    assert (s.count, s.steps, s.slow_steps) == (1, 3, 2)
+    assert 0.25 <= s.max_step_s < 0.3, s.max_step_s
+    found = events.wait_for(2)
+    assert [e.location for e in found] == [  # type: ignore[attr-defined]
+        place(HERE, "BLOCK:first", "slow_to_the_end"),
+        place(HERE, "BLOCK:last", "slow_to_the_end"),
+    ]
+    assert 0.15 <= found[1].duration_s < 0.2  # type: ignore[attr-defined]
+
+
 def test_step_timing_off_keeps_wall_time_and_counts(factory: Factory, events: Recorder) -> None:
     _runtime.activate(step_timing=False)
 
