@@ -53,6 +53,11 @@ TAIL_LINES = 15
 COMPILE_TIMEOUT = 300  # seconds
 
 
+def _module_path() -> str:
+    """loopwatch/_accel{EXT_SUFFIX}, relative to the project root, for this interpreter."""
+    return MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+
+
 def _warn(message: str, details: str = "") -> None:
     """One line on stderr starting with "loopwatch:", then `details`' last lines, indented."""
     print(f"loopwatch: {message}", file=sys.stderr, flush=True)
@@ -78,7 +83,7 @@ class AccelBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         if self.target_name != "wheel":  # registered for the wheel target only; be safe anyway
             return
 
-        relative = MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+        relative = _module_path()
         target = build_in_place(self.root)
         if target is None:
             return
@@ -98,7 +103,7 @@ class AccelBuildHook(BuildHookInterface):  # type: ignore[type-arg]
 
     def clean(self, versions: list[str]) -> None:
         """``hatch build --clean``: delete the module built for this interpreter."""
-        relative = MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+        relative = _module_path()
         stale = _remove_stale(os.path.join(self.root, *relative.split("/")))
         if stale.startswith("could not"):
             _warn(stale)
@@ -106,7 +111,7 @@ class AccelBuildHook(BuildHookInterface):  # type: ignore[type-arg]
 
 def build_in_place(root: str) -> str | None:
     """Compile ``root``'s loopwatch/_accel.c next to it: the module's path, or None (warned)."""
-    relative = MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+    relative = _module_path()
     target = os.path.join(root, *relative.split("/"))
     try:
         _compile(root, target)

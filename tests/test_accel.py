@@ -188,6 +188,17 @@ def test_an_error_in_a_hook_never_reaches_the_program(factory: Any, events: Reco
     assert (row.count, row.errors) == (1, 0)
 
 
+def _build_in_place(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """What the install runs: ``python hatch_build.py ROOT``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "hatch_build.py"), str(root)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no cc")
 def test_a_failed_build_falls_back_to_pure_python(tmp_path: Path) -> None:
     """``python hatch_build.py ROOT`` (what the install runs) with no working compiler: one
@@ -199,13 +210,7 @@ def test_a_failed_build_falls_back_to_pure_python(tmp_path: Path) -> None:
     stale.write_bytes(b"old")
     env = {k: v for k, v in os.environ.items() if k != "LOOPWATCH_BUILD_ACCEL"}
     env["CC"] = "false"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "hatch_build.py"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _build_in_place(tmp_path, env)
     assert done.returncode == 1
     assert done.stderr.splitlines()[0] == (
         "loopwatch: compiling loopwatch/_accel.c failed (false: exit status 1); building"
@@ -214,13 +219,7 @@ def test_a_failed_build_falls_back_to_pure_python(tmp_path: Path) -> None:
     assert not stale.exists()
     # And with a compiler, the same command builds a module that imports.
     del env["CC"]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "hatch_build.py"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _build_in_place(tmp_path, env)
     assert (done.returncode, done.stderr) == (0, "")
     check = subprocess.run(
         [sys.executable, "-c", "import loopwatch._accel as a; print(a.API)"],
