@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     )
     from ._loops import install, new_event_loop, new_uvloop_event_loop, uninstall
     from ._policy import EventLoopPolicy
+    from ._runtime import metrics_url
     from ._scope import watch
     from ._timing import CoroutineStats, coroutine_stats, timed
     from .exporters.prometheus import MetricsCollector, aiohttp_metrics_handler, metrics_app
@@ -51,6 +52,7 @@ __all__ = [
     "coroutine_stats",
     "install",
     "metrics_app",
+    "metrics_url",
     "new_event_loop",
     "new_uvloop_event_loop",
     "timed",
@@ -79,6 +81,7 @@ _LAZY = {
     "aiohttp_metrics_handler": ".exporters.prometheus",
     "install": "._loops",
     "metrics_app": ".exporters.prometheus",
+    "metrics_url": "._runtime",
     "new_event_loop": "._loops",
     "new_uvloop_event_loop": "._loops",
     "uninstall": "._loops",

@@ -28,8 +28,12 @@
 #include <Python.h>
 #include <structmember.h>
 #include <time.h>
+#include <math.h>
+#ifdef __linux__
+#include <sys/timerfd.h>
+#endif
 
-#define API_VERSION 1
+#define API_VERSION 2
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -316,10 +320,12 @@ typedef struct {
     PyObject *label; /* the coroutine's row, or NULL (not timed) */
     PyObject *code;  /* creation site: code object, or NULL */
     PyObject *stack; /* deeper creation stack (code, offset, ...), or NULL */
+    PyObject *by;    /* what made the task, when asyncio or uvloop did (no creation site) */
     double born, busy, max_step, watch;
     long long steps, slow_steps;
     int lasti;
     char leaked, ended, timing;
+    PyObject *weakreflist; /* what get_coro() returns may be weakly referenced */
 } TimedObject;
 
 static PyTypeObject Timed_Type;
@@ -503,17 +509,20 @@ step_done(TimedObject *self, double start, PySendResult status)
 {
     double took = now_s() - start;
     self->busy += took;
-    self->steps++;
+    /* The watchdog hears of a long step (long_step) while `steps` still numbers this step: it
+       tells a sample of this step from one of the next by that number. */
     if (status == PYGEN_NEXT) {
         if (took > self->watch) {
             long_step(self, took);
         }
+        self->steps++;
         return;
     }
     PyObject *exc = status == PYGEN_ERROR ? take_exception() : NULL;
     if (took > self->watch) {
         long_step(self, took);
     }
+    self->steps++;
     /* A StopIteration out of throw() is a return. */
     ended(self, is_return(exc) ? NULL : exc);
     if (exc != NULL) {
@@ -626,10 +635,27 @@ Timed_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* The coroutine will never end on its own (closed midway, or the proxy is going away with it
+   unfinished): its task is gone, counted once, with no outcome (it neither returned nor raised). */
+static void
+abandoned(TimedObject *self)
+{
+    if (self->ended) {
+        return;
+    }
+    self->ended = 1;
+    if (self->sink != NULL) {
+        ((CountsObject *)self->sink)->gone++;
+    }
+}
+
 static PyObject *
 Timed_close(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    return PyObject_CallMethodNoArgs(((TimedObject *)op)->coro, s_close);
+    TimedObject *self = (TimedObject *)op;
+    PyObject *r = PyObject_CallMethodNoArgs(self->coro, s_close);
+    abandoned(self);
+    return r;
 }
 
 static PyObject *
@@ -741,12 +767,14 @@ timed_new(PyTypeObject *type, PyObject *coro, PyObject *cfg, PyObject *owner, Py
     self->label = label == NULL || label == Py_None ? NULL : Py_NewRef(label);
     self->code = NULL;
     self->stack = NULL;
+    self->by = NULL;
     self->born = now_s();
     self->busy = self->max_step = self->watch = 0.0;
     self->steps = self->slow_steps = 0;
     self->lasti = 0;
     self->leaked = self->ended = 0;
     self->timing = 1;
+    self->weakreflist = NULL;
     PyObject_GC_Track(self);
     return self;
 }
@@ -786,6 +814,7 @@ Timed_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->label);
     Py_VISIT(self->code);
     Py_VISIT(self->stack);
+    Py_VISIT(self->by);
     return 0;
 }
 
@@ -800,15 +829,21 @@ Timed_clear(PyObject *op)
     Py_CLEAR(self->label);
     Py_CLEAR(self->code);
     Py_CLEAR(self->stack);
+    Py_CLEAR(self->by);
     return 0;
 }
 
 static void
 Timed_dealloc(PyObject *op)
 {
+    TimedObject *self = (TimedObject *)op;
     PyObject_GC_UnTrack(op);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs(op);
+    }
+    abandoned(self); /* a task destroyed while pending (however it was reported, or not) */
     Timed_clear(op);
-    Py_CLEAR(((TimedObject *)op)->coro);
+    Py_CLEAR(self->coro);
     PyObject_GC_Del(op);
 }
 
@@ -842,10 +877,11 @@ static PyMemberDef Timed_members[] = {
     {"_label", T_OBJECT, offsetof(TimedObject, label), 0, NULL},
     {"_code", T_OBJECT, offsetof(TimedObject, code), 0, NULL},
     {"_stack", T_OBJECT, offsetof(TimedObject, stack), 0, NULL},
+    {"_by", T_OBJECT, offsetof(TimedObject, by), 0, NULL},
     {"_lasti", T_INT, offsetof(TimedObject, lasti), 0, NULL},
     {"_leaked", T_BOOL, offsetof(TimedObject, leaked), 0, NULL},
     {"_timing", T_BOOL, offsetof(TimedObject, timing), 0, NULL},
-    {"_ended", T_BOOL, offsetof(TimedObject, ended), READONLY, NULL},
+    {"_ended", T_BOOL, offsetof(TimedObject, ended), 0, NULL},
     {"born", T_DOUBLE, offsetof(TimedObject, born), 0, NULL},
     {"busy", T_DOUBLE, offsetof(TimedObject, busy), 0, NULL},
     {"max_step", T_DOUBLE, offsetof(TimedObject, max_step), 0, NULL},
@@ -878,6 +914,7 @@ static PyTypeObject Timed_Type = {
     .tp_getset = Timed_getset,
     .tp_new = Timed_new,
     .tp_vectorcall = Timed_vectorcall,
+    .tp_weaklistoffset = offsetof(TimedObject, weakreflist),
 };
 
 /* ======================================================================================= */
@@ -963,15 +1000,14 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
     /* The label: the coroutine's qualified name, if it is the program's own. */
     PyObject *coro_code = code_of(coro);
     if (coro_code == NULL) {
-        return NULL;
+        PyErr_Clear(); /* loopwatch's own trouble: the Python factory copes, or steps aside */
+        goto slow;
     }
     PyObject *kind = PyDict_GetItemWithError(g_machinery,
                                              ((PyCodeObject *)coro_code)->co_filename);
     if (kind != Py_False) {
         Py_DECREF(coro_code);
-        if (kind == NULL && PyErr_Occurred()) {
-            return NULL;
-        }
+        PyErr_Clear();
         goto slow;
     }
     PyObject *label = Py_NewRef(((PyCodeObject *)coro_code)->co_qualname);
@@ -998,9 +1034,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
             Py_DECREF(code);
             Py_DECREF(frame);
             Py_DECREF(label);
-            if (kind == NULL && PyErr_Occurred()) {
-                return NULL;
-            }
+            PyErr_Clear();
             goto slow;
         }
         Py_DECREF(code);
@@ -1017,7 +1051,8 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
     if (proxy == NULL) {
         Py_DECREF(label);
         Py_DECREF(site);
-        return NULL;
+        PyErr_Clear();
+        goto slow;
     }
     proxy->label = label;
     proxy->code = site;
@@ -1034,8 +1069,10 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
         PyObject *names = task_kwnames(self, kwnames);
         if (names == NULL) {
             counts->created--;
+            proxy->ended = 1; /* never a task: nothing to count */
             Py_DECREF(proxy);
-            return NULL;
+            PyErr_Clear();
+            goto slow;
         }
         stack[0] = (PyObject *)proxy;
         stack[1] = loop;
@@ -1058,6 +1095,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
     }
     if (task == NULL && proxy->steps == 0) {
         counts->created--; /* no task came of it */
+        proxy->ended = 1;
     }
     Py_DECREF(proxy);
     return task;
@@ -1162,6 +1200,427 @@ static PyTypeObject Factory_Type = {
     .tp_new = Factory_new,
 };
 
+
+/* ======================================================================================= */
+/* Pulse: the select hook of a watched asyncio loop (the compiled twin of _pulse.SelectPulse) */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *select; /* the selector's select (or what wrapped it before) */
+    PyObject *prev;   /* _prev: the selector's own attribute before, put back on detach */
+    PyObject *box;    /* deque of the watchdog's samples, emptied here */
+    PyObject *failed; /* the exception that turned the pulse off, or NULL */
+    PyObject *alarm;  /* the _alarm.Alarm pushed back every period, or NULL */
+    double woke, entered, busy, period, first_check, armed_at, lag_due, block_end, lag_sum;
+    long long iterations;
+    long long lag_counts[MAX_BUCKETS + 1];
+    int alarm_fd;
+    char active, idle, block_open;
+} PulseObject;
+
+static PyTypeObject Pulse_Type;
+static PyObject *s_clear, *s_fd;
+
+/* After a fork, in the parent: loopwatch's threads start again from the program's own thread
+   once os.fork() has returned (Python 3.13 counts the process's threads, for its fork warning,
+   after the at-fork hooks have run). g_resume is _threads.resume_paused. */
+static PyObject *g_resume;
+static int g_resume_pending;
+
+static int
+run_resume(void)
+{
+    if (!g_resume_pending || g_resume == NULL) {
+        return 0;
+    }
+    g_resume_pending = 0;
+    PyObject *r = PyObject_CallNoArgs(g_resume);
+    if (r != NULL) {
+        Py_DECREF(r);
+        return 0;
+    }
+    if (PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear(); /* resume_paused says its own failures */
+        return 0;
+    }
+    return -1; /* KeyboardInterrupt, SystemExit: the program's, passed on */
+}
+
+static int
+resume_trampoline(void *Py_UNUSED(arg))
+{
+    return run_resume();
+}
+
+static PyObject *
+resume_later(PyObject *Py_UNUSED(m), PyObject *fn)
+{
+    Py_XSETREF(g_resume, Py_NewRef(fn));
+    g_resume_pending = 1;
+    if (Py_AddPendingCall(resume_trampoline, NULL) < 0) {
+        /* The queue is full: the next pulse of a loop runs it. */
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+pulse_fail(PulseObject *self)
+{
+    /* Called with an exception set: it turns the pulse off, and never reaches the program. */
+    PyObject *exc = take_exception();
+    if (self->failed == NULL) {
+        self->failed = exc != NULL ? exc : Py_NewRef(Py_None);
+    }
+    else {
+        Py_XDECREF(exc);
+    }
+    self->active = 0;
+    self->idle = 0;
+}
+
+static void
+pulse_arm(PulseObject *self, double now)
+{
+#ifdef __linux__
+    if (self->alarm_fd < 0) {
+        return;
+    }
+    struct itimerspec spec = {{0, 0}, {0, 0}};
+    double whole = floor(self->first_check);
+    spec.it_value.tv_sec = (time_t)whole;
+    spec.it_value.tv_nsec = (long)((self->first_check - whole) * 1e9);
+    if (spec.it_value.tv_sec == 0 && spec.it_value.tv_nsec == 0) {
+        spec.it_value.tv_nsec = 1; /* 0/0 would disarm it */
+    }
+    if (timerfd_settime(self->alarm_fd, 0, &spec, NULL) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        self->alarm_fd = -1;
+        pulse_fail(self);
+        return;
+    }
+    self->armed_at = now;
+#else
+    (void)self;
+    (void)now;
+#endif
+}
+
+/* Entering the wait: this iteration's callbacks are done. */
+static void
+pulse_enter(PulseObject *self)
+{
+    double now = now_s();
+    self->entered = now;
+    self->busy += now - self->woke;
+    self->idle = 1;
+    if (now >= self->lag_due) {
+        /* A virtual timer fell due while the loop ran callbacks: it runs now, that late. */
+        double late = now - self->lag_due;
+        self->lag_counts[bucket(g_latency, g_nlatency, late)]++;
+        self->lag_sum += late;
+        self->lag_due = now + self->period;
+    }
+    if (self->block_open) {
+        self->block_open = 0;
+        self->block_end = now;
+    }
+    if (self->box != NULL && PyObject_Size(self->box) > 0) {
+        /* The watchdog's samples are let go of here, on the loop's own thread. */
+        PyObject *r = PyObject_CallMethodNoArgs(self->box, s_clear);
+        if (r == NULL) {
+            pulse_fail(self);
+            return;
+        }
+        Py_DECREF(r);
+    }
+    else if (PyErr_Occurred()) {
+        pulse_fail(self);
+    }
+}
+
+/* Leaving the wait: the next iteration's callbacks start. */
+static void
+pulse_leave(PulseObject *self)
+{
+    double now = now_s();
+    self->idle = 0;
+    self->woke = now;
+    self->iterations++;
+    if (now >= self->lag_due && self->period > 0) {
+        /* Virtual timers that fell due while the loop waited ran on time. */
+        long long missed = (long long)((now - self->lag_due) / self->period) + 1;
+        self->lag_counts[0] += missed;
+        self->lag_due += (double)missed * self->period;
+    }
+    if (now - self->armed_at >= self->period) {
+        pulse_arm(self, now);
+    }
+    if (g_resume_pending && !PyErr_Occurred() && run_resume() < 0) {
+        return; /* the program's exception, left set: see Pulse_vectorcall */
+    }
+}
+
+static PyObject *
+Pulse_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PulseObject *self = (PulseObject *)op;
+    if (!self->active) {
+        return PyObject_Vectorcall(self->select, args, nargsf, kwnames);
+    }
+    pulse_enter(self);
+    PyObject *select = Py_NewRef(self->select);
+    PyObject *ready = PyObject_Vectorcall(select, args, nargsf, kwnames);
+    Py_DECREF(select);
+    if (self->active) {
+        if (ready == NULL) {
+            /* The program's exception (a signal handler's, say) goes on as it came. */
+            PyObject *exc = take_exception();
+            pulse_leave(self);
+            if (PyErr_Occurred()) {
+                pulse_fail(self);
+            }
+            put_exception(exc);
+        }
+        else {
+            pulse_leave(self);
+            if (PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                    Py_DECREF(ready); /* KeyboardInterrupt from resuming: the program's */
+                    return NULL;
+                }
+                pulse_fail(self);
+            }
+        }
+    }
+    return ready;
+}
+
+static PyObject *
+Pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *select, *alarm = Py_None;
+    double period, first_check;
+    static char *kwlist[] = {"select", "period", "first_check", "alarm", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Odd|O:Pulse", kwlist, &select, &period,
+                                     &first_check, &alarm)) {
+        return NULL;
+    }
+    if (g_nlatency < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "loopwatch._accel.configure() was not called");
+        return NULL;
+    }
+    PyObject *collections = PyImport_ImportModule("collections");
+    if (collections == NULL) {
+        return NULL;
+    }
+    PyObject *box = PyObject_CallMethod(collections, "deque", NULL);
+    Py_DECREF(collections);
+    if (box == NULL) {
+        return NULL;
+    }
+    PulseObject *self = (PulseObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(box);
+        return NULL;
+    }
+    self->vectorcall = Pulse_vectorcall;
+    self->select = Py_NewRef(select);
+    self->prev = Py_NewRef(Py_None);
+    self->box = box;
+    self->failed = NULL;
+    self->alarm = NULL;
+    self->alarm_fd = -1;
+    double now = now_s();
+    self->woke = self->entered = now;
+    self->period = period;
+    self->first_check = first_check;
+    self->armed_at = -1e9;
+    self->lag_due = now + period;
+    self->active = 1;
+    if (alarm != Py_None) {
+        PyObject *fd = PyObject_GetAttr(alarm, s_fd);
+        if (fd == NULL) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->alarm_fd = PyLong_AsLong(fd);
+        Py_DECREF(fd);
+        if (self->alarm_fd == -1 && PyErr_Occurred()) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->alarm = Py_NewRef(alarm);
+    }
+    return (PyObject *)self;
+}
+
+static int
+Pulse_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    PulseObject *self = (PulseObject *)op;
+    Py_VISIT(self->select);
+    Py_VISIT(self->prev);
+    Py_VISIT(self->box);
+    Py_VISIT(self->failed);
+    Py_VISIT(self->alarm);
+    return 0;
+}
+
+static int
+Pulse_clear(PyObject *op)
+{
+    PulseObject *self = (PulseObject *)op;
+    Py_CLEAR(self->select);
+    Py_CLEAR(self->prev);
+    Py_CLEAR(self->box);
+    Py_CLEAR(self->failed);
+    Py_CLEAR(self->alarm);
+    return 0;
+}
+
+static void
+Pulse_dealloc(PyObject *op)
+{
+    PyObject_GC_UnTrack(op);
+    Pulse_clear(op);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyObject *
+Pulse_get_alarm(PyObject *op, void *Py_UNUSED(closure))
+{
+    PyObject *alarm = ((PulseObject *)op)->alarm;
+    return Py_NewRef(alarm != NULL ? alarm : Py_None);
+}
+
+/* Setting the alarm to None stops the pushes at once (before its descriptor is closed). */
+static int
+Pulse_set_alarm(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    PulseObject *self = (PulseObject *)op;
+    if (value == NULL || value == Py_None) {
+        self->alarm_fd = -1;
+        Py_CLEAR(self->alarm);
+        return 0;
+    }
+    PyObject *fd = PyObject_GetAttr(value, s_fd);
+    if (fd == NULL) {
+        return -1;
+    }
+    long n = PyLong_AsLong(fd);
+    Py_DECREF(fd);
+    if (n == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    Py_XSETREF(self->alarm, Py_NewRef(value));
+    self->alarm_fd = (int)n;
+    return 0;
+}
+
+/* (per-bucket counts, sum) of the lag: what _stats.Histogram keeps. */
+static PyObject *
+Pulse_get_lag(PyObject *op, void *Py_UNUSED(closure))
+{
+    PulseObject *self = (PulseObject *)op;
+    PyObject *counts = counts_get(self->lag_counts, g_nlatency + 1);
+    if (counts == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("(Nd)", counts, self->lag_sum);
+}
+
+static PyObject *
+Pulse_get_failed(PyObject *op, void *Py_UNUSED(closure))
+{
+    PyObject *failed = ((PulseObject *)op)->failed;
+    return Py_NewRef(failed != NULL ? failed : Py_None);
+}
+
+static PyObject *
+Pulse_release(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    PulseObject *self = (PulseObject *)op;
+    if (self->box == NULL) {
+        Py_RETURN_NONE;
+    }
+    return PyObject_CallMethodNoArgs(self->box, s_clear);
+}
+
+static PyMethodDef Pulse_methods[] = {
+    {"release", Pulse_release, METH_NOARGS, "Let go of the watchdog's samples."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Pulse_getset[] = {
+    {"alarm", Pulse_get_alarm, Pulse_set_alarm, NULL, NULL},
+    {"lag", Pulse_get_lag, NULL, NULL, NULL},
+    {"failed", Pulse_get_failed, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Pulse_members[] = {
+    {"select", T_OBJECT, offsetof(PulseObject, select), READONLY, NULL},
+    {"_prev", T_OBJECT, offsetof(PulseObject, prev), 0, NULL},
+    {"box", T_OBJECT, offsetof(PulseObject, box), READONLY, NULL},
+    {"woke", T_DOUBLE, offsetof(PulseObject, woke), 0, NULL},
+    {"entered", T_DOUBLE, offsetof(PulseObject, entered), 0, NULL},
+    {"busy", T_DOUBLE, offsetof(PulseObject, busy), 0, NULL},
+    {"period", T_DOUBLE, offsetof(PulseObject, period), 0, NULL},
+    {"first_check", T_DOUBLE, offsetof(PulseObject, first_check), 0, NULL},
+    {"armed_at", T_DOUBLE, offsetof(PulseObject, armed_at), 0, NULL},
+    {"lag_due", T_DOUBLE, offsetof(PulseObject, lag_due), 0, NULL},
+    {"block_end", T_DOUBLE, offsetof(PulseObject, block_end), 0, NULL},
+    {"iterations", T_LONGLONG, offsetof(PulseObject, iterations), 0, NULL},
+    {"active", T_BOOL, offsetof(PulseObject, active), 0, NULL},
+    {"idle", T_BOOL, offsetof(PulseObject, idle), 0, NULL},
+    {"block_open", T_BOOL, offsetof(PulseObject, block_open), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Pulse_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.Pulse",
+    .tp_doc = "The select hook of a watched asyncio loop: a pulse at every iteration.",
+    .tp_basicsize = sizeof(PulseObject),
+    .tp_dealloc = Pulse_dealloc,
+    .tp_vectorcall_offset = offsetof(PulseObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_traverse = Pulse_traverse,
+    .tp_clear = Pulse_clear,
+    .tp_methods = Pulse_methods,
+    .tp_members = Pulse_members,
+    .tp_getset = Pulse_getset,
+    .tp_new = Pulse_new,
+};
+
+/* thread_frame(ident): the innermost frame of one thread, or None. Taken with the GIL held
+   throughout: the other threads' frames in sys._current_frames() are all still running when they
+   are let go of here, so none of their locals can be finalized on the calling thread. */
+static PyObject *
+thread_frame(PyObject *Py_UNUSED(m), PyObject *ident)
+{
+    PyObject *current = PySys_GetObject("_current_frames"); /* borrowed */
+    if (current == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *frames = PyObject_CallNoArgs(current);
+    if (frames == NULL) {
+        return NULL;
+    }
+    PyObject *frame = PyDict_GetItemWithError(frames, ident);
+    Py_XINCREF(frame);
+    Py_DECREF(frames);
+    if (frame == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    return frame;
+}
+
 /* ======================================================================================= */
 /* the module                                                                              */
 
@@ -1219,6 +1678,17 @@ configure(PyObject *Py_UNUSED(m), PyObject *args)
 }
 
 static PyObject *
+set_task_type(PyObject *Py_UNUSED(m), PyObject *type)
+{
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "set_task_type needs a type");
+        return NULL;
+    }
+    Py_XSETREF(g_task_type, Py_NewRef(type));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 set_driver(PyObject *Py_UNUSED(m), PyObject *code)
 {
     Py_XSETREF(g_driver, code == Py_None ? NULL : Py_NewRef(code));
@@ -1230,6 +1700,10 @@ static PyMethodDef module_methods[] = {
      "configure(Task, CancelledError, machinery_cache, Handle._run code, duration_bounds, "
      "latency_bounds)"},
     {"set_driver", set_driver, METH_O, "The code of loopwatch's run wrapper (a driver frame)."},
+    {"thread_frame", thread_frame, METH_O, "The innermost frame of the thread with this ident."},
+    {"set_task_type", set_task_type, METH_O, "The task class the factory makes tasks of."},
+    {"resume_later", resume_later, METH_O,
+     "Call fn once from the program's thread soon (a pending call, or a loop's next pulse)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1264,12 +1738,15 @@ PyInit__accel(void)
     INTERN(s_cr_origin, "cr_origin");
     INTERN(s_row, "row");
     INTERN(s_loop, "loop");
+    INTERN(s_clear, "clear");
+    INTERN(s_fd, "fd");
     g_loop_kwnames = PyTuple_Pack(1, s_loop);
     if (g_loop_kwnames == NULL) {
         return NULL;
     }
     if (PyType_Ready(&Counts_Type) < 0 || PyType_Ready(&Row_Type) < 0 ||
-        PyType_Ready(&Timed_Type) < 0 || PyType_Ready(&Factory_Type) < 0) {
+        PyType_Ready(&Timed_Type) < 0 || PyType_Ready(&Factory_Type) < 0 ||
+        PyType_Ready(&Pulse_Type) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&accel_module);
@@ -1280,6 +1757,7 @@ PyInit__accel(void)
         PyModule_AddObjectRef(m, "Row", (PyObject *)&Row_Type) < 0 ||
         PyModule_AddObjectRef(m, "Timed", (PyObject *)&Timed_Type) < 0 ||
         PyModule_AddObjectRef(m, "Factory", (PyObject *)&Factory_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Pulse", (PyObject *)&Pulse_Type) < 0 ||
         PyModule_AddIntConstant(m, "API", API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;

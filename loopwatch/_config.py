@@ -282,6 +282,7 @@ SPECS: Final[dict[str, Spec]] = {
     )
 }
 SPECS_OPTIONAL: Final = {"metrics_port": True, "log_file": True}
+_ENV_NAMES: Final = frozenset(spec.env for spec in SPECS.values())
 
 
 def enabled(environ: Mapping[str, str] = os.environ) -> bool:
@@ -298,12 +299,18 @@ def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     return False
 
 
+# LOOPWATCH_* names that are not settings but are read by loopwatch's own tools: the compiled
+# module switch, the build hook's, and the test script's choice of Pythons.
+OTHER_NAMES: Final = frozenset({"LOOPWATCH_ACCEL", "LOOPWATCH_BUILD_ACCEL", "LOOPWATCH_PYTHONS"})
+
+
 def from_environ(
     environ: Mapping[str, str] = os.environ,
     *,
     on_error: Callable[[str], None] | None = None,
 ) -> Settings:
-    """Read every ``LOOPWATCH_*`` variable. A bad value is reported once and its default kept."""
+    """Read every ``LOOPWATCH_*`` variable. A bad value is reported once and its default kept; a
+    name that is no setting is reported with the closest one (a typo is not a silent default)."""
     say = on_error or report
     values: dict[str, Any] = {}
     for spec in SPECS.values():
@@ -313,9 +320,24 @@ def from_environ(
         try:
             values[spec.name] = spec.coerce(raw, spec.env)
         except SettingError as exc:
-            default = getattr(Settings(), spec.name)
-            say(f"{exc}; using the default ({default!r})")
+            if spec.name == "metrics_port":
+                say(f"{exc}; no metrics endpoint")
+            else:
+                default = getattr(Settings(), spec.name)
+                say(f"{exc}; using the default ({default!r})")
+    for name in sorted(environ):
+        if name.startswith(PREFIX + "_") and name not in _ENV_NAMES and name not in OTHER_NAMES:
+            say(unknown_name(name))
     return Settings(**values)
+
+
+def unknown_name(name: str) -> str:
+    """The line for a ``LOOPWATCH_*`` variable that is no setting: with the closest known name."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(_ENV_NAMES | OTHER_NAMES), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else " (`loopwatch run --help` lists them)"
+    return f"loopwatch: {name} is not a setting of loopwatch{hint}; it is ignored"
 
 
 _environ_cache: tuple[tuple[tuple[str, str], ...], Settings] | None = None

@@ -18,6 +18,16 @@ from ._events import EVENT_TYPES, Event
 FIELD_DOCS: dict[str, str] = {
     "time": "when the event was made, seconds since the epoch",
     "pid": "the process it happened in",
+    "origin": (
+        "`program`, or `library` when the task (or callback) was both made and run by installed "
+        "libraries only, with no frame of the program's own code; last in a JSON line, and shown "
+        "in a text line only when `library`"
+    ),
+    "created_by": (
+        "what made the task when asyncio or uvloop did (then `created_at` is null): "
+        "`asyncio.streams: StreamReaderProtocol.connection_made`, `asyncio: async generator "
+        "finalizer ...`; null otherwise"
+    ),
     "duration_s": "how long the callback or task step held the loop, in seconds",
     "blocked_s": "how long the loop had been blocked when this was reported, in seconds",
     "threshold_s": "`LOOPWATCH_SLOW_CALLBACK_MS`, in seconds",
@@ -34,7 +44,8 @@ FIELD_DOCS: dict[str, str] = {
     "loop": "`asyncio` or `uvloop`",
     "created_at": (
         "`path:line in function`: the first frame outward from `create_task`/`ensure_future` that "
-        "is not in asyncio, uvloop or loopwatch; null for a task made without the loop's factory"
+        "is not in asyncio, uvloop or loopwatch; null for a task made without the loop's factory, "
+        "or made by asyncio or uvloop itself (see `created_by`)"
     ),
     "age_s": "seconds from the task's creation to the moment it was found pending",
     "awaiting": "`path:line in function`: where the task is suspended, in the program's own code",
@@ -139,6 +150,10 @@ def events_markdown() -> str:
         "Every event also has:",
         "",
         *(f"- `{name}`: {FIELD_DOCS[name]}." for name in common),
+        "",
+        "A line that stands for several events of one name at one place (flood folding, see",
+        "`LOOPWATCH_LOG_FOLD_MS`) is the last of them with two more fields: `folded`, how many",
+        "events it stands for, and `tasks`, the names of the tasks they concern (at most ten).",
     ]
     for cls in EVENT_TYPES:
         doc = " ".join((cls.__doc__ or "").split()).replace("``", "`")

@@ -4,6 +4,10 @@ Slots because a flood of events must stay cheap to hold; frozen because an event
 several exporters, in several threads, and none of them may change what the others see.
 Every field is plain data (str, float, list of str): an event never holds a frame, a task, a
 coroutine or an exception, so keeping one keeps nothing of the program alive.
+
+``origin`` says whose finding it is: ``"program"``, or ``"library"`` when the task (or callback)
+was both made and run by installed libraries only, with no frame of the program's own code (see
+``_places.is_own_code``). The pytest plugin fails a test on the program's findings.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ class Event:
     event: ClassVar[str] = "loopwatch.event"
     time: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
+    origin: str = "program"
 
     def as_dict(self) -> dict[str, Any]:
         """The name under ``event`` and every field, in declaration order; lists are copied."""
         out: dict[str, Any] = {"event": self.event}
         for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            if f.name != "origin":
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["origin"] = self.origin  # last: what a reader of a line needs least often
         return out
 
     @property
@@ -83,6 +90,9 @@ class TaskLeaked(Event):
     awaiting: str | None
     awaits: str | None = None
     created_stack: tuple[str, ...] = ()
+    # Set when the task was made by asyncio or uvloop itself (``created_at`` is then None): what
+    # made it, such as "asyncio: async generator finalizer".
+    created_by: str | None = None
 
     @property
     def place(self) -> str | None:
@@ -97,6 +107,7 @@ class TaskOrphaned(Event):
     task: str
     coroutine: str
     created_at: str | None
+    created_by: str | None = None
 
     @property
     def place(self) -> str | None:
@@ -113,6 +124,7 @@ class TaskExceptionUnretrieved(Event):
     created_at: str | None
     exception: str
     raised_at: str | None = None
+    created_by: str | None = None
 
     @property
     def place(self) -> str | None:

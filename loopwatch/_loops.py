@@ -1,20 +1,35 @@
 """Watched loops: attaching to a loop, loop factories, install/uninstall, and global mode.
 
-Attaching to a loop shadows its ``run_forever`` with an instance attribute that marks the start
-and end of each run for the watchdog (``run_until_complete`` on both asyncio and uvloop calls
-``self.run_forever()``, so every run passes through it), starts the heartbeat, and (from the task
-issue on) installs the task factory. Nothing is patched on a class for a single loop, and
-detaching deletes the attribute again: the loop runs on as it was.
+Nothing of loopwatch's is put on a loop object. A watched loop is recognised by loopwatch's own
+table (``_states``, weak keys), and the few loop methods loopwatch needs to hear of are hooked once
+on the loop *classes*, asyncio's ``BaseEventLoop`` and uvloop's ``Loop``, where each hook hands an
+unwatched loop straight on:
+
+- ``run_forever``: marks the start and end of each run for the watchdog (``run_until_complete``,
+  on asyncio and uvloop alike, calls ``self.run_forever()``, so every run passes through it);
+- ``close``: tasks still pending when the loop is closed leaked;
+- ``set_task_factory`` / ``get_task_factory``: a factory the program sets later is wrapped, not
+  lost, and the program still reads back its own;
+- ``call_exception_handler``: asyncio reports orphaned tasks and lost exceptions through it;
+- ``create_task``, on Pythons whose ``create_task`` calls ``task.set_name(None)`` after a task
+  factory (3.13.0): that would rename every unnamed task 'None' just because loopwatch brought a
+  factory, so unnamed tasks are made by loopwatch's factory directly there.
+
+Instance attributes would cost more than they look: uvloop's loops pay for every attribute lookup
+once an instance dictionary exists (about 10% on a chain of ``call_soon`` callbacks, measured), and
+asyncio's pure-Python loop stops sharing its instance dictionary's keys past 30 attributes. The
+watchdog's pulse goes on the loop's *selector* (see ``_pulse``), uvloop's in its timer heap.
 
 Global mode ("every loop from now on": ``LOOPWATCH=1``, or ``install()`` outside a loop) wraps
-``__init__`` of asyncio's ``BaseEventLoop`` and of ``uvloop.Loop`` (uvloop's Python subclass of its
-compiled loop), so a loop however made is attached when it is built. Each wrap is undone by
-``uninstall()``.
+``__init__`` of ``BaseEventLoop`` and of ``uvloop.Loop``, so a loop however made is attached when
+it is built. Each hook and wrap is undone by ``uninstall()``. A hook's own frame never shows in the
+program's tracebacks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import weakref
@@ -22,8 +37,9 @@ from asyncio.base_events import BaseEventLoop
 from collections.abc import Callable
 from typing import Any
 
-from . import _runtime, _tasks, _timing
+from . import _runtime, _tasks, _threads, _timing
 from ._config import Settings, report
+from ._stats import Histogram
 from ._tasks import TaskStats, TaskTracker
 from ._watchdog import LoopState
 
@@ -35,8 +51,10 @@ _global = False
 # (class, attribute, previous value or _ABSENT): what global mode changed, to undo it exactly.
 _patches: list[tuple[type, str, Any]] = []
 _ABSENT = object()
-# Task counts of loops no longer watched, so that process totals never go backwards.
+# Task counts, lag and busy time of loops no longer watched, so process totals never go back.
 _retired = TaskStats()
+_retired_lag = Histogram()
+_retired_busy = [0.0]
 
 
 def task_totals() -> TaskStats:
@@ -47,6 +65,16 @@ def task_totals() -> TaskStats:
         if state.tasks is not None:
             totals.add(state.tasks.stats)
     return totals
+
+
+def lag_totals() -> Histogram:
+    """The lag histogram over every loop watched so far."""
+    total = Histogram()
+    total.merge(_retired_lag.counts, _retired_lag.sum)
+    for state in list(_states.values()):
+        counts, lag_sum = state.lag_histogram()
+        total.merge(counts, lag_sum)
+    return total
 
 
 def state_of(loop: asyncio.AbstractEventLoop) -> LoopState | None:
@@ -76,21 +104,27 @@ def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) ->
         if state is not None and state.active:
             state.configure(settings)
             return state
+        say = runtime.dispatcher.say
         state = LoopState(
             loop,
             settings,
-            lag=runtime.lag,
             emit=runtime.dispatcher.emit,
             wake=runtime.watchdog.wake,
+            settle=runtime.dispatcher.settle,
         )
         if settings.tasks:
             state.tasks = TaskTracker(
-                loop, runtime.dispatcher.emit, creation_stack=settings.creation_stack
+                loop, runtime.dispatcher.emit, creation_stack=settings.creation_stack, say=say
             )
             state.configure(settings)  # now that it has a tracker, pass it the timing settings
+        _hook_loop_class(type(loop))
         _states[loop] = state
-        _shadow_methods(loop, state)
-        _tasks.install_process_hooks(tracker_of, runtime.dispatcher.emit)
+        if state.tasks is not None:
+            _unhooked(loop, "set_task_factory")(loop, state.tasks.factory)
+        _tasks.install_process_hooks(tracker_of, runtime.dispatcher.emit, say)
+        runtime.dispatcher.start()  # (again in a forked child: its first loop starts it)
+        if _threads.pending:
+            _threads.resume_paused()
         runtime.watchdog.add(state)
     if loop.is_running() and _running_here(loop):
         state.run_started()
@@ -98,25 +132,38 @@ def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) ->
 
 
 def detach(loop: asyncio.AbstractEventLoop) -> None:
-    """Stop watching ``loop``; it runs on unwatched, with its own methods and task factory back."""
+    """Stop watching ``loop``; it runs on unwatched, with its own task factory back."""
     with _lock:
         state = _states.pop(loop, None)
     if state is None:
         return
-    state.detach()
+    _forget(loop, state)
     runtime = _runtime.current()
     if runtime is not None:
         runtime.watchdog.remove(state)
-    for name in _SHADOWED:
-        method = loop.__dict__.get(name)
-        if getattr(method, "__loopwatch__", False):
-            del loop.__dict__[name]
+        if not _states:
+            # No loop left: loopwatch's threads end (what is queued written first), so that a
+            # program that forks now is single-threaded; the next loop starts them again.
+            runtime.dispatcher.stop_idle()
+
+
+def _forget(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
+    """Take loopwatch out of a loop that is no longer watched (no thread touched)."""
+    state.detach()
     tracker = state.tasks
     if tracker is not None:
-        if loop.get_task_factory() is tracker.factory:
-            _unhooked(type(loop), "set_task_factory")(loop, tracker.inner)
+        if _factory_of(loop) is tracker.factory:
+            _unhooked(loop, "set_task_factory")(loop, tracker.inner)
         _retired.add(tracker.stats)
         _timing.TABLE.retire(tracker.rows)
+    counts, lag_sum = state.lag_histogram()
+    _retired_lag.merge(counts, lag_sum)
+    _retired_busy[0] += state.pulse.busy
+
+
+def _factory_of(loop: asyncio.AbstractEventLoop) -> Any:
+    """The factory the loop really holds (past the get_task_factory hook)."""
+    return _unhooked(loop, "get_task_factory")(loop)
 
 
 def _running_here(loop: asyncio.AbstractEventLoop) -> bool:
@@ -126,113 +173,132 @@ def _running_here(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-# Methods shadowed on a watched loop instance (instance attributes, deleted by detach):
-# - run_forever: marks each run's start and end for the watchdog (run_until_complete, on asyncio
-#   and on uvloop, calls self.run_forever());
-# - close: tasks still pending when the loop is closed leaked;
-# - create_task, on stock loops of Pythons whose create_task calls ``task.set_name(None)`` after a
-#   task factory (3.13.0): that would rename every unnamed task 'None' just because loopwatch
-#   brought a factory, so unnamed tasks are made by the factory directly there.
-# and, with task tracking, three rarely called methods (below, at _class_hooks).
+# -- the class hooks -----------------------------------------------------------------------------
+
 _CREATE_TASK_RENAMES = "set_name" in BaseEventLoop.create_task.__code__.co_names
-_SHADOWED = (
-    "create_task",
-    "run_forever",
-    "set_task_factory",
-    "get_task_factory",
-    "call_exception_handler",
-    "close",
-)
-# - set_task_factory / get_task_factory: a factory the program sets later is wrapped, not lost,
-#   and the program still reads back its own;
-# - call_exception_handler: asyncio reports orphaned tasks and lost exceptions through it.
-# On a stock loop these are hooked once on ``BaseEventLoop`` (each hook looks the loop up and
-# hands unwatched loops straight on), not on the instance: asyncio's pure-Python loop reads its
-# own attributes on every callback, and from 30 instance attributes on CPython stops sharing
-# the instance dict's keys, which slows every ``self.<attr>`` (about +80 ns per task step,
-# measured in benchmarks/results.md). A stock loop has 26; loopwatch adds at most 3.
-_class_hooks: dict[str, Any] = {}  # name -> BaseEventLoop's own method, while hooked
+_HOOKS = ("run_forever", "close", "set_task_factory", "get_task_factory", "call_exception_handler")
+# class -> {name: the class's own method before the hook}, while hooked
+_hooked: dict[type, dict[str, Any]] = {}
+_HOOK_CODES: set[Any] = set()  # the hooks' code objects: stripped from tracebacks
 
 
-def _shadow_methods(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
-    cls = type(loop)
-    tracker = state.tasks  # None with LOOPWATCH_TASKS=0: only run_forever and close then
-    # The closures below hold the state, never the loop: the loop holds them (in its __dict__),
-    # and a strong reference back would make every watched loop a reference cycle.
-    loop_ref = weakref.ref(loop)
-
-    def _loop() -> asyncio.AbstractEventLoop:
-        current = loop_ref()
-        assert current is not None
-        return current
-
-    def run_forever() -> None:
-        this = _loop()
-        if not state.active:
-            return cls.run_forever(this)
-        state.run_started()
-        try:
-            return cls.run_forever(this)
-        finally:
-            state.run_stopped()
-
-    def close() -> None:
-        this = loop_ref()
-        if this is None:
-            # Called from the loop's own __del__ once the garbage collector has let go of
-            # it (a loop never closed, at interpreter exit): nothing left to close from here.
-            return
-        if tracker is not None and not this.is_running() and not this.is_closed():
-            try:
-                tracker.report_leaks(asyncio.all_tasks(this))
-            except Exception as exc:  # noqa: BLE001
-                report(f"loopwatch: leak check failed ({type(exc).__name__}: {exc})")
-        cls.close(this)
-        detach(this)
-
-    _tasks.set_driver(run_forever.__code__)
-    methods: list[Callable[..., Any]] = [run_forever, close]
-    if tracker is not None:
-        methods += _task_methods(loop, tracker, _loop)
-    for method in methods:
-        setattr(method, "__loopwatch__", True)  # noqa: B010 - mypy: functions take attributes
-        setattr(loop, method.__name__, method)
-    if tracker is not None:
-        _unhooked(cls, "set_task_factory")(loop, tracker.factory)
+def _owner_class(cls: type) -> type | None:
+    """The class whose methods are hooked for loops of ``cls``: BaseEventLoop or uvloop.Loop."""
+    if issubclass(cls, BaseEventLoop):
+        return BaseEventLoop
+    uvloop = sys.modules.get("uvloop")
+    base = getattr(uvloop, "Loop", None)
+    if isinstance(base, type) and issubclass(cls, base):
+        return base
+    return None
 
 
-def _unhooked(cls: type, name: str) -> Any:
-    """``cls.<name>`` as the loop itself has it, past loopwatch's class hook."""
-    method = getattr(cls, name)
-    hook: Any = _class_hooks.get(name)
-    return hook.__wrapped__ if hook is not None and method is hook else method
-
-
-def _tracker_for(loop: Any) -> TaskTracker | None:
-    state = _states.get(loop)
-    return state.tasks if state is not None else None
-
-
-def _class_hookable(loop: asyncio.AbstractEventLoop, name: str) -> bool:
-    """Whether the loop's class takes ``name`` from ``BaseEventLoop`` (or its hook)."""
-    if not isinstance(loop, BaseEventLoop):
-        return False
-    method = getattr(type(loop), name, None)
-    return method is BaseEventLoop.__dict__[name] or method is _class_hooks.get(name)
-
-
-def _hook_class(name: str) -> None:
-    """Hook ``BaseEventLoop.<name>`` once for every watched stock loop (under _lock)."""
-    if name in _class_hooks:
+def _hook_loop_class(cls: type) -> None:
+    """Hook the owner class of ``cls`` once (under _lock)."""
+    owner = _owner_class(cls)
+    if owner is None or owner in _hooked:
         return
-    original = BaseEventLoop.__dict__[name]
-    hook: Callable[..., Any]
-    if name == "set_task_factory":
+    originals: dict[str, Any] = {}
+    names = list(_HOOKS)
+    if owner is BaseEventLoop and _CREATE_TASK_RENAMES:
+        names.append("create_task")
+    for name in names:
+        original = owner.__dict__.get(name, _ABSENT)
+        current = getattr(owner, name)
+        hook = _make_hook(name, current)
+        hook.__qualname__ = f"{owner.__name__}.{name}"
+        hook.__doc__ = current.__doc__
+        setattr(hook, "__wrapped__", current)  # noqa: B010 - mypy: functions take attributes
+        setattr(hook, "__loopwatch__", True)  # noqa: B010
+        _HOOK_CODES.add(hook.__code__)
+        if name == "run_forever":
+            # The last frame of loopwatch's before uvloop's compiled loop calls a callback.
+            _tasks.set_driver(hook.__code__)
+        type.__setattr__(owner, name, hook)
+        originals[name] = original
+    _hooked[owner] = originals
 
-        def set_task_factory(self: Any, factory: Any) -> None:
+
+def _unhook_classes() -> None:
+    for owner, originals in list(_hooked.items()):
+        for name, original in originals.items():
+            hook = owner.__dict__.get(name)
+            if not getattr(hook, "__loopwatch__", False):
+                continue  # replaced since by someone else: theirs stays
+            if original is _ABSENT:
+                type.__delattr__(owner, name)
+            else:
+                type.__setattr__(owner, name, original)
+        del _hooked[owner]
+
+
+def _unhooked(loop: Any, name: str) -> Any:
+    """``type(loop).<name>`` as the loop itself has it, past loopwatch's class hook."""
+    method = getattr(type(loop), name)
+    return getattr(method, "__wrapped__", method) if getattr(method, "__loopwatch__", 0) else method
+
+
+def _strip(exc: BaseException) -> None:
+    """Drop the hook's own frame from the head of a traceback (then re-raised with a bare
+    ``raise``, which does not add it back)."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code in _HOOK_CODES:
+        exc.__traceback__ = tb.tb_next
+
+
+def _make_hook(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    hook: Callable[..., Any]
+    if name == "run_forever":
+
+        def run_forever(self: Any) -> Any:
+            state = _states.get(self)
+            if state is None or not state.active:
+                try:
+                    return original(self)
+                except BaseException as exc:
+                    _strip(exc)
+                    raise
+            state.run_started()
+            try:
+                result = original(self)
+            except BaseException as exc:
+                _strip(exc)
+                state.run_stopped()
+                raise
+            state.run_stopped()
+            return result
+
+        hook = run_forever
+    elif name == "close":
+
+        def close(self: Any) -> Any:
+            state = _states.get(self)
+            tracker = state.tasks if state is not None else None
+            if tracker is not None and not self.is_running() and not self.is_closed():
+                try:
+                    tracker.report_leaks(asyncio.all_tasks(self))
+                except Exception as exc:  # noqa: BLE001 - never in the program's way
+                    tracker.say(f"loopwatch: leak check failed ({type(exc).__name__}: {exc})")
+            try:
+                result = original(self)
+            except BaseException as exc:
+                _strip(exc)
+                raise
+            if state is not None:
+                detach(self)
+            return result
+
+        hook = close
+    elif name == "set_task_factory":
+
+        def set_task_factory(self: Any, factory: Any) -> Any:
             tracker = _tracker_for(self)
             if tracker is None:
-                return original(self, factory)  # type: ignore[no-any-return]
+                try:
+                    return original(self, factory)
+                except BaseException as exc:
+                    _strip(exc)
+                    raise
             if factory is not None and not callable(factory):
                 raise TypeError("task factory must be a callable or None")
             tracker.inner = factory
@@ -246,76 +312,54 @@ def _hook_class(name: str) -> None:
             return original(self) if tracker is None else tracker.inner
 
         hook = get_task_factory
-    else:
+    elif name == "call_exception_handler":
 
-        def call_exception_handler(self: Any, context: dict[str, Any]) -> None:
+        def call_exception_handler(self: Any, context: dict[str, Any]) -> Any:
             tracker = _tracker_for(self)
             if tracker is not None:
                 _tell_tracker(tracker, context)
-            return original(self, context)  # type: ignore[no-any-return]
+            try:
+                return original(self, context)
+            except BaseException as exc:
+                _strip(exc)
+                raise
 
         hook = call_exception_handler
-    hook.__qualname__ = f"BaseEventLoop.{name}"
-    hook.__doc__ = original.__doc__
-    setattr(hook, "__wrapped__", original)  # noqa: B010 - mypy: functions take attributes
-    setattr(hook, "__loopwatch__", True)  # noqa: B010
-    type.__setattr__(BaseEventLoop, name, hook)
-    _class_hooks[name] = hook
+    else:  # create_task, on 3.13.0
+
+        def create_task(
+            self: Any, coro: Any, *, name: Any = None, context: Any = None, **kwargs: Any
+        ) -> Any:
+            factory = self._task_factory
+            if name is not None or kwargs or not getattr(factory, "__loopwatch__", False):
+                try:
+                    return original(self, coro, name=name, context=context, **kwargs)
+                except BaseException as exc:
+                    _strip(exc)
+                    raise
+            try:
+                self._check_closed()
+                if context is None:
+                    return factory(self, coro)
+                return factory(self, coro, context=context)
+            except BaseException as exc:
+                _strip(exc)
+                raise
+
+        hook = create_task
+    return hook
 
 
-def _unhook_classes() -> None:
-    for name, hook in list(_class_hooks.items()):
-        original = hook.__wrapped__
-        if BaseEventLoop.__dict__.get(name) is hook:
-            type.__setattr__(BaseEventLoop, name, original)
-        del _class_hooks[name]
+def _tracker_for(loop: Any) -> TaskTracker | None:
+    state = _states.get(loop)
+    return state.tasks if state is not None else None
 
 
 def _tell_tracker(tracker: TaskTracker, context: dict[str, Any]) -> None:
     try:
         tracker.on_exception_context(context)
     except Exception as exc:  # noqa: BLE001 - never in the way of the program's handler
-        report(f"loopwatch: reading an asyncio report failed ({type(exc).__name__}: {exc})")
-
-
-def _task_methods(
-    loop: asyncio.AbstractEventLoop,
-    tracker: TaskTracker,
-    _loop: Callable[[], asyncio.AbstractEventLoop],
-) -> list[Callable[..., Any]]:
-    cls = type(loop)
-
-    def set_task_factory(factory: Any) -> None:
-        if factory is not None and not callable(factory):
-            raise TypeError("task factory must be a callable or None")
-        tracker.inner = factory
-
-    def get_task_factory() -> Any:
-        return tracker.inner
-
-    def call_exception_handler(context: dict[str, Any]) -> None:
-        _tell_tracker(tracker, context)
-        cls.call_exception_handler(_loop(), context)
-
-    def create_task(coro: Any, *, name: Any = None, context: Any = None, **kwargs: Any) -> Any:
-        this = _loop()
-        factory = this._task_factory  # type: ignore[attr-defined]
-        if name is not None or kwargs or factory is not tracker.factory:
-            return cls.create_task(this, coro, name=name, context=context, **kwargs)
-        this._check_closed()  # type: ignore[attr-defined]
-        if context is None:
-            return factory(this, coro)
-        return factory(this, coro, context=context)
-
-    methods: list[Callable[..., Any]] = []
-    for method in (set_task_factory, get_task_factory, call_exception_handler):
-        if _class_hookable(loop, method.__name__):
-            _hook_class(method.__name__)
-        else:
-            methods.append(method)
-    if _CREATE_TASK_RENAMES and isinstance(loop, BaseEventLoop):
-        methods.append(create_task)
-    return methods
+        tracker.say(f"loopwatch: reading an asyncio report failed ({type(exc).__name__}: {exc})")
 
 
 # -- loop factories ------------------------------------------------------------------------
@@ -381,17 +425,20 @@ def _patch_init(cls: type) -> None:
     original = cls.__init__  # type: ignore[misc]  # the class's own, whatever its subclasses do
 
     def __init__(self: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
+        try:
+            original(self, *args, **kwargs)
+        except BaseException as exc:
+            _strip(exc)
+            raise
         if _global:
             try:
                 attach(self)
             except Exception as exc:  # noqa: BLE001 - never break loop creation
-                from ._config import report
-
                 report(f"loopwatch: could not watch a new loop ({type(exc).__name__}: {exc})")
 
     __init__.__loopwatch__ = True  # type: ignore[attr-defined]
     __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    _HOOK_CODES.add(__init__.__code__)
     type.__setattr__(cls, "__init__", __init__)
     _patches.append((cls, "__init__", previous))
 
@@ -410,6 +457,21 @@ def disable_global() -> None:
 
 def global_enabled() -> bool:
     return _global
+
+
+# -- forks ---------------------------------------------------------------------------------------
+
+
+def after_fork_in_child() -> None:
+    """A child forked inside a running loop starts with no loop state of its parent's: the loops
+    it inherited run on unwatched (their pulse off, their task factory back), the loops it makes
+    are watched."""
+    global _lock
+    _lock = threading.RLock()
+    for loop, state in list(_states.items()):
+        with contextlib.suppress(Exception):  # a child must never fail because of loopwatch
+            _forget(loop, state)
+    _states.clear()
 
 
 # -- the public install/uninstall ----------------------------------------------------------
@@ -450,4 +512,6 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> None:
         _unhook_classes()
     _tasks.remove_process_hooks()
     _retired.reset()  # counts start again with the next install
+    _retired_lag.reset()
+    _retired_busy[0] = 0.0
     _runtime.deactivate()

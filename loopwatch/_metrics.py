@@ -58,19 +58,14 @@ def collect() -> Snapshot:
     """A consistent-enough snapshot for one scrape (each value is read once, without locks)."""
     snap = Snapshot()
     runtime = _runtime.current()
-    counts = dict(runtime.dispatcher.counts) if runtime is not None else {}
+    counts = runtime.dispatcher.counts if runtime is not None else {}
     snap.events = {metric: counts.get(name, 0) for name, metric in EVENT_COUNTERS.items()}
-    if runtime is not None:
-        snap.loop_lag = HistogramSnapshot.of(runtime.lag)
-    from . import _loops
+    from . import _loops, _timing
 
+    snap.loop_lag = HistogramSnapshot.of(_loops.lag_totals())
     totals = _loops.task_totals()
     snap.tasks_created = totals.created
     snap.tasks_active = _loops.active_tasks()
     snap.tasks_finished = {"ok": totals.ok, "error": totals.error, "cancelled": totals.cancelled}
-    try:
-        from . import _timing
-    except ImportError:  # pragma: no cover - timing arrives in its own change
-        return snap
     snap.task_duration, snap.task_busy = _timing.histograms()
     return snap

@@ -1,21 +1,23 @@
-"""The process-wide state of an active loopwatch: settings, the dispatcher, the watchdog, lag.
+"""The process-wide state of an active loopwatch: settings, the dispatcher, the watchdog.
 
 Created by the first ``install()``, loop factory or policy, or by ``LOOPWATCH=1``; torn down whole
-by ``uninstall()``. A forked child keeps the settings and exporters but none of the threads.
+by ``uninstall()``. Around a fork every thread of loopwatch's is stopped (so the fork finds the
+process as it would unwatched) and started again in the parent; the child keeps the settings and
+exporters, but none of the threads, none of the parent's loops and nothing the parent queued.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import _config
+from . import _config, _threads
 from ._config import Settings
 from ._dispatch import Dispatcher
-from ._stats import Histogram
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -27,8 +29,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.dispatcher = Dispatcher()
-        self.watchdog = Watchdog()
-        self.lag = Histogram()
+        self.watchdog = Watchdog(self.dispatcher.say)
         # Prometheus publishing (exporters/prometheus.py), started by publish_metrics() now or
         # once the program imports prometheus_client; ``inherited`` is what a forked child's
         # counters held at the fork, so that its metrics count only its own.
@@ -42,6 +43,7 @@ class Runtime:
         self.apply(settings)
         for exporter in from_settings(settings):
             self.dispatcher.add_exporter(exporter)
+
         publish_metrics(self)
         if settings.summary:
             atexit.register(self.print_summary)
@@ -52,6 +54,9 @@ class Runtime:
 
         self.settings = settings
         _timing.TABLE.cap = settings.coroutine_labels
+
+    def say(self, line: str) -> None:
+        self.dispatcher.say(line)
 
     def print_summary(self) -> None:
         """``LOOPWATCH_SUMMARY=1``: the busiest coroutines, on standard error, at exit."""
@@ -71,26 +76,50 @@ class Runtime:
         if metrics is not None:
             metrics.close()
         _timing.TABLE.clear()
+        _threads.discard(self.watchdog.worker)
+        _threads.discard(self.dispatcher.worker)
 
     def before_fork(self) -> None:
-        """Take the counts a child will inherit here, in the parent, where every lock works."""
+        """Take the counts a child will inherit here, in the parent, where every lock works, and
+        stop loopwatch's threads for the length of the fork."""
         from . import _metrics
 
         try:
             self._at_fork = _metrics.collect()
         except Exception:  # noqa: BLE001 - a fork must never fail because of loopwatch
             self._at_fork = None
+        _threads.pause_all()
+        writer = _file_writer()
+        if writer is not None:
+            writer.before_fork()
 
     def after_fork_in_parent(self) -> None:
         self._at_fork = None
+        writer = _file_writer()
+        if writer is not None:
+            writer.after_fork_in_parent()
+        _threads.resume_soon()
 
     def after_fork_in_child(self) -> None:
+        from . import _loops
+
+        _threads.forget_all()
+        writer = _file_writer()
+        if writer is not None:
+            writer.after_fork_in_child()
+        _loops.after_fork_in_child()
         self.watchdog.after_fork_in_child()
         self.dispatcher.after_fork_in_child()
         self.metrics_lock = threading.Lock()
         self.inherited, self._at_fork = self._at_fork, None
         if self.metrics is not None:
             self.metrics.after_fork_in_child()
+
+
+def _file_writer() -> Any:
+    """prometheus's multiprocess file writer, if that exporter was ever loaded."""
+    module = sys.modules.get("loopwatch.exporters.prometheus")
+    return getattr(module, "_writer", None)
 
 
 _lock = threading.RLock()
@@ -100,6 +129,13 @@ _fork_hook_installed = False
 
 def current() -> Runtime | None:
     return _current
+
+
+def metrics_url() -> str | None:
+    """The URL of the metrics endpoint loopwatch serves (``LOOPWATCH_METRICS_PORT``), or None."""
+    runtime = _current
+    endpoint = getattr(getattr(runtime, "metrics", None), "endpoint", None)
+    return None if endpoint is None else str(endpoint.url)
 
 
 def activate(**overrides: Any) -> Runtime:
@@ -143,24 +179,31 @@ def _install_fork_hook() -> None:
     )
 
 
+# Fork hooks: what fails in them is kept quiet (an exception in an at-fork hook would be
+# printed by Python as "Exception ignored in ...", an output the program never had).
+
+
 def _before_fork() -> None:
     runtime = _current
     if runtime is not None:
-        runtime.before_fork()
+        with contextlib.suppress(Exception):
+            runtime.before_fork()
 
 
 def _after_fork_in_parent() -> None:
     runtime = _current
     if runtime is not None:
-        runtime.after_fork_in_parent()
+        with contextlib.suppress(Exception):
+            runtime.after_fork_in_parent()
 
 
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.RLock()
-    timing = sys.modules.get("loopwatch._timing")
-    if timing is not None:
-        timing.TABLE.after_fork_in_child()
-    runtime = _current
-    if runtime is not None:
-        runtime.after_fork_in_child()
+    with contextlib.suppress(Exception):
+        timing = sys.modules.get("loopwatch._timing")
+        if timing is not None:
+            timing.TABLE.after_fork_in_child()
+        runtime = _current
+        if runtime is not None:
+            runtime.after_fork_in_child()

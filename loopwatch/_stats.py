@@ -7,6 +7,7 @@ Exporters turn these into Prometheus histograms at scrape time. Writers are sing
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left
 from collections.abc import Sequence
 
@@ -45,6 +46,23 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def reset(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe_zeros(self, n: int) -> None:
+        """``n`` observations of 0 (a loop that was waiting, not late, for ``n`` periods)."""
+        self.counts[0] += n
+        self.count += n
+
+    def merge(self, counts: Sequence[int], total: float) -> None:
+        """Add another histogram's per-bucket counts (same buckets) and sum."""
+        for i, n in enumerate(counts):
+            self.counts[i] += n
+        self.sum += total
+        self.count += sum(counts)
+
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, observations <= bound)`` pairs, ending with ``(inf, count)``."""
         out: list[tuple[float, int]] = []
@@ -53,3 +71,22 @@ class Histogram:
             running += n
             out.append((bound, running))
         return out
+
+
+class Counter:
+    """A count many threads add to without a lock: ``next()`` on ``itertools.count`` is one C call
+    under the GIL, so no increment is lost however the threads interleave (and a finalizer that
+    runs in the middle of an increment only adds one of its own)."""
+
+    __slots__ = ("_count",)
+
+    def __init__(self) -> None:
+        self._count = itertools.count(1)
+
+    def add(self) -> None:
+        next(self._count)
+
+    @property
+    def value(self) -> int:
+        # repr is "count(N)" with N the next value to be given: N - 1 were added.
+        return int(repr(self._count)[6:-1]) - 1

@@ -45,13 +45,16 @@ from ._events import (
     TaskLeaked,
     TaskOrphaned,
 )
-from ._stats import LATENCY_BUCKETS
-from ._timing import ACCEL, DURATION_BUCKETS, TABLE, StepWatch, Timed, unwrap
-from ._watchdog import coroutine_name
+from ._native import ACCEL
+from ._stats import LATENCY_BUCKETS, Counter
+from ._timing import DURATION_BUCKETS, TABLE, StepWatch, Timed, unwrap
+from ._watchdog import async_generator_of, coroutine_name
 
 monotonic = time.monotonic
 _getframe = sys._getframe
 _Task = asyncio.Task
+_task_get_coro = asyncio.Task.get_coro
+_EAGER = getattr(asyncio, "eager_task_factory", None)
 _machinery = _places.machinery_cache()
 _is_machinery = _places.is_machinery
 
@@ -120,9 +123,10 @@ def _site_frame(frame: FrameType | None) -> FrameType | None:
     """The creation site: the first frame outside asyncio/uvloop/loopwatch, from ``frame`` out.
 
     Costs a dict lookup per frame (the file name's hash is cached by the string), one to three
-    frames for the usual ``asyncio.create_task`` / ``loop.create_task`` / ``TaskGroup``.
+    frames for the usual ``asyncio.create_task`` / ``loop.create_task`` / ``TaskGroup``. None when
+    the loop's own code made the task (the walk reaches the loop running a callback first): a
+    server's connection handler, an async generator's finalizer. ``made_by`` says which.
     """
-    first = frame
     while frame is not None:
         code = frame.f_code
         machinery = _machinery.get(code.co_filename)
@@ -131,16 +135,35 @@ def _site_frame(frame: FrameType | None) -> FrameType | None:
         if not machinery:
             return frame
         if code is _HANDLE_RUN or code is _driver:
-            # Reached the loop running a callback: the task was made by the loop's own code (a
-            # server's connection handler, say), and that code is where it was created.
-            frame = first
-            while frame is not None and (
-                frame.f_code.co_filename.startswith(_OWN_DIR) or frame.f_code in _API_CODES
-            ):
-                frame = frame.f_back
-            return frame
+            return None
         frame = frame.f_back
     return None
+
+
+def made_by(frame: FrameType | None, coro: Any) -> str:
+    """What in asyncio or uvloop made a task that has no creation site of the program's."""
+    kind = type(coro).__name__
+    if kind == "async_generator_athrow":
+        return "asyncio: async generator finalizer (aclose of a dropped async generator)"
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_OWN_DIR) or frame.f_code in _API_CODES
+    ):
+        frame = frame.f_back
+    if frame is None or frame.f_code is _HANDLE_RUN or frame.f_code is _driver:
+        return "the event loop (a callback scheduled by asyncio or uvloop)"
+    code = frame.f_code
+    module = _module_of(code.co_filename)
+    return f"{module}: {code.co_qualname}"
+
+
+def _module_of(filename: str) -> str:
+    """``asyncio.streams`` for ``.../asyncio/streams.py`` (string work only)."""
+    parts = filename.replace("\\", "/").split("/")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in ("asyncio", "uvloop", "loopwatch"):
+            tail = [p.removesuffix(".py").removesuffix(".pyx") for p in parts[i:]]
+            return ".".join(t for t in tail if t != "__init__")
+    return filename
 
 
 def _stack_from(frame: FrameType | None, depth: int) -> Site:
@@ -150,6 +173,37 @@ def _stack_from(frame: FrameType | None, depth: int) -> Site:
         stack += (frame.f_code, frame.f_lasti)
         frame = frame.f_back
     return tuple(stack)
+
+
+def origin_of(site: Site | None, coro: Any) -> str:
+    """``"program"`` if the program's own code made the task or runs in it, else ``"library"``."""
+    if site and _places.is_program(site[0].co_filename):
+        return "program"
+    code = (
+        getattr(unwrap(coro), "cr_code", None)
+        or getattr(coro, "gi_code", None)
+        or getattr(async_generator_of(coro), "ag_code", None)
+    )
+    if code is not None and _places.is_program(code.co_filename):
+        return "program"
+    if code is None and not site:
+        return "program"  # nothing to tell by: a finding is the program's unless shown otherwise
+    return "library"
+
+
+# Tasks a test runner keeps on purpose for as long as it runs and cancels when it closes (file
+# name ending, qualified name): not a leak of the test's or of the runner's.
+RUNNER_TASKS: frozenset[tuple[str, str]] = frozenset(
+    {("anyio/_backends/_asyncio.py", "TestRunner._run_tests_and_fixtures")}
+)
+
+
+def is_runner_task(coro: Any) -> bool:
+    code = getattr(unwrap(coro), "cr_code", None)
+    if code is None:
+        return False
+    filename = code.co_filename.replace("\\", "/")
+    return any(filename.endswith(f) and code.co_qualname == q for f, q in RUNNER_TASKS)
 
 
 def mark_site(mark: Any) -> Site:
@@ -182,20 +236,55 @@ else:
 
 
 class TaskStats(_TaskCounts):
-    """Counts for one loop; written by its thread only, so they stay exact without a lock.
+    """Counts for one loop. The plain ones are written by its thread only (or by C code holding
+    the GIL), so they stay exact without a lock; what a finalizer reports, on whatever thread the
+    garbage collector ran it, goes to the atomic counters in ``collected``.
 
     ``gone`` counts the tracked tasks that ended or were destroyed: live = created - gone."""
 
-    __slots__ = ()
+    __slots__ = ("collected",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        # gone, orphaned, unretrieved: counted from finalizers (any thread).
+        self.collected = (Counter(), Counter(), Counter())
+
+    def total(self, name: str) -> int:
+        value = int(getattr(self, name))
+        if name in _COLLECTED:
+            value += self.collected[_COLLECTED[name]].value
+        return value
 
     def add(self, other: TaskStats) -> None:
         for name in _COUNTS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            setattr(self, name, getattr(self, name) + other.total(name))
 
     def reset(self) -> None:
         for name in _COUNTS:
             setattr(self, name, 0)
+        self.collected = (Counter(), Counter(), Counter())
 
+
+_COLLECTED = {"gone": 0, "orphaned": 1, "unretrieved": 2}
+
+
+class Task(asyncio.Task):  # type: ignore[type-arg]
+    """asyncio's ``Task``, for the tasks loopwatch makes itself: ``get_coro()`` returns the
+    program's own coroutine, not the step-timing proxy the task drives (``repr(task)`` reads
+    ``<Task ...>`` as before). A task made by another factory the program set keeps that
+    factory's class, and its ``get_coro()`` returns the proxy."""
+
+    __slots__ = ()
+
+    def get_coro(self) -> Any:
+        coro: Any = _task_get_coro(self)
+        return coro._coro if type(coro) is Timed else coro
+
+
+# The class of the tasks the factory makes (see Task).
+_TaskType: type[asyncio.Task[Any]] = Task
+if ACCEL is not None:
+    ACCEL.set_task_type(_TaskType)
 
 _CancelledError = asyncio.CancelledError
 _bisect = bisect.bisect_left
@@ -213,7 +302,19 @@ class TaskMark:
     when the task ends (about 1 us on stock asyncio, 0.5 us on uvloop), which a proxy avoids.
     """
 
-    __slots__ = ("_code", "_label", "_lasti", "_leaked", "_owner", "_stack", "born")
+    __slots__ = (
+        "_by",
+        "_code",
+        "_ended",
+        "_label",
+        "_lasti",
+        "_leaked",
+        "_owner",
+        "_stack",
+        "born",
+    )
+    _by: str | None
+    _ended: bool
     _code: CodeType | None
     _label: str | None
     _lasti: int
@@ -223,7 +324,9 @@ class TaskMark:
     born: float
 
     def __call__(self, task: asyncio.Task[Any]) -> None:
-        self._owner.mark_done(task, self)
+        if not self._ended:
+            self._ended = True
+            self._owner.mark_done(task, self)
 
 
 Mark = Any  # a proxy (Timed) or a TaskMark
@@ -251,8 +354,11 @@ class TaskTracker:
         emit: Callable[[Event], None],
         *,
         creation_stack: int = 1,
+        say: Callable[[str], None] = report,
     ) -> None:
         self.emit = emit
+        self.say = say
+        self.broken = False  # loopwatch's own part failed once: tasks are made untracked
         self.exception_messages = True  # set by LoopState.configure
         self.stats = TaskStats()
         self.rows = TABLE.rows_for()  # this loop's coroutine table rows (see Table)
@@ -314,57 +420,72 @@ class TaskTracker:
         def task_factory(
             loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
         ) -> asyncio.Task[Any]:
-            # The hot path of task creation: see benchmarks/ for what it costs.
+            # The hot path of task creation: see benchmarks/ for what it costs. Everything
+            # loopwatch does here is inside the try: a failure of its own (never the program's)
+            # turns task tracking off for this loop, said once, and the task is made as if
+            # loopwatch were not there.
             inner = tracker._inner
-            plain = type(coro) is CoroutineType
-            code = coro.cr_code if plain else None
-            mark: Mark
-            if plain and compiled:
-                mark = proxy = Timed(coro, watch, tracker)
-                proxy._sink = stats
-                proxy._timing = tracker._timing
-                coro = proxy
-            elif plain and tracker._timing:
-                mark = proxy = _new_object(Timed)  # Timed.__init__, inlined
-                proxy._coro = coro
-                proxy._cfg = watch
-                proxy._watch = 0.0
-                proxy.busy = proxy.max_step = 0.0
-                proxy.steps = proxy.slow_steps = 0
-                coro = proxy
-            else:
-                mark = _new_object(TaskMark)
-            mark._leaked = False
-            mark._owner = tracker
+            if tracker.broken:
+                return _make_task(inner, loop, coro, kwargs)
+            given = coro
             try:
-                frame = _site_frame(_getframe(1))
-            except ValueError:  # called with no Python frame below (from C code alone)
-                frame = None
-            if frame is None:
-                mark._code = mark._stack = None
-                mark._lasti = 0
-            else:
-                mark._code = frame.f_code
-                mark._lasti = frame.f_lasti
-                depth = tracker._depth
-                mark._stack = _stack_from(frame, depth) if depth > 1 else None
-            if code is not None:
-                if _machinery.get(code.co_filename) is False:
-                    mark._label = code.co_qualname
+                plain = type(coro) is CoroutineType
+                code = coro.cr_code if plain else None
+                mark: Mark
+                if plain and compiled:
+                    mark = proxy = Timed(coro, watch, tracker)
+                    proxy._sink = stats
+                    proxy._timing = tracker._timing
+                    coro = proxy
+                elif plain and tracker._timing and not _origin_depth():
+                    # (With coroutine origin tracking on, a Python proxy would show its own
+                    # frame in every cr_origin made during a step: the task goes untimed.)
+                    mark = proxy = _new_object(Timed)  # Timed.__init__, inlined
+                    proxy._coro = coro
+                    proxy._cfg = watch
+                    proxy._watch = 0.0
+                    proxy.busy = proxy.max_step = 0.0
+                    proxy.steps = proxy.slow_steps = 0
+                    coro = proxy
                 else:
-                    mark._label = _label(unwrap(coro), mark._code)
-            else:
-                mark._label = _label(coro, mark._code)
-            mark.born = monotonic()
+                    mark = _new_object(TaskMark)
+                mark._leaked = False
+                mark._ended = False
+                mark._owner = tracker
+                mark._by = None
+                try:
+                    caller = _getframe(1)
+                except ValueError:  # called with no Python frame below (from C code alone)
+                    caller = None
+                frame = _site_frame(caller)
+                if frame is None:
+                    mark._code = mark._stack = None
+                    mark._lasti = 0
+                    mark._by = made_by(caller, given)
+                else:
+                    mark._code = frame.f_code
+                    mark._lasti = frame.f_lasti
+                    depth = tracker._depth
+                    mark._stack = _stack_from(frame, depth) if depth > 1 else None
+                del caller, frame
+                if code is not None:
+                    if _machinery.get(code.co_filename) is False:
+                        mark._label = code.co_qualname
+                    else:
+                        mark._label = _label(given, mark._code)
+                else:
+                    mark._label = _label(given, mark._code)
+                mark.born = monotonic()
+            except Exception as exc:  # noqa: BLE001 - never the program's: see above
+                tracker.fail(exc)
+                return _make_task(inner, loop, given, kwargs)
             stats.created += 1
             try:
-                if inner is None:
-                    task: asyncio.Task[Any] = _Task(coro, loop=loop, **kwargs)
-                else:
-                    task = inner(loop, coro, **kwargs)
+                task = _make_task(inner, loop, coro, kwargs)
             except BaseException:
                 if type(mark) is not Timed or mark.steps == 0:  # no task came of it
                     stats.created -= 1
+                    mark._ended = True
                 raise
             if type(mark) is TaskMark:
                 if task.done():
@@ -375,6 +496,20 @@ class TaskTracker:
 
         task_factory.__loopwatch__ = True  # type: ignore[attr-defined]
         return task_factory
+
+    def fail(self, exc: BaseException) -> None:
+        """loopwatch's own part of making a task failed: tasks of this loop are made untracked."""
+        self.broken = True
+        if self._compiled is not None:
+            self._compiled.depth = 1 << 20  # the compiled path steps aside for every task
+        self.say(
+            f"loopwatch: following tasks failed ({type(exc).__name__}: {exc}); task tracking is "
+            "off for this loop"
+        )
+
+    def proxy_abandoned(self, proxy: Any) -> None:
+        """A task's coroutine was closed midway (pure-Python proxy): its task is gone."""
+        self.stats.collected[0].add()
 
     def proxy_ended(self, proxy: Timed, exc: BaseException) -> None:
         """A task's coroutine ended, as its proxy saw it: count it and time it.
@@ -447,7 +582,7 @@ class TaskTracker:
 
     def mark_of(self, task: asyncio.Task[Any]) -> Mark | None:
         """What this tracker keeps about ``task`` (its proxy or its mark), while it is pending."""
-        coro: Any = task.get_coro()
+        coro: Any = getattr(task, "_coro", None)  # the proxy (get_coro() sees through it)
         if type(coro) is Timed:
             return coro if coro._owner is self else None
         for callback, _context in getattr(task, "_callbacks", None) or ():
@@ -463,37 +598,49 @@ class TaskTracker:
     @property
     def active(self) -> int:
         """Tasks created here and neither ended nor destroyed."""
-        return self.stats.created - self.stats.gone
+        return self.stats.created - self.stats.total("gone")
 
     # -- reports -------------------------------------------------------------------------
 
     def on_exception_context(self, context: dict[str, Any]) -> None:
-        """What asyncio hands to ``call_exception_handler``: orphans and lost exceptions."""
+        """What asyncio hands to ``call_exception_handler``: orphans and lost exceptions.
+
+        Called from the task's finalizer, on whatever thread the garbage collector ran it:
+        counts go to atomic counters, and the event is only queued (see ``_dispatch``)."""
         message = context.get("message")
         if message == _DESTROYED:
             task = context.get("task")
             if isinstance(task, asyncio.Task):
                 mark = self.mark_of(task)
-                if mark is not None:
-                    self.stats.gone += 1
-                self.stats.orphaned += 1
+                if mark is not None and not mark._ended:
+                    mark._ended = True
+                    self.stats.collected[0].add()
+                self.stats.collected[1].add()
+                orphan_site = mark_site(mark) if mark is not None else None
+                coro = task.get_coro()
                 self.emit(
                     TaskOrphaned(
                         task=task.get_name(),
-                        coroutine=coroutine_name(task.get_coro()),
-                        created_at=site_place(mark_site(mark)) if mark is not None else None,
+                        coroutine=coroutine_name(coro),
+                        created_at=site_place(orphan_site),
+                        created_by=mark._by if mark is not None else None,
+                        origin=origin_of(orphan_site, coro),
                     )
                 )
         elif message == _UNRETRIEVED:
             task = context.get("future")
             exc = context.get("exception")
             if isinstance(task, asyncio.Task) and isinstance(exc, BaseException):
-                self.stats.unretrieved += 1
-                coro: Any = task.get_coro()
-                if type(coro) is Timed and coro._owner is self:
-                    site: Site | None = mark_site(coro)
+                self.stats.collected[2].add()
+                proxy: Any = getattr(task, "_coro", None)
+                by = None
+                if type(proxy) is Timed and getattr(proxy, "born", None) is not None:
+                    # A proxy of this loop's factory (its owner may be gone: it ended).
+                    site: Site | None = mark_site(proxy)
+                    by = proxy._by
                 else:
                     site = getattr(task, _ORIGIN_ATTR, None)
+                coro = task.get_coro()
                 self.emit(
                     TaskExceptionUnretrieved(
                         task=task.get_name(),
@@ -503,6 +650,8 @@ class TaskTracker:
                         if self.exception_messages
                         else type(exc).__qualname__,
                         raised_at=raised_at(exc.__traceback__),
+                        created_by=by,
+                        origin=origin_of(site, coro),
                     )
                 )
 
@@ -519,6 +668,9 @@ class TaskTracker:
                     continue
             elif mark._leaked or mark.born < since:
                 continue
+            coro = task.get_coro()
+            if is_runner_task(coro):
+                continue  # a test runner's own task, cancelled by design when it closes
             awaiting, awaits = suspended_at(task)
             site = mark_site(mark) if mark is not None else None
             if mark is not None:
@@ -528,15 +680,32 @@ class TaskTracker:
             self.emit(
                 TaskLeaked(
                     task=task.get_name(),
-                    coroutine=coroutine_name(task.get_coro()),
+                    coroutine=coroutine_name(coro),
                     created_at=site_place(site),
                     age_s=round(now - mark.born, 6) if mark is not None else 0.0,
                     awaiting=awaiting,
                     awaits=awaits,
                     created_stack=site_stack(site) if site and self.depth > 1 else (),
+                    created_by=mark._by if mark is not None else None,
+                    origin=origin_of(site, coro),
                 )
             )
         return count
+
+
+def _make_task(
+    inner: Any, loop: asyncio.AbstractEventLoop, coro: Any, kwargs: dict[str, Any]
+) -> asyncio.Task[Any]:
+    """The task, as the factory loopwatch wraps (or asyncio's ``Task``) makes it."""
+    if inner is None:
+        return _TaskType(coro, loop=loop, **kwargs)
+    if inner is _EAGER and _TaskType is not _Task:
+        return _TaskType(coro, loop=loop, eager_start=True, **kwargs)  # type: ignore[call-arg]
+    return inner(loop, coro, **kwargs)  # type: ignore[no-any-return]
+
+
+def _origin_depth() -> int:
+    return sys.get_coroutine_origin_tracking_depth()
 
 
 def _label(coro: Any, site: CodeType | None) -> str | None:
@@ -592,15 +761,26 @@ def suspended_at(task: asyncio.Task[Any]) -> tuple[str | None, str | None]:
     """
     chain: list[Any] = []
     awaitable: Any = task.get_coro()
+    awaitable = async_generator_of(awaitable) or awaitable
     for _ in range(64):
-        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        frame = (
+            getattr(awaitable, "cr_frame", None)
+            or getattr(awaitable, "gi_frame", None)
+            or getattr(awaitable, "ag_frame", None)
+        )
         if frame is None:
             break
         chain.append(awaitable)
-        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+        awaitable = (
+            getattr(awaitable, "cr_await", None)
+            or getattr(awaitable, "gi_yieldfrom", None)
+            or getattr(awaitable, "ag_await", None)
+        )
         if awaitable is None:
             break
-    frames: list[FrameType] = [getattr(c, "cr_frame", None) or c.gi_frame for c in chain]
+    frames: list[FrameType] = [
+        getattr(c, "cr_frame", None) or getattr(c, "gi_frame", None) or c.ag_frame for c in chain
+    ]
     pick = None
     for i in range(len(frames) - 1, -1, -1):
         if _places.is_own_code(frames[i].f_code.co_filename):
@@ -629,22 +809,24 @@ _original_cancel_all: Any = None
 _original_unawaited: Any = None
 _trackers: Callable[[asyncio.AbstractEventLoop], TaskTracker | None] | None = None
 _emit: Callable[[Event], None] | None = None
-_never_awaited = 0
+_say: Callable[[str], None] = report
+_never_awaited = Counter()  # from finalizers, on any thread
 
 
 def never_awaited_count() -> int:
-    return _never_awaited
+    return _never_awaited.value
 
 
 def install_process_hooks(
     tracker_of: Callable[[asyncio.AbstractEventLoop], TaskTracker | None],
     emit: Callable[[Event], None],
+    say: Callable[[str], None] = report,
 ) -> None:
     """Wrap ``asyncio.runners._cancel_all_tasks`` and the never-awaited warning. Undone by
     :func:`remove_process_hooks`."""
-    global _hooks_installed, _original_cancel_all, _original_unawaited, _trackers, _emit
+    global _hooks_installed, _original_cancel_all, _original_unawaited, _trackers, _emit, _say
     with _hook_lock:
-        _trackers, _emit = tracker_of, emit
+        _trackers, _emit, _say = tracker_of, emit, say
         if _hooks_installed:
             return
         _hooks_installed = True
@@ -679,24 +861,34 @@ def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
         if tracker is not None:
             tracker.report_leaks(asyncio.all_tasks(loop))
     except Exception as exc:  # noqa: BLE001 - a diagnostic never breaks the program
-        report(f"loopwatch: leak check failed ({type(exc).__name__}: {exc})")
-    _original_cancel_all(loop)
+        _say(f"loopwatch: leak check failed ({type(exc).__name__}: {exc})")
+    try:
+        _original_cancel_all(loop)
+    except BaseException as exc:
+        # The program's own (a second Ctrl-C, say): it goes on without this frame.
+        tb = exc.__traceback__
+        if tb is not None and tb.tb_frame.f_code is _CANCEL_ALL_CODE:
+            exc.__traceback__ = tb.tb_next
+        raise
+
+
+_CANCEL_ALL_CODE = _cancel_all_tasks.__code__
 
 
 def _warn_unawaited_coroutine(coro: Any) -> None:
-    global _never_awaited
     try:
-        _never_awaited += 1
+        _never_awaited.add()
         if _emit is not None:
             _emit(
                 CoroutineNeverAwaited(
                     coroutine=coroutine_name(coro),
                     location=_unawaited_location(coro),
                     defined_at=_defined_at(coro),
+                    origin=origin_of(None, coro),
                 )
             )
     except Exception as exc:  # noqa: BLE001
-        report(f"loopwatch: never-awaited check failed ({type(exc).__name__}: {exc})")
+        _say(f"loopwatch: never-awaited check failed ({type(exc).__name__}: {exc})")
     if getattr(_original_unawaited, "__module__", None) == "warnings":
         _warn_like_python(coro)
     else:  # someone else's wrapper came first: hand it on as it is

@@ -34,45 +34,33 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from . import _config, _places
+from . import _places
+from ._native import ACCEL
 from ._stats import LATENCY_BUCKETS
 
 _perf = time.perf_counter
 OTHER = "other"
 # Task lifetimes run longer than loop latencies: the same edges, then minutes.
 DURATION_BUCKETS: tuple[float, ...] = (*LATENCY_BUCKETS, 30.0, 60.0, 300.0)
-_ACCEL_API = 1  # the loopwatch._accel.API this code is written for
 
 
-def _load_accel() -> ModuleType | None:
-    """The compiled hot paths, if built for this interpreter and not switched off."""
-    if not _config.accel_wanted():
-        return None
-    try:
-        from . import _accel
-    except ImportError:
-        return None
-    if getattr(_accel, "API", None) != _ACCEL_API:
-        _config.report(
-            "loopwatch: the compiled module loopwatch._accel is from another version of "
-            "loopwatch (reinstall loopwatch); using the pure-Python hot paths"
+def _configure_accel() -> Any:
+    """The compiled hot paths (``_native.ACCEL``), configured with asyncio's types and buckets."""
+    if ACCEL is not None:
+        ACCEL.configure(
+            asyncio.Task,
+            asyncio.CancelledError,
+            _places.machinery_cache(),
+            asyncio.Handle._run.__code__,
+            DURATION_BUCKETS,
+            LATENCY_BUCKETS,
         )
-        return None
-    _accel.configure(
-        asyncio.Task,
-        asyncio.CancelledError,
-        _places.machinery_cache(),
-        asyncio.Handle._run.__code__,
-        DURATION_BUCKETS,
-        LATENCY_BUCKETS,
-    )
-    return _accel
+    return ACCEL
 
 
-ACCEL: Any = _load_accel()
+_configure_accel()
 
 
 def _strip_own_frame(exc: BaseException) -> None:
@@ -114,8 +102,10 @@ class PyTimed:
     coroutine ends, so a task's end costs no done callback. One made by ``@timed`` has no owner.
     """
 
-    # Slots only: about 170 bytes per live task with the floats of the first step.
+    # Slots only: about 180 bytes per live task with the floats of the first step.
     __slots__ = (
+        "__weakref__",
+        "_by",
         "_cfg",
         "_code",
         "_coro",
@@ -132,6 +122,7 @@ class PyTimed:
         "steps",
     )
     # Set by the task factory only (a proxy of ``@timed`` has no owner and leaves them unset).
+    _by: str | None
     _code: Any
     _label: str | None
     _lasti: int | None
@@ -160,13 +151,13 @@ class PyTimed:
         try:
             result = self._coro.send(None)
         except BaseException as exc:
-            self._ended(start, exc)
+            self._end(start, exc)
             raise
         took = _perf() - start
         self.busy += took
-        self.steps += 1
         if took > self._watch:
-            self._long_step(took)
+            self._long_step(took)  # while ``steps`` still numbers this step (see _watchdog)
+        self.steps += 1
         return result
 
     def send(self, value: Any) -> Any:
@@ -174,7 +165,7 @@ class PyTimed:
         try:
             result = self._coro.send(value)
         except BaseException as exc:
-            self._ended(start, exc)
+            self._end(start, exc)
             raise
         self._step_done(start)
         return result
@@ -184,7 +175,7 @@ class PyTimed:
         try:
             result = self._coro.throw(*args)
         except BaseException as exc:
-            self._ended(start, exc)
+            self._end(start, exc)
             raise
         self._step_done(start)
         return result
@@ -192,27 +183,28 @@ class PyTimed:
     def _step_done(self, start: float) -> None:
         took = _perf() - start
         self.busy += took
-        self.steps += 1
         if took > self._watch:
             self._long_step(took)
+        self.steps += 1
 
-    def _ended(self, start: float, exc: BaseException) -> None:
+    def _end(self, start: float, exc: BaseException) -> None:
         """The coroutine raised: it has ended (``StopIteration`` is its return).
 
         Once per task: the last step is counted here without ``_step_done`` (a call less), and
         only a new maximum or a long step goes on to ``_long_step``."""
         took = _perf() - start
         self.busy += took
-        self.steps += 1
         if took > self._watch:  # as in __next__: a new maximum, or a long step
             if took < self._cfg.half:
                 self.max_step = took
             else:
                 self._long_step(took)
+        self.steps += 1
         if type(exc) is not StopIteration:
             _strip_own_frame(exc)
         owner = self._owner
         if owner is not None:
+            self._owner = None  # ended: told once (see _ended)
             owner.proxy_ended(self, exc)
 
     def _long_step(self, took: float) -> None:
@@ -227,7 +219,25 @@ class PyTimed:
                 cfg.on_slow(took, _perf())
 
     def close(self) -> None:
-        self._coro.close()
+        try:
+            self._coro.close()
+        finally:
+            owner = self._owner
+            if owner is not None:
+                # Closed midway: its task will never end on its own. Counted gone, no outcome.
+                self._owner = None
+                owner.proxy_abandoned(self)
+
+    # Whether the tracker was told this proxy's task is over. Not a slot (8 bytes a live task):
+    # a proxy lets go of its owner when it has told it.
+    @property
+    def _ended(self) -> bool:
+        return self._owner is None
+
+    @_ended.setter
+    def _ended(self, value: bool) -> None:
+        if value:
+            self._owner = None
 
     def __iter__(self) -> PyTimed:
         return self

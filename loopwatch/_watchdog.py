@@ -1,33 +1,40 @@
-"""Blocks seen while they happen: a heartbeat on each loop, one sampler thread for all of them.
+"""Blocks seen while they happen: one sampler thread for every watched loop.
 
 A blocked loop cannot report on itself, and on uvloop no callback hook sees I/O callbacks such as
-``data_received``. So each watched loop runs a heartbeat, a timer that re-arms itself every
-``period`` (a tenth of the slow-callback threshold, 10 ms by default) and writes the time it ran.
-Cost on the loop: one timer callback per period, about 2 us, so 0.02% of a core at the default.
+``data_received``. So each watched loop writes a pulse (``_pulse``: at every iteration on asyncio's
+loops, every ``period`` on uvloop), and one watchdog thread, invisible to the program
+(``_threads``), reads it. The watchdog sleeps in ``select`` on each loop's alarm, a timerfd the
+pulse keeps pushing back: a healthy loop never wakes it. When a loop has stayed away from its wait
+for I/O for ``first_check`` (half the slow-callback threshold), the alarm fires and the watchdog
+samples the loop thread's stack and running task every ``period`` until the loop waits again:
 
-One daemon thread watches every loop. It sleeps until the earliest moment a loop could be half a
-threshold late (``beat + threshold/2``), so a healthy loop wakes it about 20 times a second and it
-never polls on a tight timer that would fight the loop for the GIL. When a heartbeat is that late,
-it samples the loop thread's stack (``sys._current_frames``) and running task every ``period``
-until the heartbeat runs again:
+- The sample's *key* says which callback runs: for a task step, the task and the step's number
+  (its step-timing proxy counts them); otherwise the frame where the loop entered the callback (a
+  new frame for each plain callback) and the iteration. A loop late because one iteration ran
+  thousands of short callbacks shows a different key at each sample, so it is not mistaken for
+  one callback blocking.
+- A block starts when the iteration began (the pulse's ``woke``), or after the last sample that
+  showed something else, and ends when the loop waits again (``block_end``), when a different
+  callback is seen, or when the loop stops. A task step's exact duration, measured by its proxy,
+  replaces the estimate.
+- The first sample is taken at most half a threshold (plus one GIL switch interval, 5 ms) after
+  the block began, comfortably inside the 1.25 x threshold budget.
 
-- The sample's *signature* is the frame where the loop entered the running callback (a new frame
-  object for each plain callback, the coroutine's own frame for a task step) and the running task.
-  A heartbeat that is late because one loop iteration ran thousands of short callbacks shows a
-  different signature at each sample, so it is not mistaken for one callback blocking.
-- A block starts after the last heartbeat (or after the last sample that showed something else)
-  and ends when the heartbeat runs again, when a different callback is seen, or when the loop
-  stops. Its duration is good to about one period.
-- The first sample is taken at most half a threshold (plus one GIL switch interval, 5 ms) after the
-  block began, comfortably inside the 1.25 x threshold budget.
+What the watchdog keeps of the program: strings, code objects and ids, never a frame or a task.
+Every frame and task it samples goes into the pulse's ``box``, which the loop's own thread empties
+at its next wait, so no finalizer of the program runs on the watchdog's thread.
 
-The thread holds a reference to the sampled frame and task only while the block lasts.
+Who reports a block, exactly once: the watchdog when it sees the block end, the loop thread when
+its run stops (so a block at the very end of a program is reported before it exits) or when the
+step's proxy has the exact duration. Each block carries a one-shot claim (a list popped by
+whoever reports it): no lock is shared with the loop's thread, which never waits on the watchdog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import os
 import select
@@ -35,16 +42,20 @@ import sys
 import threading
 import time
 import weakref
+from asyncio.base_events import BaseEventLoop
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import _places
 from ._alarm import Alarm, new_alarm
-from ._config import Settings, report
+from ._config import Settings
 from ._events import Event, LoopStalled, SlowCallback
+from ._pulse import Heartbeat, SelectPulse
 from ._stats import Histogram
+from ._threads import Worker
 
 if TYPE_CHECKING:
     from ._tasks import TaskTracker
@@ -52,6 +63,20 @@ if TYPE_CHECKING:
 INF = float("inf")
 _HANDLE_RUN = asyncio.Handle._run.__code__
 monotonic = time.monotonic
+_current_frames = sys._current_frames
+
+
+def _thread_frame_py(tid: int) -> FrameType | None:
+    return _current_frames().get(tid)
+
+
+def _load_thread_frame() -> Callable[[int], FrameType | None]:
+    # The compiled version takes the one thread's frame with no window in which another thread's
+    # frame could be dropped here (see the module docstring).
+    from ._native import ACCEL
+
+    fn = getattr(ACCEL, "thread_frame", None)
+    return fn if fn is not None else _thread_frame_py
 
 
 def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
@@ -62,8 +87,13 @@ def coroutine_name(coro: Any, entry: FrameType | None = None) -> str:
     """The coroutine's qualified name, looking through the loop's own wrappers.
 
     ``uvloop.run`` wraps ``main()`` in a coroutine of its own; naming that would tell the user
-    nothing, so a machinery coroutine is named after the frame it is running instead.
+    nothing, so a machinery coroutine is named after the frame it is running instead. A task
+    that runs an async generator's ``aclose()`` (asyncio's finalizer of a dropped generator) is
+    named after the generator.
     """
+    agen = async_generator_of(coro)
+    if agen is not None:
+        return str(agen.__qualname__)
     code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
     if code is not None and _places.is_machinery(code.co_filename):
         if entry is not None and entry.f_code.co_flags & inspect.CO_COROUTINE:
@@ -76,19 +106,53 @@ def coroutine_name(coro: Any, entry: FrameType | None = None) -> str:
     return str(name) if name else type(coro).__qualname__
 
 
+_AGEN_METHODS = frozenset({"async_generator_athrow", "async_generator_asend"})
+
+
+def async_generator_of(awaitable: Any) -> Any:
+    """The async generator behind an ``aclose()``/``asend()``/``athrow()`` object, else None.
+
+    Those objects have no attribute for it; the collector's view of what they reference does
+    (read-only, and only for these rare tasks)."""
+    if type(awaitable).__name__ not in _AGEN_METHODS:
+        return None
+    for referent in gc.get_referents(awaitable):
+        if inspect.isasyncgen(referent):
+            return referent
+    return None
+
+
 def suspended_place(task: asyncio.Task[Any]) -> str | None:
     """Where a task's own coroutine is suspended now (its outermost frame's line)."""
     frame = getattr(task.get_coro(), "cr_frame", None)
     return _places.frame_place(frame) if frame is not None else None
 
 
+def step_of(task: asyncio.Task[Any] | None) -> int | None:
+    """The number of the step a task is in, from its step-timing proxy (None: no proxy)."""
+    steps = getattr(getattr(task, "_coro", None), "steps", None)
+    return steps if isinstance(steps, int) else None
+
+
+def claim(token: list[bool]) -> bool:
+    """Take a one-shot right to report (atomic: ``list.pop`` is one C call under the GIL)."""
+    try:
+        token.pop()
+    except IndexError:
+        return False
+    return True
+
+
 @dataclass(slots=True)
 class _Sample:
     at: float
-    entry: FrameType | None
-    key: FrameType | None
-    task: asyncio.Task[Any] | None
-    frame: FrameType
+    key: tuple[Any, ...] | None
+    task_id: int | None
+    step: int | None
+    task_name: str | None
+    coroutine: str | None
+    location: str | None
+    stack: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -96,9 +160,9 @@ class _Block:
     """One callback (or task step) seen holding the loop, while the watchdog follows it."""
 
     gen: int
-    beat: float
-    key: FrameType | None
-    task: asyncio.Task[Any] | None
+    key: tuple[Any, ...]
+    task_id: int | None
+    step: int | None
     first_seen: float
     last_seen: float
     start: float
@@ -107,13 +171,19 @@ class _Block:
     location: str | None
     stack: tuple[str, ...]
     stalled: bool = False
-    # Set by the loop thread: when the first heartbeat after the block ran (its precise end).
-    ended: float | None = None
+    token: list[bool] = field(default_factory=lambda: [True])
 
     def same(self, sample: _Sample) -> bool:
-        # A sample with no key (taken inside the loop's own code, between callbacks) is never
-        # "the same": merging those would turn a run of tiny callbacks into one long block.
-        return self.key is not None and sample.key is self.key and sample.task is self.task
+        return sample.key == self.key
+
+
+@dataclass(slots=True)
+class _Exact:
+    """A task step whose proxy measured it long, reported by the loop thread itself."""
+
+    task_id: int
+    step: int
+    end: float
 
 
 class LoopState:
@@ -124,46 +194,45 @@ class LoopState:
         loop: asyncio.AbstractEventLoop,
         settings: Settings,
         *,
-        lag: Histogram,
         emit: Callable[[Event], None],
         wake: Callable[[], None],
+        settle: Callable[[], None] = lambda: None,
     ) -> None:
         self._loop_ref = weakref.ref(loop)
         self.kind = loop_kind(loop)
-        self.lag = lag
         self.emit = emit
         self._wake = wake
+        self._settle = settle
         self.thread_id: int | None = None
         self.running = False
         self.active = True
         self.gen = 0
-        self.beat = 0.0
-        self.due = 0.0
         self.stopped_at = 0.0
-        self._handle: asyncio.TimerHandle | None = None
-        # Pushed back by every heartbeat; wakes the watchdog only if the beat stops (None where
-        # timerfd is not available: then the watchdog wakes on deadlines).
+        # Pushed back by the pulse; wakes the watchdog only if the loop stays away from its wait
+        # (None where timerfd is not available: then the watchdog wakes on deadlines).
         self.alarm: Alarm | None = new_alarm()
-        # Guards ``block``: the watchdog follows it, and the loop thread finishes it when the
-        # loop stops (so a block at the very end of a program is reported before it exits).
-        self._lock = threading.Lock()
         self.block: _Block | None = None
+        self.exact: _Exact | None = None
         self.tasks: TaskTracker | None = None  # set by _loops.attach, which configures again
-        # The last task step timed exactly and reported from the loop thread, so the watchdog
-        # does not report it a second time from a sample it took just before the step ended.
-        self.exact_task: asyncio.Task[Any] | None = None
-        self.exact_end = 0.0
         self._origin_before = -1  # coroutine origin tracking depth to restore at the run's end
+        self._said_failure = False
         self.configure(settings)
+        # A loop attached from inside BaseEventLoop.__init__ (global mode) has no selector yet:
+        # its pulse is made when it first runs.
+        self.pulse: Any = self._make_pulse(loop) if _complete(loop) else _Unborn()
 
     def configure(self, settings: Settings) -> None:
         self.settings = settings
         self.threshold = settings.slow_callback_s
         self.stall = settings.stall_s
-        # Heartbeat period: a tenth of the threshold, kept between 1 ms and 100 ms.
+        # The pulse's period: a tenth of the threshold, kept between 1 ms and 100 ms.
         self.origin_depth = settings.creation_stack if settings.creation_stack > 1 else 0
         self.period = min(max(self.threshold / 10.0, 0.001), 0.1)
         self.first_check = self.threshold / 2.0
+        pulse = getattr(self, "pulse", None)
+        if pulse is not None:
+            pulse.period = self.period
+            pulse.first_check = self.first_check
         tracker = self.tasks
         if tracker is not None:
             tracker.timing = settings.step_timing
@@ -174,9 +243,42 @@ class LoopState:
             watch.half = self.threshold / 2.0
             watch.on_slow = self.step_finished
 
+    # -- the pulse -----------------------------------------------------------------------------
+
+    def _make_pulse(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """A select pulse for asyncio's loops, a heartbeat for the others (uvloop)."""
+        selector = getattr(loop, "_selector", None) if isinstance(loop, BaseEventLoop) else None
+        real = getattr(selector, "select", None)
+        if selector is not None and real is not None and hasattr(selector, "__dict__"):
+            from ._native import ACCEL
+
+            cls = ACCEL.Pulse if ACCEL is not None else SelectPulse
+            pulse = cls(real, self.period, self.first_check, self.alarm)
+            pulse._prev = selector.__dict__.get("select", _ABSENT)
+            try:
+                selector.select = pulse
+            except (AttributeError, TypeError):
+                pulse = None
+            else:
+                self._selector_ref = weakref.ref(selector)
+                return pulse
+        return Heartbeat(self.period, self.first_check, self.alarm)
+
+    def _remove_pulse(self) -> None:
+        pulse = self.pulse
+        pulse.active = False
+        if isinstance(pulse, Heartbeat | _Unborn):
+            return
+        selector = self._selector_ref()
+        if selector is not None and selector.__dict__.get("select") is pulse:
+            previous = pulse._prev
+            if previous is _ABSENT:
+                del selector.__dict__["select"]
+            else:
+                selector.select = previous
+        # Otherwise something wrapped the pulse since (looptime does): it stays, passing through.
+
     # -- the loop's side (runs in the loop thread) ----------------------------------------
-    # ``_heartbeat`` is the only code here that runs while the loop is healthy: a clock read, a
-    # bisect into the lag histogram, a few attribute stores and one timer, every ``period``.
 
     def run_started(self) -> None:
         """The loop is about to run (``run_forever`` entered, or watched while running)."""
@@ -187,92 +289,90 @@ class LoopState:
             # (creation_stack > 1). Set back when the run ends.
             self._origin_before = sys.get_coroutine_origin_tracking_depth()
             sys.set_coroutine_origin_tracking_depth(self.origin_depth)
-        now = monotonic()
-        self.beat = now
         self.gen += 1
+        pulse = self.pulse
+        if isinstance(pulse, _Unborn):
+            loop = self._loop_ref()
+            if loop is not None:
+                self.pulse = pulse = self._make_pulse(loop)
+        if isinstance(pulse, Heartbeat):
+            loop = self._loop_ref()
+            if loop is not None:
+                pulse.start(loop)
+        else:
+            pulse.woke = pulse.entered = monotonic()
+            pulse.idle = False
         self.running = True
-        self._arm(now)
         if self.alarm is None:
             self._wake()  # a deadline-driven watchdog must learn the new deadline
 
     def run_stopped(self) -> None:
-        self.stopped_at = now = monotonic()
+        now = monotonic()
+        self.stopped_at = now
         self.running = False
         if self._origin_before >= 0:
             sys.set_coroutine_origin_tracking_depth(self._origin_before)
             self._origin_before = -1
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            handle.cancel()
-        alarm = self.alarm
-        if alarm is not None:
-            alarm.disarm()
-        if self.block is not None:
-            with self._lock:
-                block = self.block
-                if block is not None:
-                    self._finish(block, block.ended if block.ended is not None else now)
-
-    def _arm(self, now: float) -> None:
-        loop = self._loop_ref()
-        if loop is None or not self.active or loop.is_closed():
-            return
-        self.due = now + self.period
-        self._handle = loop.call_later(self.period, self._heartbeat)
-        alarm = self.alarm
-        if alarm is not None:
-            alarm.arm(self.first_check)
-
-    def _heartbeat(self) -> None:
-        # Hot-ish path: once per period. A clock read, a bisect, three stores and a timer.
-        now = monotonic()
-        late = now - self.due
-        self.lag.observe(late if late > 0.0 else 0.0)
-        self.beat = now
+        pulse = self.pulse
+        if isinstance(pulse, Heartbeat):
+            pulse.stop()
+        else:
+            pulse.block_open = False
+            pulse.idle = False
+            pulse.release()
         block = self.block
-        if block is not None and block.ended is None:
-            block.ended = now
-        if self.running:
-            self._arm(now)
+        if block is not None and claim(block.token):
+            # A block at the very end of a run: reported now, before the program goes on (or
+            # exits), from this thread.
+            self.block = None
+            end = pulse.block_end if pulse.block_end >= block.first_seen else now
+            self._report(block, max(end, block.last_seen) - block.start)
+        # What this run found is written before the program goes on: it may end with os._exit.
+        self._settle()
 
     def step_finished(self, took: float, end: float) -> None:
-        """A task step of at least half the threshold just ended (loop thread; from ``Timed``).
+        """A task step of at least half the threshold just ended (loop thread; from its proxy).
 
-        If the watchdog is following it as a block, the step's exact duration replaces the
-        estimate (and a step that was not slow after all is not reported). If the watchdog never
-        saw it (its thread could not run: a C call held the GIL), it is reported from here,
-        placed where the task is now suspended, with no stack taken during the block.
+        If the watchdog is following this very step, the loop thread reports it, with its exact
+        duration and the stack the watchdog took. If the watchdog never saw it (its thread could
+        not run: a C call held the GIL), it is reported from here, placed where the task is now
+        suspended, with no stack taken during the block.
         """
         loop = self._loop_ref()
         task = asyncio.current_task(loop) if loop is not None else None
         if task is None or not self.active:
             return
-        with self._lock:
-            block = self.block
-            self.exact_task, self.exact_end = task, end
-            if block is not None and block.task is task and block.ended is None:
+        step = step_of(task)  # the proxy counts this step once this call has returned
+        step = step if step is not None else -1
+        # First: from now on the watchdog takes a sample of this step for this step, and never
+        # starts following it (see check); then, if it follows it already, take it over.
+        self.exact = _Exact(id(task), step, end)
+        block = self.block
+        if block is not None and block.task_id == id(task) and block.step == step:
+            if claim(block.token):
                 self.block = None
                 if took >= self.threshold:
-                    self.emit(self._slow_event(block, took))
-                return
+                    self._report(block, took)
+            return
         if took >= self.threshold:
-            place = suspended_place(task)
             self.emit(
                 SlowCallback(
                     duration_s=round(took, 6),
                     threshold_s=self.threshold,
                     task=task.get_name(),
                     coroutine=coroutine_name(task.get_coro()),
-                    location=place,
+                    location=suspended_place(task),
                     stack=(),
                     loop=self.kind,
                 )
             )
 
     def detach(self) -> None:
-        """Stop watching. Safe from any thread: the pending heartbeat runs once more, as a no-op."""
+        """Stop watching. Safe from any thread."""
         self.active = False
         self.running = False
+        self._remove_pulse()
+        self.pulse.alarm = None  # no push to a descriptor the watchdog is about to close
         alarm = self.alarm
         if alarm is not None:
             alarm.disarm()
@@ -281,27 +381,31 @@ class LoopState:
 
     def check(self, now: float) -> float:
         """Look at the loop once; return when to look again."""
-        with self._lock:
-            return self._check(now)
-
-    def _check(self, now: float) -> float:
+        pulse = self.pulse
+        if pulse.failed is not None and not self._said_failure:
+            self._said_failure = True
+            raise RuntimeError(f"its pulse failed ({type(pulse.failed).__name__}: {pulse.failed})")
         block = self.block
+        if block is not None and not block.token:
+            self.block = block = None  # reported by the loop thread
         if not self.running or not self.active:
             if block is not None:
                 self._finish(block, self.stopped_at if self.stopped_at >= block.last_seen else now)
             return INF
-        gen, beat = self.gen, self.beat
-        if block is not None and (block.ended is not None or block.gen != gen):
-            # The heartbeat ran again (or the loop stopped and started again): the block is over.
-            end = block.ended
-            if end is None:
-                end = self.stopped_at
-            self._finish(block, end)
+        if block is not None and (pulse.block_end >= block.first_seen or block.gen != self.gen):
+            # The loop waited again (or stopped and started again): the block is over.
+            self._finish(block, pulse.block_end if block.gen == self.gen else self.stopped_at)
             block = None
-        if now - beat < self.first_check:
-            # Healthy. With an alarm the watchdog need not look again until it fires.
-            return beat + self.first_check if self.alarm is None else INF
-        sample = self._sample(now)
+        if pulse.idle:
+            # Waiting for I/O: healthy. Without an alarm, look again in a while.
+            return INF if self.alarm is not None else now + self.first_check
+        woke = pulse.woke
+        if now - woke < self.first_check:
+            # Healthy. An alarm pending covers the next check; otherwise a deadline does.
+            if self.alarm is not None and pulse.armed_at + self.first_check > now:
+                return INF
+            return float(woke + self.first_check)
+        sample = self._sample(now, pulse)
         if sample is None:
             return now + self.period
         if block is not None and block.same(sample):
@@ -309,99 +413,173 @@ class LoopState:
             if not block.stalled and now - block.start >= self.stall:
                 block.stalled = True
                 self._emit_stall(block, sample, now)
-        elif (
-            sample.task is not None
-            and sample.task is self.exact_task
-            and sample.at <= self.exact_end
-        ):
+        elif self._exact_covers(sample):
             pass  # taken just before that step ended, and it was reported with its exact time
         else:
-            # A block cannot have begun before the last heartbeat, nor before the end of a step
-            # already reported with its exact time (the heartbeat may not have run since).
-            start_after = max(beat, self.exact_end)
+            # A block cannot have begun before the loop's iteration did, nor before the end of a
+            # step already reported with its exact time.
+            exact = self.exact
+            start = max(woke, exact.end if exact is not None else 0.0)
             if block is not None:
                 # Something else is running now: the previous callback ended in between.
                 self._finish(block, (block.last_seen + now) / 2.0)
-                start_after = block.last_seen
-            self.block = self._new_block(gen, beat, sample, start_after)
-        # Keep sampling at the heartbeat's period; a loop stalled for good is looked at less often.
+                start = (block.last_seen + now) / 2.0
+            if sample.key is not None:
+                block = _Block(
+                    gen=self.gen,
+                    key=sample.key,
+                    task_id=sample.task_id,
+                    step=sample.step,
+                    first_seen=sample.at,
+                    last_seen=sample.at,
+                    start=start
+                    if not isinstance(pulse, Heartbeat)
+                    else _heartbeat_start(start, woke, self.period, sample.at),
+                    task_name=sample.task_name,
+                    coroutine=sample.coroutine,
+                    location=sample.location,
+                    stack=sample.stack,
+                )
+                self.block = block
+                pulse.block_open = True
+                if self._exact_covers(sample) and claim(block.token):
+                    self.block = None  # the step ended as it was sampled: reported by its proxy
+        # Keep sampling at the pulse's period; a loop stalled for good is looked at less often.
         return now + (self.period if not (self.block and self.block.stalled) else 0.1)
 
-    def _sample(self, now: float) -> _Sample | None:
+    def _exact_covers(self, sample: _Sample) -> bool:
+        exact = self.exact
+        return (
+            exact is not None
+            and sample.task_id == exact.task_id
+            and sample.step == exact.step
+            and sample.at <= exact.end
+        )
+
+    def _sample(self, now: float, pulse: Any) -> _Sample | None:
         tid = self.thread_id
         loop = self._loop_ref()
         if tid is None or loop is None:
             return None
-        frame = sys._current_frames().get(tid)
+        frame = _thread_frame(tid)
         if frame is None:
             return None
+        frames = _places.frames_outermost_first(frame)
+        # Every frame and the task sampled are released by the loop's own thread (see the module
+        # docstring): they go in the pulse's box before anything else is done with them.
+        pulse.box.append(frames)
+        del frame
         try:
             task = asyncio.current_task(loop)
         except RuntimeError:
             task = None
-        frames = _places.frames_outermost_first(frame)
+        if task is not None:
+            pulse.box.append(task)
         entry = _places.callback_entry(frames)
-        key = entry
-        if key is None and frames[-1].f_code is _HANDLE_RUN:
+        if task is not None and (step := step_of(task)) is not None:
+            key: tuple[Any, ...] | None = ("step", id(task), step)
+        elif entry is not None:
+            key = ("frame", id(entry), pulse.iterations)
+        elif frames and frames[-1].f_code is _HANDLE_RUN:
             # A callback with no Python frame of its own (a C function) on stock asyncio: the
             # handle's _run frame is new for each callback, so it identifies this one.
-            key = frames[-1]
-        return _Sample(now, entry, key, task, frame)
-
-    def _new_block(self, gen: int, beat: float, sample: _Sample, start_after: float) -> _Block:
-        frames = _places.frames_outermost_first(sample.frame)
-        own = _places.innermost_own(frames)
-        task = sample.task
-        if start_after == beat:
-            # Nothing else was seen since the last heartbeat. On a loop that is not saturated the
-            # block began within one period of it: take the middle of that window.
-            start = beat + min(self.period, sample.at - beat) / 2.0
+            key = ("frame", id(frames[-1]), pulse.iterations)
         else:
-            start = (start_after + sample.at) / 2.0
-        return _Block(
-            gen=gen,
-            beat=beat,
-            key=sample.key,
-            task=task,
-            first_seen=sample.at,
-            last_seen=sample.at,
-            start=start,
+            key = None  # the loop's own code between callbacks: not a callback of the program
+            step = None
+        own = _places.innermost_own(frames)
+        return _Sample(
+            at=now,
+            key=key,
+            task_id=id(task) if task is not None else None,
+            step=key[2] if key is not None and key[0] == "step" else None,
             task_name=task.get_name() if task is not None else None,
-            coroutine=coroutine_name(task.get_coro(), sample.entry) if task is not None else None,
+            coroutine=coroutine_name(task.get_coro(), entry) if task is not None else None,
             location=_places.frame_place(own) if own is not None else None,
             stack=tuple(_places.frame_place(f) for f in frames),
         )
 
     def _emit_stall(self, block: _Block, sample: _Sample, now: float) -> None:
-        frames = _places.frames_outermost_first(sample.frame)
-        own = _places.innermost_own(frames)
         self.emit(
             LoopStalled(
                 blocked_s=round(now - block.start, 6),
                 task=block.task_name,
                 coroutine=block.coroutine,
-                location=_places.frame_place(own) if own is not None else block.location,
-                stack=tuple(_places.frame_place(f) for f in frames),
+                location=sample.location or block.location,
+                stack=sample.stack,
                 loop=self.kind,
             )
         )
 
     def _finish(self, block: _Block, end: float) -> None:
-        self.block = None
-        duration = max(end, block.last_seen) - block.start
-        if duration >= self.threshold:
-            self.emit(self._slow_event(block, duration))
+        if self.block is block:
+            self.block = None
+        if claim(block.token):
+            self._report(block, max(end, block.last_seen) - block.start)
 
-    def _slow_event(self, block: _Block, duration: float) -> SlowCallback:
-        return SlowCallback(
-            duration_s=round(duration, 6),
-            threshold_s=self.threshold,
-            task=block.task_name,
-            coroutine=block.coroutine,
-            location=block.location,
-            stack=block.stack,
-            loop=self.kind,
-        )
+    def _report(self, block: _Block, duration: float) -> None:
+        if duration >= self.threshold:
+            self.emit(
+                SlowCallback(
+                    duration_s=round(duration, 6),
+                    threshold_s=self.threshold,
+                    task=block.task_name,
+                    coroutine=block.coroutine,
+                    location=block.location,
+                    stack=block.stack,
+                    loop=self.kind,
+                )
+            )
+
+    def lag_histogram(self) -> tuple[list[int], float]:
+        """(per-bucket counts, sum) of this loop's lag."""
+        pulse = self.pulse
+        lag = pulse.lag
+        if isinstance(lag, Histogram):
+            return list(lag.counts), lag.sum
+        counts, total = lag  # the compiled pulse's (counts, sum)
+        return list(counts), float(total)
+
+
+def _complete(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the loop is built far enough for its pulse (an asyncio loop has its selector)."""
+    return not isinstance(loop, BaseEventLoop) or getattr(loop, "_selector", None) is not None
+
+
+class _Unborn:
+    """The pulse of a loop that has not run yet: idle, nothing measured."""
+
+    def __init__(self) -> None:
+        self.failed: BaseException | None = None
+        self.active = True
+        self.idle = True
+        self.woke = self.entered = self.armed_at = self.block_end = 0.0
+        self.busy = 0.0
+        self.iterations = 0
+        self.block_open = False
+        self.lag = Histogram()
+        self.box: deque[Any] = deque()
+        self.period = self.first_check = 0.0
+
+    def release(self) -> None:
+        self.box.clear()
+
+
+def _heartbeat_start(start: float, beat: float, period: float, at: float) -> float:
+    """A heartbeat only bounds when the block began: on a loop that is not saturated it began
+    within one period of the last beat; take the middle of that window."""
+    if start > beat:
+        return start
+    return beat + min(period, at - beat) / 2.0
+
+
+_ABSENT = object()
+_thread_frame: Callable[[int], FrameType | None] = _thread_frame_py
+
+
+def use_compiled_sampler() -> None:
+    global _thread_frame
+    _thread_frame = _load_thread_frame()
 
 
 class Watchdog:
@@ -409,24 +587,23 @@ class Watchdog:
     a wake pipe, so a healthy loop never wakes it; it wakes on deadlines only while it follows a
     block, or for loops that have no alarm (where timerfd is not available)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self._lock = threading.Lock()  # the watchdog's own: the loops' threads never take it
         self._states: list[LoopState] = []
         self._retired: list[Alarm] = []
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._failed = False  # the thread died once: said once, never started again
+        self._say = say
         self._wake_r, self._wake_w = _pipe()
+        self.worker = Worker("watchdog", self._run, self.wake, failure="block detection is off")
 
     @property
-    def thread(self) -> threading.Thread | None:
-        return self._thread
+    def states(self) -> list[LoopState]:
+        return list(self._states)
 
     def add(self, state: LoopState) -> None:
         with self._lock:
             if state not in self._states:
                 self._states.append(state)
-            self._ensure_thread()
+        self.worker.start()
         self.wake()
 
     def remove(self, state: LoopState) -> None:
@@ -439,12 +616,11 @@ class Watchdog:
                 # Closed by the thread, which may be in select() on it right now.
                 self._retired.append(alarm)
             last = not self._states
-            thread = self._thread
         self.wake()
-        if last and thread is not None and thread is not threading.current_thread():
-            # The last loop is gone (closed): let the thread end now, not at its next wake-up,
-            # so that a fork() right after asyncio.run() finds a single-threaded process.
-            thread.join(timeout=1.0)
+        if last:
+            # The last loop is gone (closed): let the thread end now, not at its next wake-up.
+            self.worker.stop(timeout=1.0)
+            self._close_retired()
 
     def wake(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe already means "wake up"
@@ -452,69 +628,47 @@ class Watchdog:
 
     def stop(self) -> None:
         with self._lock:
-            self._stopping = True
             states, self._states = self._states, []
-            thread = self._thread
-        self.wake()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5.0)
-        self._thread = None
+        self.worker.stop(timeout=5.0)
+        for state in states:
+            if state.alarm is not None:
+                state.alarm.close()
+                state.alarm = None
+        self._close_retired()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _close_retired(self) -> None:
+        if self.worker.running:
+            return
+        retired, self._retired = self._retired, []
+        for alarm in retired:
+            alarm.close()
+
+    def after_fork_in_child(self) -> None:
+        """A forked child has none of its parent's threads, loops or timers."""
+        self._lock = threading.Lock()
+        states, self._states = self._states, []
         for state in states:
             if state.alarm is not None:
                 state.alarm.close()
                 state.alarm = None
         for alarm in self._retired:
             alarm.close()
-        self._retired.clear()
+        self._retired = []
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-    def stopping(self) -> bool:
-        return self._stopping
-
-    def after_fork_in_child(self) -> None:
-        """A forked child has none of its parent's threads, and must not share its timers."""
-        self._lock = threading.Lock()
-        self._thread = None
         self._wake_r, self._wake_w = _pipe()
-        for state in self._states:
-            state.alarm = new_alarm()
 
-    def _ensure_thread(self) -> None:
-        if self._stopping or self._failed:
-            return
-        if self._thread is not None and self._thread.is_alive():
-            return
-        thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
-        self._thread = thread
-        thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # noqa: BLE001 - the watchdog must never take the host down
-            self._failed = True
-            report(
-                f"loopwatch: the watchdog thread failed ({type(exc).__name__}: {exc}); "
-                "block detection is off"
-            )
-
-    def _loop(self) -> None:
-        while True:
+    def _run(self, keep_going: Callable[[], bool]) -> None:
+        while keep_going():
             with self._lock:
-                if self._stopping:
-                    return
                 states = list(self._states)
                 retired, self._retired = self._retired, []
-                if not states:
-                    # No loop left to watch: the thread ends (add() starts another), so a
-                    # program that forks after asyncio.run() has returned is single-threaded.
-                    self._thread = None
             for alarm in retired:
                 alarm.close()
-            if not states:
-                return
             now = monotonic()
             deadline = now + 60.0
             fds = [self._wake_r]
@@ -522,12 +676,14 @@ class Watchdog:
                 try:
                     deadline = min(deadline, state.check(now))
                 except Exception as exc:  # noqa: BLE001 - one loop's failure stays with that loop
-                    report(
+                    self._say(
                         f"loopwatch: watching a loop failed ({type(exc).__name__}: {exc}); "
                         "that loop is no longer watched"
                     )
                     state.detach()
-                    self.remove(state)
+                    with self._lock:
+                        if state in self._states:
+                            self._states.remove(state)
                     continue
                 if state.alarm is not None:
                     fds.append(state.alarm.fd)

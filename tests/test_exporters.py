@@ -42,6 +42,7 @@ def test_json_lines_appends_one_object_per_event(tmp_path: Path) -> None:
             "location": "/srv/app.py:12 in handler",
             "stack": ["/srv/app.py:30 in main", "/srv/app.py:12 in handler"],
             "loop": "uvloop",
+            "origin": "program",
         }
     ] * 2
 

@@ -14,6 +14,7 @@ CONTRACT_API = {
     "new_event_loop",
     "new_uvloop_event_loop",
     "EventLoopPolicy",
+    "metrics_url",
 }
 
 

@@ -595,7 +595,9 @@ block(1)
 read, write = os.pipe()
 pid = os.fork()
 if pid == 0:
-    threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("loopwatch"))
+    from loopwatch import _threads
+    threads = sorted(w.name for w in _threads._all if w.running)
+    threads += [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     block(2)
     os.write(write, json.dumps({"child": mine(), "threads_after_fork": threads}).encode())
     loopwatch.uninstall()
@@ -637,7 +639,7 @@ def test_a_forked_child_counts_only_its_own(kind: str, multiprocess: bool, tmp_p
         "parent": 1,
         "parent_scrape": 3.0 if multiprocess else 1.0,  # the endpoint serves the merged files
         "merged": 3.0 if multiprocess else 1.0,
-        "threads_after_fork": ["loopwatch-metrics-flush"] if multiprocess else [],
+        "threads_after_fork": ["metrics file writer"] if multiprocess else [],
     }
 
 

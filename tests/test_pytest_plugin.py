@@ -113,9 +113,10 @@ import pytest
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    from loopwatch import _loops, _runtime
+    from loopwatch import _loops, _runtime, _threads
 
-    threads = [t.name for t in threading.enumerate() if t.name.startswith("loopwatch")]
+    threads = [w.name for w in _threads._all if w.name == "watchdog" and w.running]
+    threads += [t.name for t in threading.enumerate() if t.name != "MainThread"]
     state = f"runtime={_runtime.current() is not None} global={_loops.global_enabled()} {threads}"
     Path(config.rootpath, "state.txt").write_text(state)
 """
@@ -631,8 +632,10 @@ async def test_installed_once():
     assert loop.get_task_factory() is None  # the program's own: no second loopwatch layer
     assert getattr(loop._task_factory, "__loopwatch__", False)  # the one the loop calls
     assert not getattr(BaseEventLoop.__init__.__wrapped__, "__loopwatch__", False)
-    names = [t.name for t in threading.enumerate() if t.name.startswith("loopwatch")]
-    assert names == ["loopwatch-watchdog"]
+    from loopwatch import _threads
+
+    assert [w.name for w in _threads._all if w.name == "watchdog" and w.running] == ["watchdog"]
+    assert threading.enumerate() == [threading.main_thread()]  # and it cannot be seen
 
 
 async def test_leaks():

@@ -6,6 +6,9 @@ import asyncio
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +17,7 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import EVENT, place, run_on
+from conftest import EVENT, Recorder, place, run_on
 from prometheus_client import REGISTRY
 from structlog.testing import LogCapture
 
@@ -46,11 +49,11 @@ def _structlog_as_shipped() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-def slow(location: str, duration: float = 0.25) -> SlowCallback:
+def slow(location: str, duration: float = 0.25, task: str = "Task-1") -> SlowCallback:
     return SlowCallback(
         duration_s=duration,
         threshold_s=0.1,
-        task="Task-1",
+        task=task,
         coroutine="handler",
         location=location,
         stack=(location,),
@@ -110,6 +113,7 @@ def test_auto_follows_the_structlog_configuration_of_the_program(
             "location": "/srv/app.py:12 in handler",
             "stack": "    /srv/app.py:30 in main\n    /srv/app.py:12 in handler",
             "loop": "uvloop",
+            "origin": "program",
         }
     ]
 
@@ -253,7 +257,9 @@ def test_json_exporter_renders_every_field(tmp_path: Path) -> None:
         "location": "/srv/app.py:12 in handler",
         "stack": ["/srv/app.py:30 in main", "/srv/app.py:12 in handler"],
         "loop": "uvloop",
+        "origin": "program",
     }
+    assert list(first)[-1] == "origin"
     assert list(folded)[:2] == ["event", "folded"]
     assert folded == {**first, "folded": 12}
 
@@ -273,47 +279,45 @@ def lines_of(sent: list[Event]) -> list[tuple[str | None, int]]:
     return [(e.place, e.folded if isinstance(e, Folded) else 1) for e in sent]
 
 
-def test_fold_passes_the_first_and_says_how_many_it_folded() -> None:
-    """5000 events at A and 3 at B in one window: 2 lines at once, 2 when the window ends;
-    the dispatcher's count stays exact."""
+def test_fold_passes_the_first_few_and_says_how_many_it_folded() -> None:
+    """5000 events at A and 3 at B in one window: the first three of each place at once, one
+    line for A's other 4997 when the window ends, naming the tasks; nothing is lost."""
     clock = Clock()
     sent: list[Event] = []
-    fold = Fold(sent.append, 5.0, clock=clock, timer=False)
-    dispatcher = Dispatcher()
-    dispatcher.add_exporter(fold)
+    fold = Fold(sent.append, 5.0, clock=clock)
     for i in range(5000):
-        dispatcher.emit(slow("a.py:1 in a", duration=0.1 + i / 1e6))
+        fold(slow("a.py:1 in a", duration=0.1 + i / 1e6, task=f"T{i % 12}"))
         if i < 3:
-            dispatcher.emit(slow("b.py:2 in b"))
+            fold(slow("b.py:2 in b"))
         clock.now += 0.0009
-    assert dispatcher.counts["loopwatch.slow_callback"] == 5003
-    assert lines_of(sent) == [("a.py:1 in a", 1), ("b.py:2 in b", 1)]
-    clock.now = 105.1
-    fold.flush_due()
-    assert lines_of(sent)[2:] == [("a.py:1 in a", 4999), ("b.py:2 in b", 2)]
-    last = sent[2]
-    assert isinstance(last, Folded) and last.duration_s == pytest.approx(0.1 + 4999 / 1e6)
-    assert sum(n for _, n in lines_of(sent)) == 5003
-    # A flood that goes on: one line per window; a place quiet for a window starts afresh.
+    assert lines_of(sent) == [("a.py:1 in a", 1), ("b.py:2 in b", 1)] * 3
+    assert fold.due() == 105.0
+    assert fold.flush(104.9) == []
+    (folded,) = fold.flush(105.1)
+    assert (folded.place, folded.folded) == ("a.py:1 in a", 4997)
+    assert folded.duration_s == pytest.approx(0.1 + 4999 / 1e6)  # the last one, shown
+    assert folded.tasks == tuple(f"T{i}" for i in (3, 4, 5, 6, 7, 8, 9, 10, 11, 0))  # ten
+    assert folded.as_dict()["tasks"] == list(folded.tasks)
+    # A flood that goes on: one line per window (folding from its first repeat); a place quiet
+    # for a window starts afresh, its first events on their own again.
     clock.now = 106.0
-    dispatcher.emit(slow("a.py:1 in a"))
-    clock.now = 110.2
-    fold.flush_due()
-    assert lines_of(sent)[4:] == [("a.py:1 in a", 1)]
+    fold(slow("a.py:1 in a"))
+    assert lines_of(fold.flush(110.2)) == [("a.py:1 in a", 1)]
     clock.now = 116.0
-    dispatcher.emit(slow("a.py:1 in a"))
-    assert lines_of(sent)[5:] == [("a.py:1 in a", 1)]
-    assert sum(n for _, n in lines_of(sent)) == dispatcher.counts["loopwatch.slow_callback"]
+    fold(slow("a.py:1 in a"))
+    assert lines_of(sent)[6:] == [("a.py:1 in a", 1)]
+    assert fold.flush(130.0, everything=True) == []
 
 
 def test_a_folded_line_reads_well(caplog: pytest.LogCaptureFixture) -> None:
     """``folded=N`` right after the place: this line stands for N events, the last shown."""
     with caplog.at_level(logging.WARNING, logger="loopwatch"):
-        LoggingExporter()(Folded(last=EVENT, folded=4999))
+        LoggingExporter()(Folded(last=EVENT, folded=4999, tasks=("Task-7", "Task-9")))
     (record,) = caplog.records
     assert record.getMessage() == (
         "loopwatch.slow_callback duration_s=0.250 location='/srv/app.py:12 in handler' "
-        "folded=4999 task=Task-7 coroutine=handler threshold_s=0.100 loop=uvloop\n"
+        "folded=4999 tasks=Task-7,Task-9 task=Task-7 coroutine=handler threshold_s=0.100 "
+        "loop=uvloop\n"
         "    /srv/app.py:30 in main\n"
         "    /srv/app.py:12 in handler"
     )
@@ -326,29 +330,66 @@ def test_a_folded_line_reads_well(caplog: pytest.LogCaptureFixture) -> None:
     )
 
 
-def test_the_timer_sends_the_folded_line_when_the_window_ends() -> None:
-    """No further event needed: the summary comes about one window after the flood began."""
+def test_the_reporter_sends_the_folded_line_when_the_window_ends(events: Recorder) -> None:
+    """No further event needed: the summary comes about one window after the flood began, from
+    loopwatch's own thread, which the program never sees."""
     sent: list[Event] = []
+    dispatcher = Dispatcher()
     fold = Fold(sent.append, 0.2)
+    dispatcher.add_exporter(fold)
+    dispatcher.start()
     started = time.monotonic()
     for _ in range(10):
-        fold(slow("a.py:1 in a"))
-    assert lines_of(sent) == [("a.py:1 in a", 1)]
-    assert wait_for(lambda: len(sent) == 2)
+        dispatcher.emit(slow("a.py:1 in a"))
+    assert wait_for(lambda: len(sent) == 4)
     assert 0.15 < time.monotonic() - started < 2.0
-    assert lines_of(sent) == [("a.py:1 in a", 1), ("a.py:1 in a", 9)]
-    fold.close()
-    assert not [t for t in threading.enumerate() if t.name == "loopwatch-fold"]
+    assert lines_of(sent) == [("a.py:1 in a", 1)] * 3 + [("a.py:1 in a", 7)]
+    assert threading.active_count() == 1
+    dispatcher.close()
 
 
-def test_close_sends_what_is_held_back() -> None:
+def test_closing_sends_what_is_held_back() -> None:
+    """uninstall() and exit close the dispatcher: what a fold held back is written then."""
     sent: list[Event] = []
-    fold = Fold(sent.append, 60.0)
-    for _ in range(4):
-        fold(slow("a.py:1 in a"))
-    fold.close()
-    assert lines_of(sent) == [("a.py:1 in a", 1), ("a.py:1 in a", 3)]
-    assert not [t for t in threading.enumerate() if t.name == "loopwatch-fold"]
+    dispatcher = Dispatcher()
+    dispatcher.add_exporter(Fold(sent.append, 60.0))
+    dispatcher.start()
+    for _ in range(8):
+        dispatcher.emit(slow("a.py:1 in a"))
+    dispatcher.close()
+    assert lines_of(sent) == [("a.py:1 in a", 1)] * 3 + [("a.py:1 in a", 5)]
+    assert not dispatcher.worker.running
+
+
+def test_held_back_lines_are_written_at_exit(tmp_path: Path, kind: str) -> None:
+    """Eight blocks at one place, then the program exits at once: the JSON log accounts for all
+    eight (three lines, then one folded line standing for five)."""
+    path = tmp_path / "events.jsonl"
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import asyncio, time, uvloop\n"
+        "async def main():\n"
+        "    for _ in range(8):\n"
+        "        time.sleep(0.12)  # BLOCK:exit\n"
+        "        await asyncio.sleep(0)\n"
+        f"{'uvloop' if kind == 'uvloop' else 'asyncio'}.run(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(app)],
+        env={
+            **os.environ,
+            "LOOPWATCH": "1",
+            "LOOPWATCH_LOG": "json",
+            "LOOPWATCH_LOG_FILE": str(path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    where = place(app, "BLOCK:exit", "main")
+    assert [(e["location"], e.get("folded", 1)) for e in lines] == [(where, 1)] * 3 + [(where, 5)]
 
 
 def test_a_failing_log_exporter_under_a_fold_is_said_once(
@@ -363,16 +404,18 @@ def test_a_failing_log_exporter_under_a_fold_is_said_once(
     broken.name = "json"  # type: ignore[attr-defined]
     dispatcher = Dispatcher()
     dispatcher.add_exporter(Fold(broken, 0.05))
+    dispatcher.start()
     for _ in range(5):
         dispatcher.emit(slow("a.py:1 in a"))
     time.sleep(0.2)
     dispatcher.emit(slow("b.py:1 in b"))
+    assert dispatcher.wait_idle()
+    dispatcher.close()
     assert len(calls) == 1
     assert dispatcher.counts["loopwatch.slow_callback"] == 6
     assert capfd.readouterr().err == (
         "loopwatch: exporter json failed (OSError: disk full); it is disabled\n"
     )
-    assert not [t for t in threading.enumerate() if t.name == "loopwatch-fold"]
 
 
 def test_settings_choose_the_exporter_and_the_fold() -> None:
@@ -420,6 +463,6 @@ def test_a_real_flood_is_folded_and_counted_exactly(
     assert sum(e.get("folded", 1) for e in slow_lines) == counted
     where = place(HERE, "BLOCK:flood", "flood")
     here = [e.get("folded", 1) for e in slow_lines if e["location"] == where]
-    assert len(here) == 2 and here[0] == 1
-    assert here[1] >= 20, f"only {counted} slow steps seen"
+    assert len(here) == 4 and here[:3] == [1, 1, 1]
+    assert here[3] >= 20, f"only {counted} slow steps seen"
     assert len(slow_lines) < counted / 5

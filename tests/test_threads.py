@@ -47,10 +47,8 @@ def test_block_and_stall_are_emitted_from_the_watchdog_thread(
     factory: Factory, kind: str, events: Recorder
 ) -> None:
     _runtime.activate(slow_callback_ms=50, stall_ms=150)
-    threads: list[str] = []
-    _runtime.activate().dispatcher.add_sink(
-        lambda e: threads.append(threading.current_thread().name)
-    )
+    threads: list[int] = []
+    _runtime.activate().dispatcher.add_sink(lambda e: threads.append(threading.get_ident()))
 
     def block() -> None:
         time.sleep(0.3)  # BLOCK:watchdog
@@ -69,7 +67,7 @@ def test_block_and_stall_are_emitted_from_the_watchdog_thread(
     assert {e.location for e in found} == {place(HERE, "BLOCK:watchdog", "block")}
     assert {e.loop for e in found} == {kind}
     # The stall is seen while the loop is blocked: only the watchdog thread can say it then.
-    assert threads[0] == "loopwatch-watchdog"
+    assert threads[0] == _runtime.activate().watchdog.worker.ident
 
 
 def test_orphans_found_by_the_garbage_collector_in_other_threads(

@@ -141,7 +141,7 @@ def test_bad_settings_are_one_line_each_and_the_program_runs_on(tmp_path: Path) 
     )
     assert lines[1] == (
         "loopwatch: LOOPWATCH_METRICS_PORT='70000' is not accepted; "
-        "expected a port number from 0 to 65535 (0 picks a free port); using the default (None)"
+        "expected a port number from 0 to 65535 (0 picks a free port); no metrics endpoint"
     )
     # The default threshold is in force and the block is still caught.
     assert [json.loads(line)["event"] for line in lines[2:]] == ["loopwatch.slow_callback"]

@@ -1,27 +1,31 @@
 """Flood folding: repeats of an event at one place become one line that says how many.
 
 A program that blocks its loop in one handler a thousand times a second must not write a thousand
-log lines a second about it. :class:`Fold` wraps a log exporter: the first event of a name at a
-place goes through at once; repeats at that place within the window are held back and counted,
-and when the window ends the last of them goes through as a :class:`Folded` event whose
-``folded`` field says how many events it stands for. A steady flood thus costs one line per place
-per window. Counting happens in the dispatcher before any exporter, so metrics stay exact.
+log lines a second about it. :class:`Fold` wraps a log exporter. The first ``PASS`` events of a
+name at a place go through at once, each on its own line; further repeats at that place within
+the window are held back and counted, and when the window ends they go out as one
+:class:`Folded` line: the last of them, with ``folded`` (how many events it stands for) and
+``tasks`` (the tasks they concern, at most ``TASKS``). A steady flood thus costs one line per
+place per window. Counting happens in the dispatcher before any exporter, so metrics stay exact.
 
-Cost: a dict lookup and a clock read per event under a lock; one short-lived timer thread per
-window only while something is being held back (nothing at all when no event repeats).
+Nothing is lost: the reporter thread asks :meth:`Fold.due` when the next window ends and calls
+:meth:`Fold.flush` then, and everything still held back is written when loopwatch closes (at exit
+and on ``uninstall()``). A forked child starts with nothing held (what the parent held is the
+parent's to write). Only the reporter thread calls a fold, so it needs no lock.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .._config import report
-from .._dispatch import Exporter, _describe
+from .._dispatch import Exporter
 from .._events import Event
+
+PASS = 3  # events of a name at a place written one by one before folding begins
+TASKS = 10  # task names a folded line lists at most
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,6 +34,7 @@ class Folded(Event):
 
     last: Event
     folded: int
+    tasks: tuple[str, ...] = ()
 
     @property  # the folded event's name, not a name of its own
     def event(self) -> str:  # type: ignore[override]
@@ -40,9 +45,12 @@ class Folded(Event):
         return self.last.place
 
     def as_dict(self) -> dict[str, Any]:
-        """The last event's fields with ``folded`` added after its name."""
+        """The last event's fields with ``folded`` (and ``tasks``) added after its name."""
         data = self.last.as_dict()
-        return {"event": data.pop("event"), "folded": self.folded, **data}
+        head: dict[str, Any] = {"event": data.pop("event"), "folded": self.folded}
+        if self.tasks:
+            head["tasks"] = list(self.tasks)
+        return {**head, **data}
 
     def __getattr__(self, name: str) -> Any:
         # The folded event's own fields (``duration_s``, ``stack``...) read through. Never for
@@ -53,19 +61,33 @@ class Folded(Event):
 
 
 class _Window:
-    __slots__ = ("count", "ends_at", "last")
+    __slots__ = ("ends_at", "held", "last", "passed", "tasks")
 
-    def __init__(self, ends_at: float) -> None:
+    def __init__(self, ends_at: float, passed: int) -> None:
         self.ends_at = ends_at
-        self.count = 0  # events held back in this window
+        self.passed = passed  # events of this window written on their own
+        self.held = 0  # events held back
         self.last: Event | None = None
+        self.tasks: list[str] = []
+
+    def hold(self, event: Event) -> None:
+        self.held += 1
+        self.last = event
+        task = getattr(event, "task", None)
+        if isinstance(task, str) and task not in self.tasks and len(self.tasks) < TASKS:
+            self.tasks.append(task)
+
+    def folded(self) -> Folded | None:
+        if not self.held or self.last is None:
+            return None
+        return Folded(last=self.last, folded=self.held, tasks=tuple(self.tasks))
 
 
 Key = tuple[str, str | None]
 
 
 class Fold:
-    """Pass the first event per (name, place) at once; fold its repeats within ``window_s``."""
+    """Pass the first ``PASS`` events per (name, place); fold their repeats within ``window_s``."""
 
     def __init__(
         self,
@@ -73,129 +95,68 @@ class Fold:
         window_s: float,
         *,
         clock: Callable[[], float] = time.monotonic,
-        timer: bool = True,
+        passes: int = PASS,
     ) -> None:
         self.inner = inner
         self.name = getattr(inner, "name", None) or type(inner).__name__
         self.window_s = window_s
+        self.passes = max(passes, 1)
         self._clock = clock
-        self._use_timer = timer
-        self._lock = threading.Lock()
         self._windows: dict[Key, _Window] = {}
-        self._timer: threading.Timer | None = None
-        self._timer_due = 0.0
-        self._earliest = float("inf")  # no window ends before this: most events skip the scan
-        self._broken = False
 
     def __call__(self, event: Event) -> None:
-        if self._broken:
-            return
         now = self._clock()
         key = (event.event, event.place)
-        with self._lock:
-            due = self._take_due(now)
-            window = self._windows.get(key)
-            if window is None:
-                self._windows[key] = _Window(now + self.window_s)
-                self._earliest = min(self._earliest, now + self.window_s)
-            else:
-                window.count += 1
-                window.last = event
-                self._arm(window.ends_at)
-        self._send(due)
-        if window is None:
-            try:
-                self.inner(event)
-            except BaseException:
-                self._break()
-                raise  # the dispatcher disables the fold and says so once
-
-    def flush_due(self) -> None:
-        """Send the folded lines of every window that has ended (the timer calls this)."""
-        with self._lock:
-            self._timer = None
-            due = self._take_due(self._clock())
-            pending = [w.ends_at for w in self._windows.values() if w.count]
-            if pending:
-                self._arm(min(pending))
-        self._send(due, from_timer=True)
-
-    def _take_due(self, now: float) -> list[Folded]:
-        """Close the windows that have ended; those that held events back start anew."""
-        due: list[Folded] = []
-        if now < self._earliest:
-            return due
-        earliest = float("inf")
-        for key, window in list(self._windows.items()):
-            if window.ends_at > now:
-                earliest = min(earliest, window.ends_at)
-                continue
-            if window.count and window.last is not None:
-                due.append(Folded(last=window.last, folded=window.count))
-                self._windows[key] = _Window(now + self.window_s)
-                earliest = min(earliest, now + self.window_s)
-            else:
-                del self._windows[key]
-        self._earliest = earliest
-        return due
-
-    def _arm(self, at: float) -> None:
-        if not self._use_timer or (self._timer is not None and self._timer_due <= at):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        timer = threading.Timer(max(at - self._clock(), 0.0) + 0.001, self.flush_due)
-        timer.name = "loopwatch-fold"
-        timer.daemon = True
-        self._timer, self._timer_due = timer, at
-        timer.start()
-
-    def _send(self, due: list[Folded], *, from_timer: bool = False) -> None:
-        for folded in due:
-            if self._broken:
-                return
-            try:
+        window = self._windows.get(key)
+        if window is not None and window.ends_at <= now:
+            # Its time is over: what it held goes out first, in order, then this event is judged
+            # against a window of its own.
+            del self._windows[key]
+            folded = window.folded()
+            if folded is not None:
                 self.inner(folded)
-            except BaseException as exc:
-                self._break()
-                if not from_timer:
-                    raise  # the dispatcher disables the fold and says so once
-                report(f"loopwatch: exporter {self.name} failed ({_describe(exc)}); it is disabled")
+                window = self._windows[key] = _Window(now + self.window_s, self.passes)
+            else:
+                window = None
+        if window is None:
+            self._windows[key] = _Window(now + self.window_s, 1)
+            self.inner(event)
+        elif window.passed < self.passes and not window.held:
+            window.passed += 1
+            self.inner(event)
+        else:
+            window.hold(event)
 
-    def _break(self) -> None:
-        self._broken = True
-        with self._lock:
-            timer, self._timer = self._timer, None
-            self._windows.clear()
-        if timer is not None:
-            timer.cancel()
+    def due(self) -> float:
+        """When the next window that holds events back ends (``inf``: none does)."""
+        return min((w.ends_at for w in self._windows.values() if w.held), default=float("inf"))
+
+    def flush(self, now: float, *, everything: bool = False) -> list[Folded]:
+        """The folded lines of the windows that ended (or of all of them), oldest place first.
+
+        A window that held events back starts again, folding from its first repeat (a flood goes
+        on as one line per window); one that held nothing is forgotten."""
+        out: list[Folded] = []
+        for key, window in list(self._windows.items()):
+            if window.ends_at > now and not everything:
+                continue
+            folded = window.folded()
+            if folded is not None:
+                out.append(folded)
+                if not everything:
+                    self._windows[key] = _Window(now + self.window_s, self.passes)
+                    continue
+            del self._windows[key]
+        return out
 
     def close(self) -> None:
-        """Send what is still held back, then close the wrapped exporter."""
-        with self._lock:
-            timer, self._timer = self._timer, None
-            due = [
-                Folded(last=w.last, folded=w.count)
-                for w in self._windows.values()
-                if w.count and w.last is not None
-            ]
-            self._windows.clear()
-            self._earliest = float("inf")
-        if timer is not None:
-            timer.cancel()
-            if timer is not threading.current_thread():
-                timer.join(timeout=1.0)
-        self._send(due, from_timer=True)
         close = getattr(self.inner, "close", None)
         if close is not None:
             close()
 
     def after_fork_in_child(self) -> None:
-        """The parent reports what it held back; the child starts with nothing and no timer."""
-        self._lock = threading.Lock()
+        """What the parent held back is the parent's to write; the child starts with nothing."""
         self._windows = {}
-        self._earliest = float("inf")
-        self._timer = None
         hook = getattr(self.inner, "after_fork_in_child", None)
         if hook is not None:
             hook()

@@ -10,11 +10,22 @@ from .._places import is_own_code
 
 # Shown first, in this order, when the event has them: what a person scans for. ``folded`` (how
 # many events a folded line stands for) comes right after the place it counts.
-_FIRST = ("duration_s", "blocked_s", "location", "created_at", "folded", "task", "coroutine")
+_FIRST = (
+    "duration_s",
+    "blocked_s",
+    "location",
+    "created_at",
+    "folded",
+    "tasks",
+    "task",
+    "coroutine",
+)
 _SKIP = frozenset({"event", "time", "pid", "stack"})
 
 
 def _value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
     if isinstance(value, float):
         return f"{value:.3f}" if value >= 0.001 else f"{value:.6f}"
     text = str(value)
@@ -39,7 +50,10 @@ def render(event: Event, *, full_stack: bool = False) -> str:
     keys = [k for k in _FIRST if k in data] + [
         k for k in data if k not in _FIRST and k not in _SKIP
     ]
-    shown = [k for k in keys if data[k] not in (None, [], ())]  # an empty stack says nothing
+    # An empty stack says nothing, and most findings are the program's: origin shows when not.
+    shown = [
+        k for k in keys if data[k] not in (None, [], ()) and (k, data[k]) != ("origin", "program")
+    ]
     head = " ".join([event.event] + [f"{k}={_value(data[k])}" for k in shown])
     stack = shown_stack(data.get("stack") or [], full_stack=full_stack)
     return "\n".join([head, *(f"    {p}" for p in stack)])

@@ -20,18 +20,17 @@ count their parent's events twice.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import atexit
 import contextlib
 import errno
 import functools
 import gzip
-import os
 import selectors
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -52,6 +51,7 @@ from .. import _metrics, _runtime
 from .._config import Settings, report
 from .._dispatch import _describe
 from .._metrics import EVENT_COUNTERS, HistogramSnapshot, Snapshot
+from .._threads import Worker, discard, hidden_call
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -107,9 +107,8 @@ def snapshot(runtime: Runtime | None = None) -> Snapshot:
     runtime = runtime or current
     snap = _metrics.collect()
     if runtime is not None and runtime is not current:
-        counts = dict(runtime.dispatcher.counts)
+        counts = runtime.dispatcher.counts
         snap.events = {metric: counts.get(name, 0) for name, metric in EVENT_COUNTERS.items()}
-        snap.loop_lag = HistogramSnapshot.of(runtime.lag)
     inherited = runtime.inherited if runtime is not None else None
     return snap if inherited is None else _since(snap, inherited)
 
@@ -279,34 +278,36 @@ class _FileWriter:
         self._written = {}
 
 
+# Its fork hooks are the runtime's (``Runtime.before_fork`` and the others): one at-fork hook of
+# loopwatch's, run last, so that nothing of loopwatch's runs Python code after it in the parent.
 _writer = _FileWriter()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_writer.before_fork,
-        after_in_parent=_writer.after_fork_in_parent,
-        after_in_child=_writer.after_fork_in_child,
-    )
 
 
 class _Flusher:
-    """The thread that writes a runtime's values to this process's file every ``interval``
-    seconds, and once more when the runtime closes or the process exits."""
+    """The thread (invisible, see ``_threads``) that writes a runtime's values to this process's
+    file every ``interval`` seconds, and once more when the runtime closes or the process exits."""
 
     def __init__(self, runtime: Runtime, interval: float = 1.0) -> None:
         self.runtime = runtime
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="loopwatch-metrics-flush", daemon=True
-        )
-        self._thread.start()
+        self._bell = _thread.allocate_lock()
+        self._bell.acquire()
+        self.worker = Worker("metrics file writer", self._run, self._ring)
+        self.worker.start()
         atexit.register(self.write)
+
+    def _ring(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._bell.release()
 
     def write(self) -> None:
         _writer.write(snapshot(self.runtime))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+    def _run(self, keep_going: Callable[[], bool]) -> None:
+        while True:
+            self._bell.acquire(True, self.interval)
+            if not keep_going():
+                return
             try:
                 self.write()
             except Exception as exc:  # noqa: BLE001 - metrics never take the program down
@@ -317,15 +318,15 @@ class _Flusher:
 
     def stop(self) -> None:
         atexit.unregister(self.write)
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=5.0)
+        self.worker.stop(timeout=5.0)
+        discard(self.worker)
         with contextlib.suppress(Exception):  # best effort at the end
             self.write()  # the last values, so that a worker that stops leaves them all
 
     def after_fork_in_child(self) -> _Flusher:
         """The thread is the parent's: a new one for the child."""
         atexit.unregister(self.write)
+        discard(self.worker)
         return _Flusher(self.runtime, self.interval)
 
 
@@ -452,11 +453,15 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes are not the program's output: nothing on standard error per request."""
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class _Server(WSGIServer):
+    # Each scrape is served in the endpoint's own thread, one after another (a thread per scrape
+    # would be a thread the program can count); _QuietHandler.timeout bounds a slow client.
     # socketserver's default backlog of 5 drops the connections of concurrent scrapers, which
     # then wait a second for the SYN to be sent again.
     request_queue_size = 128
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that went away mid-request is not the program's output: nothing printed."""
 
 
 def _wsgi_app(registry: CollectorRegistry | None) -> Callable[..., Iterable[bytes]]:
@@ -482,7 +487,8 @@ def _wsgi_app(registry: CollectorRegistry | None) -> Callable[..., Iterable[byte
 
 
 class Endpoint:
-    """``http://ADDR:PORT/metrics`` served from one daemon thread (and a thread per scrape).
+    """``http://ADDR:PORT/metrics`` served from one thread of loopwatch's (invisible to the
+    program, stopped around forks: see ``_threads``).
 
     The serving thread sleeps in ``select`` on the socket and a wake-up pipe: it costs nothing
     between scrapes, and :meth:`close` returns at once instead of after a poll interval.
@@ -506,34 +512,43 @@ class Endpoint:
             addr, port, _wsgi_app(registry), server_class, handler_class=_QuietHandler
         )
         self.server.socket.setblocking(False)
-        self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
-        self._thread = threading.Thread(target=self._serve, name="loopwatch-metrics", daemon=True)
-        self._thread.start()
+        self.worker = Worker("metrics endpoint", self._serve, self._wake)
+        self.worker.start()
 
     @property
     def address(self) -> tuple[str, int]:
         host, port = self.server.server_address[:2]
         return str(host), int(port)
 
-    def _serve(self) -> None:
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _serve(self, keep_going: Callable[[], bool]) -> None:
         server = self.server
         with selectors.DefaultSelector() as selector:
             selector.register(server, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
-            while not self._stopping:
+            while keep_going():
                 for key, _ in selector.select():
-                    if key.fileobj is self._wake_r or self._stopping:
+                    if key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                        break
+                    if not keep_going():
                         break
                     # Non-blocking socket: a client gone before accept costs nothing.
-                    server.handle_request()
+                    hidden_call(lambda _: server.handle_request(), None)
 
     def close(self) -> None:
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=5.0)
+        self.worker.stop(timeout=5.0)
+        discard(self.worker)
         self.server.server_close()
         self._wake_r.close()
         self._wake_w.close()
@@ -541,7 +556,7 @@ class Endpoint:
     def after_fork_in_child(self) -> None:
         """The serving thread is the parent's; the child lets go of the socket it inherited (so
         the port never outlives the parent in a child that does not serve it)."""
-        self._stopping = True
+        discard(self.worker)
         for sock in (self.server.socket, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 sock.close()
@@ -553,7 +568,7 @@ def serve(settings: Settings, registry: CollectorRegistry | None = None) -> Endp
     if port is None:
         return None
     try:
-        return Endpoint(addr, port, registry, reuse_port=multiprocess_mode())
+        endpoint = Endpoint(addr, port, registry, reuse_port=multiprocess_mode())
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             report(
@@ -567,6 +582,9 @@ def serve(settings: Settings, registry: CollectorRegistry | None = None) -> Endp
                 "port it may bind; the metrics endpoint is off"
             )
         return None
+    if port == 0:
+        report(f"loopwatch: metrics at {endpoint.url}")  # a port picked by the system: say which
+    return endpoint
 
 
 class Publisher:

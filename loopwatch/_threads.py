@@ -1,0 +1,286 @@
+"""loopwatch's own threads: invisible to the program, and gone while it forks.
+
+A watched program must not be able to count loopwatch's threads: ``threading.enumerate()`` and
+``threading.active_count()`` are what they are unwatched, and ``os.fork()`` from inside a running
+loop says nothing it would not say unwatched (Python 3.12 warns "This process is multi-threaded"
+when the process has another OS thread at the fork). So:
+
+- each thread is started with the ``_thread`` module, which ``threading`` never hears of;
+- before a fork every running worker is stopped and joined (on 3.13 at the OS level, through
+  ``_thread.start_joinable_thread``), and restarted in the parent after it; the child starts with
+  none (its runtime starts them again when it watches a loop of its own);
+- a worker that calls code which asks ``threading.current_thread()`` (the ``logging`` module does,
+  for every record) goes through :func:`hidden_call`, which lets ``threading`` see the thread only
+  for the length of that call, under a name of its own (``loopwatch``).
+
+A worker's body never raises: what fails is said once on standard error and the worker ends.
+Joining never happens on a thread whose event loop is running (a running loop's thread must not
+wait, and blockbuster would rightly call that a blocking call): there the worker is only asked to
+end, which it does at its next wake-up.
+"""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import contextlib
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ._config import report
+
+# 3.13+: a handle that joins the OS thread; before that, a lock the body releases at its end.
+_JOINABLE = getattr(_thread, "start_joinable_thread", None)
+_running_loop = asyncio.events._get_running_loop
+
+
+class Worker:
+    """One background thread of loopwatch's, started and stopped as a unit.
+
+    ``body(keep_going)`` runs in the thread and returns once ``keep_going()`` is false; ``wake``
+    interrupts its wait. Starting again while an older thread is still ending is safe: each start
+    is a generation, and a body of an older generation finds ``keep_going()`` false.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        body: Callable[[Callable[[], bool]], None],
+        wake: Callable[[], None],
+        *,
+        failure: str = "",
+    ) -> None:
+        self.name = name
+        self._body = body
+        self._wake = wake
+        self._failure = failure  # what stops working if the thread fails, said with it
+        self.gen = 0
+        self.stopping = True  # not started yet
+        self.failed = False  # the body raised once: said once, never started again
+        self._live: set[int] = set()  # generations whose thread is still running
+        self._ident: int | None = None
+        self._handles: list[Any] = []  # threads started and not yet joined
+        _all.append(self)
+
+    @property
+    def ident(self) -> int | None:
+        """The thread identifier of the latest thread started (None before any)."""
+        return self._ident
+
+    @property
+    def running(self) -> bool:
+        """Whether the current generation's thread runs and has not been asked to stop."""
+        return not self.stopping and self.gen in self._live
+
+    def start(self) -> None:
+        if self.failed or self.running:
+            return
+        self.gen += 1
+        gen = self.gen
+        self.stopping = False
+        self._live.add(gen)
+        self._handles = [h for h in self._handles if not h.done()]
+        handle = _Handle()
+        try:
+            handle.start(lambda: self._run(gen, handle))
+        except RuntimeError as exc:  # can't start new thread (at interpreter shutdown, say)
+            self._live.discard(gen)
+            self.stopping = True
+            report(f"loopwatch: could not start the {self.name} thread ({exc})")
+            return
+        self._handles.append(handle)
+
+    def _run(self, gen: int, handle: _Handle) -> None:
+        handle.ident = self._ident = _thread.get_ident()
+        try:
+            self._body(lambda: gen == self.gen and not self.stopping)
+        except BaseException as exc:  # noqa: BLE001 - a thread of ours never takes the host down
+            self.failed = True
+            then = f"; {self._failure}" if self._failure else ""
+            report(f"loopwatch: the {self.name} thread failed ({type(exc).__name__}: {exc}){then}")
+        finally:
+            self._live.discard(gen)
+            handle.finished()
+
+    def stop(self, timeout: float = 5.0, *, wait: bool | None = None) -> bool:
+        """Ask the thread to end, wake it, and wait for it (by default not on a running loop's
+        thread, and never on itself). True if no thread of this worker is left."""
+        self.stopping = True
+        self._wake()
+        if wait is None:
+            wait = _running_loop() is None
+        if not wait:
+            return not self._live
+        me = _thread.get_ident()
+        for handle in list(self._handles):
+            if handle.ident != me:
+                handle.join(timeout)
+        self._handles = [h for h in self._handles if not h.done()]
+        return not self._live
+
+    def forget(self) -> None:
+        """In a forked child: the threads are the parent's; this process has none."""
+        self._handles = []
+        self._live = set()
+        self.stopping = True
+
+
+class _Handle:
+    """One thread: joined at the OS level on 3.13+, through a lock its body releases before."""
+
+    __slots__ = ("_done", "_os", "ident")
+
+    def __init__(self) -> None:
+        self.ident: int | None = None
+        self._os: Any = None
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+
+    def start(self, run: Callable[[], None]) -> None:
+        if _JOINABLE is not None:
+            self._os = _JOINABLE(run, daemon=True)
+        else:
+            _thread.start_new_thread(run, ())
+
+    def finished(self) -> None:
+        self._done.release()
+
+    def done(self) -> bool:
+        if self._os is not None:
+            return bool(self._os.is_done())
+        return not self._done.locked()
+
+    def join(self, timeout: float) -> None:
+        if self._os is not None:
+            with contextlib.suppress(RuntimeError):  # a handle of the parent process
+                self._os.join(timeout)
+        elif self._done.acquire(True, timeout):
+            self._done.release()
+
+
+# Every worker made, for the fork hooks; a handful per process.
+_all: list[Worker] = []
+_paused: list[Worker] = []
+
+
+def pause_all(timeout: float = 1.0) -> None:
+    """Before a fork: stop every running worker (the parent restarts them after it)."""
+    for worker in _all:
+        if worker.running:
+            # Even on a running loop's thread: the fork itself waits already, and a thread
+            # still alive at the fork would be the warning this is here to avoid.
+            worker.stop(timeout, wait=True)
+            _paused.append(worker)
+
+
+def resume_paused() -> None:
+    """Start again the workers a fork stopped (the parent's side)."""
+    global pending
+    pending = False
+    paused, _paused[:] = list(_paused), []
+    for worker in paused:
+        worker.start()
+
+
+# Set after a fork, in the parent, until the workers run again (the pure-Python pulses look).
+pending = False
+# Whether os.fork() counts threads for its warning after the parent's at-fork hooks (3.13+).
+_WARNS_AFTER_HOOKS: bool = sys.version_info >= (3, 13)
+
+
+def resume_soon() -> None:
+    """After a fork, in the parent. Up to 3.12 the fork warning counts threads before the at-fork
+    hooks of the parent run, so the workers start again at once; from 3.13 it counts them after,
+    so they start again from the program's own thread once ``os.fork()`` has returned: a pending
+    call (the main thread's next bytecode), or a watched loop's next pulse, whichever comes first.
+    """
+    global pending
+    if not _paused:
+        return
+    if not _WARNS_AFTER_HOOKS:
+        resume_paused()
+        return
+    pending = True
+    from ._native import ACCEL
+
+    if ACCEL is not None:
+        ACCEL.resume_later(resume_paused)
+    elif not _pending_call(resume_paused):
+        resume_paused()  # nothing can run it later: at once, with the warning that may bring
+
+
+def _pending_call(fn: Callable[[], None]) -> bool:
+    """``Py_AddPendingCall(fn)`` through ctypes (no compiled module here): False if it cannot."""
+    try:
+        import ctypes
+
+        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+        def trampoline(_: Any) -> int:
+            _keep.clear()
+            with contextlib.suppress(Exception):  # resume_paused says its own failures
+                fn()
+            return 0
+
+        callback = callback_type(trampoline)
+        _keep[:] = [callback]  # alive until it ran
+        return bool(ctypes.pythonapi.Py_AddPendingCall(callback, None) == 0)
+    except Exception:  # noqa: BLE001 - no ctypes, no pythonapi: the caller resumes at once
+        return False
+
+
+_keep: list[Any] = []
+
+
+def forget_all() -> None:
+    """After a fork, in the child: none of the parent's threads exist here."""
+    _paused.clear()
+    _presence.clear()
+    for worker in _all:
+        worker.forget()
+
+
+def discard(worker: Worker) -> None:
+    """A worker that will never run again (its runtime closed)."""
+    with contextlib.suppress(ValueError):
+        _all.remove(worker)
+
+
+# -- letting threading see a worker only while it calls the program's code -----------------------
+
+_presence: dict[int, Any] = {}
+
+
+def hidden_call(fn: Callable[[Any], None], arg: Any) -> None:
+    """``fn(arg)`` from a worker, with ``threading.current_thread()`` answering ``loopwatch`` during
+    the call and the thread out of ``threading.enumerate()`` again after it."""
+    ident = _thread.get_ident()
+    active: dict[int, Any] | None = getattr(threading, "_active", None)
+    guard = getattr(threading, "_active_limbo_lock", None)
+    if active is None or guard is None or ident in active:
+        fn(arg)
+        return
+    dummy = _presence.get(ident)
+    if dummy is None:
+        dummy = _presence[ident] = _named_dummy(active, guard, ident)
+    with guard:
+        active[ident] = dummy
+    try:
+        fn(arg)
+    finally:
+        with guard:
+            if active.get(ident) is dummy:
+                del active[ident]
+
+
+def _named_dummy(active: dict[int, Any], guard: Any, ident: int) -> Any:
+    """A ``threading`` object for this thread, named ``loopwatch`` (made once per thread)."""
+    dummy = threading.current_thread()  # registers a _DummyThread in threading._active
+    with contextlib.suppress(Exception):
+        dummy.name = "loopwatch"
+    with guard:
+        if active.get(ident) is dummy:
+            del active[ident]
+    return dummy
