@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ._policy import EventLoopPolicy
     from ._runtime import metrics_url
     from ._scope import watch
+    from ._testing import IsolatedAsyncioTestCase
     from ._timing import CoroutineStats, coroutine_stats, timed
     from .exporters.prometheus import MetricsCollector, aiohttp_metrics_handler, metrics_app
 
@@ -40,6 +41,7 @@ __all__ = [
     "Event",
     "EventLoopPolicy",
     "Exporter",
+    "IsolatedAsyncioTestCase",
     "LoopStalled",
     "MetricsCollector",
     "Settings",
@@ -71,6 +73,7 @@ _LAZY = {
     "Event": "._events",
     "EventLoopPolicy": "._policy",
     "Exporter": "._dispatch",
+    "IsolatedAsyncioTestCase": "._testing",
     "LoopStalled": "._events",
     "MetricsCollector": ".exporters.prometheus",
     "Settings": "._config",

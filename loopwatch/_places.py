@@ -120,6 +120,19 @@ def is_program(filename: str) -> bool:
     return is_own_code(filename)
 
 
+# Coroutines a test runner runs each test in, in a task it keeps for as long as it runs and
+# cancels when it closes (file name ending, qualified name): the task is never a leak of the
+# test's or of the runner's, and a finding in it is named after the test's coroutine.
+RUNNER_CODES: Final = frozenset(
+    {("anyio/_backends/_asyncio.py", "TestRunner._run_tests_and_fixtures")}
+)
+
+
+def is_runner_code(code: CodeType) -> bool:
+    filename = code.co_filename.replace("\\", "/")
+    return any(filename.endswith(f) and code.co_qualname == q for f, q in RUNNER_CODES)
+
+
 def place(code: CodeType, lineno: int | None) -> str:
     """``path:line in function`` for a code object and a line."""
     return f"{code.co_filename}:{lineno if lineno is not None else '?'} in {code.co_name}"

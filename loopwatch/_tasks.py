@@ -191,19 +191,10 @@ def origin_of(site: Site | None, coro: Any) -> str:
     return "library"
 
 
-# Tasks a test runner keeps on purpose for as long as it runs and cancels when it closes (file
-# name ending, qualified name): not a leak of the test's or of the runner's.
-RUNNER_TASKS: frozenset[tuple[str, str]] = frozenset(
-    {("anyio/_backends/_asyncio.py", "TestRunner._run_tests_and_fixtures")}
-)
-
-
 def is_runner_task(coro: Any) -> bool:
+    """A test runner's own task (see ``_places.is_runner_code``)."""
     code = getattr(unwrap(coro), "cr_code", None)
-    if code is None:
-        return False
-    filename = code.co_filename.replace("\\", "/")
-    return any(filename.endswith(f) and code.co_qualname == q for f, q in RUNNER_TASKS)
+    return code is not None and _places.is_runner_code(code)
 
 
 def mark_site(mark: Any) -> Site:

@@ -95,6 +95,12 @@ def coroutine_name(coro: Any, entry: FrameType | None = None) -> str:
     if agen is not None:
         return str(agen.__qualname__)
     code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+    if code is not None and _places.is_runner_code(code):
+        # A test runner's task (anyio's): named after the test it runs now, if it runs one.
+        inner = getattr(coro, "cr_await", None)
+        name = getattr(inner, "__qualname__", None)
+        if name and getattr(inner, "cr_code", None) is not None:
+            return str(name)
     if code is not None and _places.is_machinery(code.co_filename):
         if entry is not None and entry.f_code.co_flags & inspect.CO_COROUTINE:
             return entry.f_code.co_qualname
@@ -488,13 +494,22 @@ class LoopState:
             key = None  # the loop's own code between callbacks: not a callback of the program
             step = None
         own = _places.innermost_own(frames)
+        coroutine = None
+        if task is not None:
+            coroutine = coroutine_name(task.get_coro(), entry)
+            if entry is not None and _places.is_runner_code(entry.f_code):
+                # A test runner's task: the test it runs is the next coroutine frame in.
+                inner = frames[frames.index(entry) + 1 :]
+                test = next((f for f in inner if f.f_code.co_flags & inspect.CO_COROUTINE), None)
+                if test is not None:
+                    coroutine = test.f_code.co_qualname
         return _Sample(
             at=now,
             key=key,
             task_id=id(task) if task is not None else None,
             step=key[2] if key is not None and key[0] == "step" else None,
             task_name=task.get_name() if task is not None else None,
-            coroutine=coroutine_name(task.get_coro(), entry) if task is not None else None,
+            coroutine=coroutine,
             location=_places.frame_place(own) if own is not None else None,
             stack=tuple(_places.frame_place(f) for f in frames),
         )

@@ -9,7 +9,16 @@ What a test is checked for: a callback or task step that held the loop
 (``loopwatch.task_leaked``), a task dropped while pending (``loopwatch.task_orphaned``), an
 exception nobody retrieved (``loopwatch.task_exception_unretrieved``) and a coroutine never awaited
 (``loopwatch.coroutine_never_awaited``). Any of them, unless allowed, fails the test with a report
-that gives each finding's event name, task, coroutine and place, and for a block the stack.
+that gives each finding's event name, task, coroutine and place, and for a block the stack. A
+finding of an installed library's own task (``origin`` library: made and run by libraries only)
+is kept in the test's events without failing it, unless ``loopwatch_library = fail`` (ini) or
+``@pytest.mark.loopwatch(library="fail")`` asks.
+
+Runners: pytest-asyncio (every loop scope), anyio's plugin (its own runner task, kept across tests
+and cancelled when the runner closes, is never a finding) and ``unittest.IsolatedAsyncioTestCase``
+(judged around the whole call, which pytest makes for a unittest case instead of
+``pytest_pyfunc_call``; its runner's loop is closed inside that call, so every task it leaves is
+reported there).
 
 Where the test is judged, and why there
 ---------------------------------------
@@ -52,211 +61,39 @@ installs nothing a second time.
 
 from __future__ import annotations
 
-import gc
 import inspect
-import os
 import sys
-import time
-import weakref
-from collections.abc import Callable, Generator, Iterable
+import unittest
+from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
-from ._config import SPECS, SettingError, Settings, environ_settings, report
-from ._events import EVENT_NAMES, Event
+from ._config import SPECS, SettingError, report
+from ._events import EVENT_NAMES
+from ._testing import (
+    TestScope,
+    active,
+    disable_global,
+    enable_global,
+    render,
+    take_created_runtime,
+)
 
 if TYPE_CHECKING:
-    import asyncio
-
-    from ._runtime import Runtime
-    from ._tasks import TaskStats
+    pass
 
 # Settings that make sense for one test: they configure the loops the test runs on. The others
 # (log, metrics endpoint, summary) belong to the process and are read from the environment.
 PER_TEST_SETTINGS: Final = ("slow_callback_ms", "stall_ms", "creation_stack")
-_MARKER_ARGS: Final = ("allow", *PER_TEST_SETTINGS)
+_MARKER_ARGS: Final = ("allow", "library", *PER_TEST_SETTINGS)
+LIBRARY_CHOICES: Final = ("report", "fail")
 _PREFIX: Final = "loopwatch."
-
-
-# -- the scope of one test -----------------------------------------------------------------
-
-
-class TestScope:
-    """The loopwatch scope of one test (the value of the ``loopwatch`` fixture).
-
-    It is open while the test function runs: ``events`` holds every event dispatched meanwhile, in
-    order, with the tasks the test left pending added when it ends. ``findings`` are those not
-    allowed; when the test is checked (``--loopwatch``, the ``loopwatch`` ini option, or the
-    marker), any finding fails it. ``settings`` are those the test's loops ran with.
-    """
-
-    __test__ = False  # "Test..." is a scope, not a test class to collect
-
-    def __init__(
-        self,
-        nodeid: str,
-        *,
-        overrides: dict[str, Any] | None = None,
-        allow: Iterable[str] = (),
-        check: bool = True,
-    ) -> None:
-        self.nodeid = nodeid
-        self.check = check
-        self.allow: frozenset[str] = frozenset(allow)
-        self.events: list[Event] = []
-        self.settings: Settings | None = None
-        self._overrides = dict(overrides or {})
-        self._since = 0.0
-        self._tasks_before: TaskStats | None = None
-        self._open = False
-        self._runtime: Runtime | None = None
-        self._previous: Settings | None = None
-        self._loops: list[tuple[weakref.ref[asyncio.AbstractEventLoop], Settings]] = []
-
-    def __repr__(self) -> str:
-        return f"<loopwatch test scope {self.nodeid} events={len(self.events)}>"
-
-    @property
-    def findings(self) -> list[Event]:
-        """The events that are not allowed for this test, in order."""
-        return [e for e in self.events if e.event not in self.allow]
-
-    def _collect(self, event: Event) -> None:
-        self.events.append(event)  # one append: atomic, from whichever thread emits
-
-    def open(self) -> None:
-        """Start watching: the test's settings on every open watched loop, events collected."""
-        from . import _loops
-
-        runtime = ensure_runtime()
-        self._runtime = runtime
-        self._previous = runtime.settings
-        settings = self.settings = runtime.settings.replace(**self._overrides)
-        runtime.settings = settings  # for loops the test makes itself
-        for loop in _loops.watched_loops():
-            state = _loops.state_of(loop)
-            if state is None or loop.is_closed():
-                continue
-            self._loops.append((weakref.ref(loop), state.settings))
-            _loops.attach(loop, settings)
-        runtime.dispatcher.add_sink(self._collect)
-        self._open = True
-        self._tasks_before = _loops.task_totals()
-        self._since = time.monotonic()
-
-    def close(self) -> list[Event]:
-        """Stop watching; report what the test left behind. Returns the findings."""
-        if not self._open:
-            return self.findings
-        from . import _loops
-
-        self._open = False
-        try:
-            if self._unsettled_tasks():
-                # A task dropped while pending, or one whose exception nobody retrieved, is only
-                # reported when the collector frees it: free it now, while the test's scope is
-                # open, or a collection during a later test would report it there. A full
-                # collection of a pytest process costs 3 to 15 ms and grows with the session,
-                # so it is paid only by a test that left such a task; a clean test's tasks all
-                # ended ok or cancelled, which the task counts say for free.
-                gc.collect()
-            self._report_leaks()
-        except Exception as exc:  # noqa: BLE001 - the plugin never breaks the test run
-            report(f"loopwatch: checking {self.nodeid} failed ({type(exc).__name__}: {exc})")
-        finally:
-            runtime = self._runtime
-            if runtime is not None:
-                runtime.dispatcher.remove_sink(self._collect)
-                if runtime.settings is self.settings and self._previous is not None:
-                    runtime.settings = self._previous
-            for ref, previous in self._loops:
-                loop = ref()
-                if loop is not None and not loop.is_closed() and _loops.state_of(loop):
-                    _loops.attach(loop, previous)
-            self._loops.clear()
-            self._runtime = None
-        return self.findings
-
-    def _unsettled_tasks(self) -> bool:
-        """Whether a task made during the test is still pending or ended in an error."""
-        from . import _loops
-
-        before, after = self._tasks_before, _loops.task_totals()
-        if before is None:
-            return True
-        errors = after.error - before.error
-        ended = after.ok - before.ok + after.cancelled - before.cancelled + errors
-        return errors > 0 or after.created - before.created > ended
-
-    def _report_leaks(self) -> None:
-        """Tasks created since the test began and still pending on a stopped, open loop."""
-        import asyncio
-
-        from . import _loops
-
-        for loop in _loops.watched_loops():
-            if loop.is_closed() or loop.is_running():
-                continue  # closed: reported when it closed; running: another thread's, not done
-            tracker = _loops.tracker_of(loop)
-            if tracker is not None:
-                tracker.report_leaks(asyncio.all_tasks(loop), since=self._since)
-
-
-# -- the process-wide part -----------------------------------------------------------------
-
-_created_runtime: Runtime | None = None
-
-
-def ensure_runtime() -> Runtime:
-    """The active runtime; if there is none, one made for tests.
-
-    Findings go to the test report, so a runtime made here logs nothing unless ``LOOPWATCH_LOG``
-    asks for a particular exporter (``auto``, the default, would send every finding to the
-    ``loopwatch`` logger and so print it a second time in the captured log).
-    """
-    global _created_runtime
-    from . import _runtime
-
-    runtime = _runtime.current()
-    if runtime is not None:
-        return runtime
-    overrides = {"log": "off"} if environ_settings().log == "auto" else {}
-    runtime = _created_runtime = _runtime.activate(**overrides)
-    return runtime
-
-
-def _enable_global() -> bool:
-    """Global mode on, if it is not already; True if this call turned it on."""
-    from . import _loops
-
-    if _loops.global_enabled():
-        return False  # LOOPWATCH=1, or already on: use it, install nothing twice
-    ensure_runtime()
-    _loops.enable_global()
-    if "uvloop" not in sys.modules:
-        from ._import_hooks import when_imported
-
-        when_imported("uvloop", _on_uvloop)
-    return True
-
-
-def _on_uvloop(_: object) -> None:
-    from . import _loops
-
-    _loops.patch_uvloop()  # does nothing unless global mode is on when uvloop arrives
-
-
-def _disable_global() -> None:
-    from . import _loops
-
-    _loops.disable_global()
 
 
 def _teardown() -> None:
     """At the end of the session: undo whatever the plugin installed, and only that."""
-    global _created_runtime
-    created, _created_runtime = _created_runtime, None
+    created = take_created_runtime()
     if created is None:
         return
     from . import _loops, _runtime
@@ -289,13 +126,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         help="event names not to fail a test for, e.g. loopwatch.task_leaked (or task_leaked).",
     )
+    parser.addini(
+        "loopwatch_library",
+        type="string",
+        default="report",
+        help="findings of installed libraries' own tasks (origin library): report (in the "
+        "loopwatch fixture's events, not failing the test) or fail.",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "loopwatch(slow_callback_ms=None, stall_ms=None, creation_stack=None, allow=()): check "
-        "this test with loopwatch, with these settings; allow: event names not to fail it for.",
+        "loopwatch(slow_callback_ms=None, stall_ms=None, creation_stack=None, allow=(), "
+        "library='report'): check this test with loopwatch, with these settings; allow: event "
+        "names not to fail it for; library='fail': fail it on findings of libraries' own tasks "
+        "too.",
     )
     config.pluginmanager.register(_Plugin(config), "loopwatch-session")
 
@@ -316,6 +162,14 @@ def event_names(value: object, where: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def library_fails(value: object, where: str) -> bool:
+    """``library``: ``report`` (default) or ``fail``."""
+    word = str(value).strip().lower()
+    if word not in LIBRARY_CHOICES:
+        raise ValueError(f"{where}: library={value!r} is not accepted; expected report or fail")
+    return word == "fail"
+
+
 def _ini_settings(config: pytest.Config) -> tuple[dict[str, Any], frozenset[str]]:
     overrides: dict[str, Any] = {}
     for name in PER_TEST_SETTINGS:
@@ -327,6 +181,7 @@ def _ini_settings(config: pytest.Config) -> tuple[dict[str, Any], frozenset[str]
                 raise pytest.UsageError(str(exc)) from None
     try:
         allow = event_names(config.getini("loopwatch_allow"), "loopwatch_allow")
+        overrides["library"] = library_fails(config.getini("loopwatch_library"), "loopwatch")
     except ValueError as exc:
         raise pytest.UsageError(f"loopwatch: {exc}") from None
     return overrides, allow
@@ -344,6 +199,8 @@ def _marker_settings(item: pytest.Item) -> tuple[dict[str, Any], frozenset[str]]
         for name, value in mark.kwargs.items():
             if name == "allow":
                 allow |= event_names(value, where)
+            elif name == "library":
+                overrides["library"] = library_fails(value, where)
             elif name in PER_TEST_SETTINGS:
                 try:
                     overrides[name] = SPECS[name].coerce(value, name)
@@ -356,11 +213,28 @@ def _marker_settings(item: pytest.Item) -> tuple[dict[str, Any], frozenset[str]]
 
 
 def _is_async(item: pytest.Item) -> bool:
+    """An async test: pytest-asyncio's, anyio's (its marker or its backend fixture), or a method
+    of a ``unittest.IsolatedAsyncioTestCase``."""
     asyncio_plugin = sys.modules.get("pytest_asyncio")
     is_async_test = getattr(asyncio_plugin, "is_async_test", None)
     if is_async_test is not None and is_async_test(item):
         return True
+    if _is_unittest_async(item):
+        return True
+    if item.get_closest_marker("anyio") is not None:
+        return True
+    if "anyio_backend" in getattr(item, "fixturenames", ()):
+        return True
     return inspect.iscoroutinefunction(getattr(item, "function", None))
+
+
+def _is_unittest_async(item: pytest.Item) -> bool:
+    cls = getattr(item, "cls", None)
+    return (
+        isinstance(cls, type)
+        and issubclass(cls, unittest.IsolatedAsyncioTestCase)
+        and type(item).__name__ == "TestCaseFunction"
+    )
 
 
 class _Plan:
@@ -390,10 +264,16 @@ class _Plugin:
     def pytest_report_header(self, config: pytest.Config) -> str | None:
         if not self.every_async_test:
             return None
-        settings = ", ".join(f"{k}={v:g}" for k, v in self.overrides.items())
+        settings = ", ".join(
+            f"{k}={v:g}" for k, v in self.overrides.items() if k in PER_TEST_SETTINGS
+        )
         allowed = ", ".join(sorted(self.allow)) or "nothing"
         settings = settings or "default settings"
-        return f"loopwatch: checking every async test ({settings}; allowed: {allowed})"
+        library = "failing" if self.overrides.get("library") else "reported"
+        return (
+            f"loopwatch: checking every async test ({settings}; allowed: {allowed}; "
+            f"libraries' findings {library})"
+        )
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -416,12 +296,12 @@ class _Plugin:
     def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, object, object]:
         if not item.stash.get(_GLOBAL, False):
             return (yield)
-        turned_on = _enable_global()
+        turned_on = enable_global()
         try:
             return (yield)
         finally:
             if turned_on:
-                _disable_global()
+                disable_global()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
@@ -432,11 +312,14 @@ class _Plugin:
             overrides, allow = _marker_settings(item)
         except ValueError as exc:
             pytest.fail(str(exc), pytrace=False)
+        settings = {**self.overrides, **overrides}
+        library = bool(settings.pop("library", False))
         plan.scope = TestScope(
             item.nodeid,
-            overrides={**self.overrides, **overrides},
+            overrides=settings,
             allow=self.allow | allow,
             check=plan.check,
+            library_fails=library,
         )
 
     @pytest.hookimpl(wrapper=True)
@@ -445,31 +328,49 @@ class _Plugin:
         scope = plan.scope if plan is not None else None
         if scope is None:
             return (yield)
-        # Global mode is on for a planned item; this covers a scope asked for with
-        # request.getfixturevalue("loopwatch") only once the test has started.
-        turned_on = _enable_global()
-        try:
-            try:
-                scope.open()
-            except Exception as exc:  # noqa: BLE001 - the plugin never breaks the test run
-                report(f"loopwatch: watching {scope.nodeid} failed ({type(exc).__name__}: {exc})")
-            try:
-                result = yield
-            except BaseException:
-                findings = scope.close()
-                if findings:
-                    pyfuncitem.add_report_section("call", "loopwatch", render(findings))
-                raise
-            findings = scope.close()
-        finally:
-            if turned_on:
-                _disable_global()
-        if findings and scope.check:
-            pytest.fail(render(findings), pytrace=False)
-        return result
+        return (yield from _judged(pyfuncitem, scope))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, object, object]:
+        """unittest's test cases: pytest runs them whole (set-up, test, clean-ups, and the loop
+        of an ``IsolatedAsyncioTestCase``, closed by its runner), with no ``pytest_pyfunc_call``:
+        they are judged around the whole call."""
+        plan = item.stash.get(_PLAN, None)
+        scope = plan.scope if plan is not None else None
+        if scope is None or not _is_unittest_async(item):
+            return (yield)
+        return (yield from _judged(item, scope))
 
     def pytest_unconfigure(self) -> None:
         _teardown()
+
+
+def _judged(item: pytest.Item, scope: TestScope) -> Generator[None, object, object]:
+    """Run the test (``yield``) inside its scope; fail it on its findings."""
+    # Global mode is on for a planned item; this covers a scope asked for with
+    # request.getfixturevalue("loopwatch") only once the test has started.
+    turned_on = enable_global()
+    active.append(scope)
+    try:
+        try:
+            scope.open()
+        except Exception as exc:  # noqa: BLE001 - the plugin never breaks the test run
+            report(f"loopwatch: watching {scope.nodeid} failed ({type(exc).__name__}: {exc})")
+        try:
+            result = yield
+        except BaseException:
+            findings = scope.close()
+            if findings:
+                item.add_report_section("call", "loopwatch", render(findings))
+            raise
+        findings = scope.close()
+    finally:
+        active.remove(scope)
+        if turned_on:
+            disable_global()
+    if findings and scope.check:
+        pytest.fail(render(findings), pytrace=False)
+    return result
 
 
 @pytest.fixture(name="loopwatch")
@@ -489,82 +390,4 @@ def _loopwatch_fixture(request: pytest.FixtureRequest) -> TestScope:
     return plan.scope
 
 
-# -- the report ----------------------------------------------------------------------------
-
-# Fields shown by their own rule, or not at all (time and pid say nothing about the test).
-_NOT_LISTED: Final = frozenset(
-    {"event", "time", "pid", "task", "coroutine", "location", "created_at", "stack"}
-)
-
-
-def render(findings: list[Event]) -> str:
-    """The failure report: a headline, then one block per finding."""
-    if len(findings) == 1:
-        headline = f"{findings[0].event} at {findings[0].place or 'an unknown place'}"
-    else:
-        names = ", ".join(dict.fromkeys(e.event for e in findings))
-        headline = f"{len(findings)} loopwatch findings: {names}"
-    lines = [headline]
-    for event in findings:
-        lines += ["", *_block(event)]
-    lines += [
-        "",
-        "(to allow a finding: @pytest.mark.loopwatch(allow=[...event names...]) "
-        "or the loopwatch_allow ini option)",
-    ]
-    return "\n".join(lines)
-
-
-def _block(event: Event) -> list[str]:
-    fields = event.as_dict()
-    lines = [event.event]
-    for name in ("task", "coroutine"):
-        if name in fields:
-            lines.append(f"    {name}: {_value(fields[name])}")
-    lines.append(f"    place: {_value(event.place)}")
-    for name, value in fields.items():
-        if name in _NOT_LISTED or name == "created_stack":
-            continue
-        if isinstance(value, float) and name.endswith("_s"):
-            lines.append(f"    {name}: {value:.3f}")
-        else:
-            lines.append(f"    {name}: {_value(value)}")
-    stack = fields.get("stack")
-    if stack:
-        lines.append("    stack (program frames, outermost first):")
-        lines += [f"        {place}" for place in program_frames(stack)]
-    created = fields.get("created_stack")
-    if created:
-        lines.append("    created from (innermost first):")
-        lines += [f"        {place}" for place in created]
-    return lines
-
-
-def _value(value: object) -> str:
-    return "none" if value is None else str(value)
-
-
-def program_frames(stack: list[str]) -> list[str]:
-    """The places of a stack in the program's own code (all of them, if none is).
-
-    Besides what loopwatch counts as library code, this leaves out the interpreter's and the
-    environment's own scripts (``.venv/bin/pytest``), which start every stack under pytest.
-    """
-    from ._places import is_own_code
-
-    own = [place for place in stack if _is_program_file(_path_of(place), is_own_code)]
-    return own or list(stack)
-
-
-_PREFIXES: Final = tuple(
-    {os.path.join(os.path.abspath(p), "") for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-)
-
-
-def _is_program_file(path: str, is_own_code: Callable[[str], bool]) -> bool:
-    return is_own_code(path) and not os.path.abspath(path).startswith(_PREFIXES)
-
-
-def _path_of(place: str) -> str:
-    """The file of a ``path:line in function`` place."""
-    return place.rpartition(" in ")[0].rpartition(":")[0]
+# -- the report: see _testing ---------------------------------------------------------------

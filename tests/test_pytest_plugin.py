@@ -84,7 +84,10 @@ class Session:
 
 
 def run(pytester: pytest.Pytester, *args: str) -> Session:
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=120)
+    # looptime (installed for test_invisible) brings a plugin these sessions do not want.
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:looptime_plugin", "-rA", *args, timeout=120
+    )
     return Session(result, pytester.path)
 
 
@@ -496,7 +499,7 @@ def test_loop_factories_and_ini_options(pytester: pytest.Pytester) -> None:
     assert session.outcomes == expected
     assert (
         "loopwatch: checking every async test (slow_callback_ms=50; "
-        "allowed: loopwatch.coroutine_never_awaited)"
+        "allowed: loopwatch.coroutine_never_awaited; libraries' findings reported)"
     ) in session.text
 
 
@@ -716,3 +719,280 @@ def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
         "ERROR: loopwatch: loopwatch_stall_ms='soon' is not accepted; "
         "expected a number of milliseconds above 0"
     ) in result.stderr.lines
+
+
+# -- anyio's pytest plugin ---------------------------------------------------------------------
+
+ANYIO_CONFTEST = """
+import pytest
+
+
+@pytest.fixture(
+    scope="session",
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ],
+)
+def anyio_backend(request):
+    return request.param
+"""
+
+ANYIO_TESTS = """
+import asyncio
+import time
+
+import anyio
+import pytest
+
+from helpers import worker
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def function_fixture():
+    await anyio.sleep(0)
+    yield "function"
+    await anyio.sleep(0)
+
+
+@pytest.fixture(scope="module")
+async def module_fixture(anyio_backend):
+    await anyio.sleep(0)
+    yield "module"
+
+
+@pytest.fixture(scope="session")
+async def session_fixture(anyio_backend):
+    await anyio.sleep(0)
+    yield "session"
+
+
+async def test_clean():
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.sleep, 0.01)
+
+
+async def test_clean_with_fixtures(function_fixture, module_fixture, session_fixture):
+    assert (function_fixture, module_fixture, session_fixture) == ("function", "module", "session")
+    await anyio.sleep(0.01)
+
+
+async def test_leaks():
+    asyncio.get_running_loop().create_task(worker())  # leak
+
+
+async def test_leaks_with_fixtures(function_fixture, module_fixture, session_fixture):
+    asyncio.get_running_loop().create_task(worker())  # fixture-leak
+
+
+async def test_blocks():
+    await anyio.sleep(0)
+    time.sleep(0.2)  # anyio-block
+    await anyio.sleep(0)
+
+
+async def test_loop_kind(anyio_backend):
+    name, options = anyio_backend
+    kind = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    assert kind == ("uvloop" if options.get("use_uvloop") else "asyncio")
+"""
+
+
+def test_anyio_runner_is_a_first_class_runner(pytester: pytest.Pytester) -> None:
+    """``@pytest.mark.anyio`` on the asyncio and asyncio+uvloop backends, with no, function- and
+    module-scoped async fixtures: anyio's own runner task is never a finding; a task a test leaks
+    and a block it makes are, at the test's own lines."""
+    write(
+        pytester,
+        **{
+            "pytest.ini": "[pytest]\n",
+            "conftest.py": ANYIO_CONFTEST,
+            "helpers.py": HELPERS,
+            "test_anyio_runner.py": ANYIO_TESTS,
+        },
+    )
+    session = run(pytester, "--loopwatch", "-p", "no:asyncio")
+    expected = {}
+    for backend in ("asyncio", "uvloop"):
+        for name, outcome in (
+            ("test_clean", "PASSED"),
+            ("test_clean_with_fixtures", "PASSED"),
+            ("test_leaks", "FAILED"),
+            ("test_leaks_with_fixtures", "FAILED"),
+            ("test_blocks", "FAILED"),
+            ("test_loop_kind", "PASSED"),
+        ):
+            expected[f"test_anyio_runner.py::{name}[{backend}]"] = outcome
+    assert session.outcomes == expected, session.text
+    for backend in ("asyncio", "uvloop"):
+        assert session.findings(f"test_leaks[{backend}]") == [
+            ("loopwatch.task_leaked", session.place("test_anyio_runner.py", "leak", "test_leaks"))
+        ]
+        assert session.findings(f"test_leaks_with_fixtures[{backend}]") == [
+            (
+                "loopwatch.task_leaked",
+                session.place("test_anyio_runner.py", "fixture-leak", "test_leaks_with_fixtures"),
+            )
+        ]
+        assert session.findings(f"test_blocks[{backend}]") == [
+            (
+                "loopwatch.slow_callback",
+                session.place("test_anyio_runner.py", "anyio-block", "test_blocks"),
+            )
+        ]
+    assert "TestRunner._run_tests_and_fixtures" not in session.text
+
+
+# -- unittest's IsolatedAsyncioTestCase ----------------------------------------------------------
+
+UNITTEST_TESTS = """
+import asyncio
+import time
+import unittest
+
+from helpers import worker
+
+
+class Plain(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self):
+        await asyncio.sleep(0)
+
+    async def test_clean(self):
+        await asyncio.sleep(0.01)
+
+    async def test_leaks(self):
+        asyncio.create_task(worker())  # unittest-leak
+
+    async def test_blocks(self):
+        await asyncio.sleep(0)
+        time.sleep(0.2)  # unittest-block
+"""
+
+
+def test_isolated_asyncio_test_cases_are_judged_under_pytest(pytester: pytest.Pytester) -> None:
+    """pytest runs a unittest case whole, with no pytest_pyfunc_call: the plugin judges it around
+    the call, blocks and leaks at the test's lines."""
+    write(
+        pytester,
+        **{
+            "pytest.ini": "[pytest]\n",
+            "helpers.py": HELPERS,
+            "test_cases.py": UNITTEST_TESTS,
+        },
+    )
+    session = run(pytester, "--loopwatch", "-p", "no:asyncio")
+    assert session.outcomes == {
+        "test_cases.py::Plain::test_blocks": "FAILED",
+        "test_cases.py::Plain::test_clean": "PASSED",
+        "test_cases.py::Plain::test_leaks": "FAILED",
+    }, session.text
+    assert session.findings("Plain.test_leaks") == [
+        ("loopwatch.task_leaked", session.place("test_cases.py", "unittest-leak", "test_leaks"))
+    ]
+    assert session.findings("Plain.test_blocks") == [
+        ("loopwatch.slow_callback", session.place("test_cases.py", "unittest-block", "test_blocks"))
+    ]
+
+
+def test_python_m_unittest_with_the_base_class(pytester: pytest.Pytester) -> None:
+    """``loopwatch.IsolatedAsyncioTestCase`` for ``python -m unittest``: the same findings fail
+    the same tests, the report listing each with its place."""
+    write(
+        pytester,
+        **{
+            "helpers.py": HELPERS,
+            "test_cases.py": UNITTEST_TESTS.replace(
+                "import unittest\n", "import unittest\n\nimport loopwatch\n"
+            ).replace("unittest.IsolatedAsyncioTestCase", "loopwatch.IsolatedAsyncioTestCase"),
+        },
+    )
+    done = pytester.run(sys.executable, "-m", "unittest", "-v", "test_cases", timeout=120)
+    text = done.stdout.str() + done.stderr.str()
+    assert done.ret == 1, text
+    assert "test_clean (test_cases.Plain.test_clean) ... ok" in text
+    failed = re.findall(r"^FAIL: (\S+) ", text, re.M)
+    assert failed == ["test_blocks", "test_leaks"], text
+    place = Session(done, pytester.path).place
+    assert (
+        "loopwatch.task_leaked at " + place("test_cases.py", "unittest-leak", "test_leaks") in text
+    )
+    assert (
+        "loopwatch.slow_callback at " + place("test_cases.py", "unittest-block", "test_blocks")
+        in text
+    )
+    assert "FAILED (failures=2)" in text
+
+
+# -- origin: the program's findings fail a test, the libraries' are reported ----------------------
+
+LIBRARY = """
+import asyncio
+
+
+async def poll():
+    await asyncio.sleep(3600)
+
+
+def start():
+    return asyncio.get_running_loop().create_task(poll())
+"""
+
+LIBRARY_TESTS = """
+import asyncio
+
+import pytest
+import somelib
+
+
+async def test_library_leaks(loopwatch):
+    somelib.start()
+    await asyncio.sleep(0)
+
+
+@pytest.mark.loopwatch(library="fail")
+async def test_library_leaks_and_fails():
+    somelib.start()
+    await asyncio.sleep(0)
+"""
+
+LIBRARY_CONFTEST = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "site-packages"))
+
+
+def pytest_runtest_teardown(item):
+    scope = item.funcargs.get("loopwatch")
+    if scope is not None:
+        Path("library.txt").write_text(
+            repr([(e.event, e.coroutine, e.origin) for e in scope.events])
+        )
+"""
+
+
+def test_library_findings_are_reported_and_fail_only_when_asked(
+    pytester: pytest.Pytester,
+) -> None:
+    write(
+        pytester,
+        **{
+            "pytest.ini": INI.format(mode="auto", extra=""),
+            "site-packages/somelib.py": LIBRARY,
+            "conftest.py": LIBRARY_CONFTEST,
+            "test_library.py": LIBRARY_TESTS,
+        },
+    )
+    session = run(pytester, "--loopwatch")
+    assert session.outcomes == {
+        "test_library.py::test_library_leaks": "PASSED",
+        "test_library.py::test_library_leaks_and_fails": "FAILED",
+    }, session.text
+    assert (pytester.path / "library.txt").read_text() == (
+        "[('loopwatch.task_leaked', 'poll', 'library')]"
+    )
+    assert session.findings("test_library_leaks_and_fails") == [
+        ("loopwatch.task_leaked", f"{pytester.path}/site-packages/somelib.py:9 in start")
+    ]
