@@ -24,6 +24,7 @@
  * reach the program.
  */
 
+#define _GNU_SOURCE /* pthread_timedjoin_np */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -930,6 +931,7 @@ typedef struct {
     PyObject *inner;    /* the factory loopwatch wraps, or NULL */
     PyObject *kw_in;    /* the last keyword names seen, and ("loop", *kw_in) */
     PyObject *kw_out;
+    PyObject *boundary; /* the frame that called run_forever, while the loop runs, or NULL */
     int timing;
     int depth;
 } FactoryObject;
@@ -1030,7 +1032,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
             break;
         }
         if (kind != Py_True || (PyObject *)code == g_handle_run ||
-            (PyObject *)code == g_driver) {
+            (PyObject *)code == g_driver || (PyObject *)frame == self->boundary) {
             Py_DECREF(code);
             Py_DECREF(frame);
             Py_DECREF(label);
@@ -1140,6 +1142,7 @@ Factory_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->watch);
     Py_VISIT(self->fallback);
     Py_VISIT(self->inner);
+    Py_VISIT(self->boundary);
     return 0;
 }
 
@@ -1154,6 +1157,7 @@ Factory_clear(PyObject *op)
     Py_CLEAR(self->inner);
     Py_CLEAR(self->kw_in);
     Py_CLEAR(self->kw_out);
+    Py_CLEAR(self->boundary);
     return 0;
 }
 
@@ -1178,6 +1182,7 @@ static PyGetSetDef Factory_getset[] = {
 
 static PyMemberDef Factory_members[] = {
     {"inner", T_OBJECT, offsetof(FactoryObject, inner), 0, NULL},
+    {"boundary", T_OBJECT, offsetof(FactoryObject, boundary), 0, NULL},
     {"timing", T_INT, offsetof(FactoryObject, timing), 0, NULL},
     {"depth", T_INT, offsetof(FactoryObject, depth), 0, NULL},
     {"fallback", T_OBJECT, offsetof(FactoryObject, fallback), READONLY, NULL},
@@ -1200,6 +1205,302 @@ static PyTypeObject Factory_Type = {
     .tp_new = Factory_new,
 };
 
+
+
+
+/* ======================================================================================= */
+/* Thread: a thread of loopwatch's that can be joined at the OS level (before 3.13)       */
+
+/* Thread(fn) starts fn() in a new OS thread, which takes the GIL as any thread does but is not
+   one of the threading module's. join(timeout) waits for the OS thread to be gone (pthread),
+   which _thread cannot do before Python 3.13: a fork right after then finds the process
+   single-threaded, and says nothing (3.12's multi-threaded fork warning counts OS threads). */
+#include <pthread.h>
+#include <errno.h>
+
+typedef struct {
+    PyObject_HEAD
+    pthread_t tid;
+    PyObject *fn;
+    char started, joined;
+} ThreadObject;
+
+static PyTypeObject Thread_Type;
+
+static void *
+thread_main(void *arg)
+{
+    ThreadObject *self = (ThreadObject *)arg;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *r = PyObject_CallNoArgs(self->fn);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(self->fn);
+    }
+    else {
+        Py_DECREF(r);
+    }
+    Py_CLEAR(self->fn);
+    Py_DECREF(self); /* the thread's own reference */
+    PyGILState_Release(gil);
+    return NULL;
+}
+
+static PyObject *
+Thread_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *fn;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Thread takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O:Thread", &fn)) {
+        return NULL;
+    }
+    ThreadObject *self = (ThreadObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->fn = Py_NewRef(fn);
+    Py_INCREF(self); /* for the thread */
+    int err = pthread_create(&self->tid, NULL, thread_main, self);
+    if (err != 0) {
+        Py_DECREF(self);
+        Py_DECREF(self);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_RuntimeError);
+    }
+    self->started = 1;
+    return (PyObject *)self;
+}
+
+static PyObject *
+Thread_join(PyObject *op, PyObject *arg)
+{
+    ThreadObject *self = (ThreadObject *)op;
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!self->started || self->joined) {
+        Py_RETURN_TRUE;
+    }
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    double whole = floor(timeout);
+    until.tv_sec += (time_t)whole;
+    until.tv_nsec += (long)((timeout - whole) * 1e9);
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec += 1;
+        until.tv_nsec -= 1000000000L;
+    }
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = pthread_timedjoin_np(self->tid, NULL, &until);
+    Py_END_ALLOW_THREADS
+    if (err == 0) {
+        self->joined = 1;
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+Thread_done(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    ThreadObject *self = (ThreadObject *)op;
+    if (!self->started || self->joined) {
+        Py_RETURN_TRUE;
+    }
+    int err = pthread_tryjoin_np(self->tid, NULL);
+    if (err == 0) {
+        self->joined = 1;
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+static void
+Thread_dealloc(PyObject *op)
+{
+    ThreadObject *self = (ThreadObject *)op;
+    if (self->started && !self->joined) {
+        pthread_detach(self->tid); /* never joined: its resources go when it ends */
+    }
+    Py_CLEAR(self->fn);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyMethodDef Thread_methods[] = {
+    {"join", Thread_join, METH_O, "Wait up to timeout seconds for the OS thread to be gone."},
+    {"done", Thread_done, METH_NOARGS, "Whether the OS thread is gone (joined)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject Thread_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.Thread",
+    .tp_basicsize = sizeof(ThreadObject),
+    .tp_dealloc = Thread_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_methods = Thread_methods,
+    .tp_new = Thread_new,
+};
+
+/* ======================================================================================= */
+/* MethodHook: a loop class's method, hooked with no Python frame of loopwatch's on the stack */
+
+/* MethodHook(original, enter, leave) as a class attribute: called as loop.method(*args), it runs
+   state = enter(loop); original(loop, *args); leave(state) (leave also when original raises).
+   enter returns None for a loop loopwatch does not watch: then only original runs. Nothing of
+   loopwatch's stays on the stack while original runs (run_forever: the whole run), so the
+   program's stacks, tracebacks and cr_origin show the loop's own frames only. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *original;
+    PyObject *enter;
+    PyObject *leave;
+} HookObject;
+
+static PyTypeObject Hook_Type;
+
+static PyObject *
+Hook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    HookObject *self = (HookObject *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        return PyObject_Vectorcall(self->original, args, nargsf, kwnames);
+    }
+    PyObject *state = PyObject_CallOneArg(self->enter, args[0]);
+    if (state == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            return NULL; /* KeyboardInterrupt, SystemExit: the program's */
+        }
+        PyErr_WriteUnraisable(self->enter); /* loopwatch's own trouble: run unwatched */
+        state = Py_NewRef(Py_None);
+    }
+    if (state == Py_None) {
+        Py_DECREF(state);
+        return PyObject_Vectorcall(self->original, args, nargsf, kwnames);
+    }
+    PyObject *result = PyObject_Vectorcall(self->original, args, nargsf, kwnames);
+    PyObject *exc = result == NULL ? take_exception() : NULL;
+    PyObject *r = PyObject_CallOneArg(self->leave, state);
+    Py_DECREF(state);
+    if (r == NULL) {
+        if (exc == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            Py_XDECREF(result);
+            return NULL; /* the program's KeyboardInterrupt, raised as the run ended */
+        }
+        PyErr_WriteUnraisable(self->leave);
+    }
+    else {
+        Py_DECREF(r);
+    }
+    if (exc != NULL) {
+        put_exception(exc);
+        return NULL;
+    }
+    return result;
+}
+
+static PyObject *
+Hook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *original, *enter, *leave;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "MethodHook takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOO:MethodHook", &original, &enter, &leave)) {
+        return NULL;
+    }
+    HookObject *self = (HookObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = Hook_vectorcall;
+    self->original = Py_NewRef(original);
+    self->enter = Py_NewRef(enter);
+    self->leave = Py_NewRef(leave);
+    return (PyObject *)self;
+}
+
+static int
+Hook_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    HookObject *self = (HookObject *)op;
+    Py_VISIT(self->original);
+    Py_VISIT(self->enter);
+    Py_VISIT(self->leave);
+    return 0;
+}
+
+static int
+Hook_clear(PyObject *op)
+{
+    HookObject *self = (HookObject *)op;
+    Py_CLEAR(self->original);
+    Py_CLEAR(self->enter);
+    Py_CLEAR(self->leave);
+    return 0;
+}
+
+static void
+Hook_dealloc(PyObject *op)
+{
+    PyObject_GC_UnTrack(op);
+    Hook_clear(op);
+    Py_TYPE(op)->tp_free(op);
+}
+
+/* Bound to the instance, as a function of the class is. */
+static PyObject *
+Hook_descr_get(PyObject *op, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(op);
+    }
+    return PyMethod_New(op, obj);
+}
+
+static PyObject *
+Hook_forward(PyObject *op, void *closure)
+{
+    return PyObject_GetAttrString(((HookObject *)op)->original, (const char *)closure);
+}
+
+static PyObject *
+Hook_wrapped(PyObject *op, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(((HookObject *)op)->original);
+}
+
+static PyGetSetDef Hook_getset[] = {
+    {"__wrapped__", Hook_wrapped, NULL, NULL, NULL},
+    {"__loopwatch__", Factory_marker, NULL, NULL, NULL},
+    {"__name__", Hook_forward, NULL, NULL, "__name__"},
+    {"__qualname__", Hook_forward, NULL, NULL, "__qualname__"},
+    {"__doc__", Hook_forward, NULL, NULL, "__doc__"},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject Hook_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.MethodHook",
+    .tp_basicsize = sizeof(HookObject),
+    .tp_dealloc = Hook_dealloc,
+    .tp_vectorcall_offset = offsetof(HookObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_traverse = Hook_traverse,
+    .tp_clear = Hook_clear,
+    .tp_getset = Hook_getset,
+    .tp_descr_get = Hook_descr_get,
+    .tp_new = Hook_new,
+};
 
 /* ======================================================================================= */
 /* Pulse: the select hook of a watched asyncio loop (the compiled twin of _pulse.SelectPulse) */
@@ -1746,7 +2047,8 @@ PyInit__accel(void)
     }
     if (PyType_Ready(&Counts_Type) < 0 || PyType_Ready(&Row_Type) < 0 ||
         PyType_Ready(&Timed_Type) < 0 || PyType_Ready(&Factory_Type) < 0 ||
-        PyType_Ready(&Pulse_Type) < 0) {
+        PyType_Ready(&Pulse_Type) < 0 || PyType_Ready(&Hook_Type) < 0 ||
+        PyType_Ready(&Thread_Type) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&accel_module);
@@ -1758,6 +2060,8 @@ PyInit__accel(void)
         PyModule_AddObjectRef(m, "Timed", (PyObject *)&Timed_Type) < 0 ||
         PyModule_AddObjectRef(m, "Factory", (PyObject *)&Factory_Type) < 0 ||
         PyModule_AddObjectRef(m, "Pulse", (PyObject *)&Pulse_Type) < 0 ||
+        PyModule_AddObjectRef(m, "MethodHook", (PyObject *)&Hook_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Thread", (PyObject *)&Thread_Type) < 0 ||
         PyModule_AddIntConstant(m, "API", API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;

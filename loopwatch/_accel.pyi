@@ -1,7 +1,7 @@
 # Types of loopwatch._accel, the optional compiled hot paths (_accel.c). Private: loopwatch's own
-# modules use it through loopwatch._timing.ACCEL, which is None when it is not there.
+# modules use it through loopwatch._native.ACCEL, which is None when it is not there.
 from collections.abc import Callable, Sequence
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any
 
 API: int
@@ -15,6 +15,9 @@ def configure(
     latency_bounds: Sequence[float],
 ) -> None: ...
 def set_driver(code: CodeType | None) -> None: ...
+def set_task_type(task_type: type) -> None: ...
+def thread_frame(ident: int) -> FrameType | None: ...
+def resume_later(fn: Callable[[], None], /) -> None: ...
 
 class TaskCounts:
     created: int
@@ -50,6 +53,7 @@ class Timed:
     _label: str | None
     _code: CodeType | None
     _stack: tuple[Any, ...] | None
+    _by: str | None
     _lasti: int
     _leaked: bool
     _timing: bool
@@ -72,6 +76,7 @@ class Timed:
 
 class Factory:
     inner: Callable[..., Any] | None
+    boundary: FrameType | None
     timing: int
     depth: int
     fallback: Callable[..., Any]
@@ -79,3 +84,44 @@ class Factory:
         self, tracker: Any, counts: TaskCounts, watch: Any, fallback: Callable[..., Any], /
     ) -> None: ...
     def __call__(self, loop: Any, coro: Any, **kwargs: Any) -> Any: ...
+
+class Pulse:
+    select: Callable[..., Any]
+    _prev: Any
+    box: Any
+    alarm: Any
+    lag: tuple[list[int], float]
+    failed: BaseException | None
+    woke: float
+    entered: float
+    busy: float
+    period: float
+    first_check: float
+    armed_at: float
+    lag_due: float
+    block_end: float
+    iterations: int
+    active: bool
+    idle: bool
+    block_open: bool
+    def __init__(
+        self, select: Callable[..., Any], period: float, first_check: float, alarm: Any = ...
+    ) -> None: ...
+    def __call__(self, timeout: float | None = ...) -> Any: ...
+    def release(self) -> None: ...
+
+class MethodHook:
+    __wrapped__: Callable[..., Any]
+    def __init__(
+        self,
+        original: Callable[..., Any],
+        enter: Callable[[Any], Any],
+        leave: Callable[[Any], Any],
+        /,
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+class Thread:
+    def __init__(self, fn: Callable[[], None], /) -> None: ...
+    def join(self, timeout: float, /) -> bool: ...
+    def done(self) -> bool: ...

@@ -96,7 +96,8 @@ class TaskLeaked(Event):
 
     @property
     def place(self) -> str | None:
-        return self.created_at
+        # Made by asyncio itself (no creation site of the program's): where it waits says most.
+        return self.created_at or self.awaiting
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -39,6 +39,7 @@ from typing import Any
 
 from . import _runtime, _tasks, _threads, _timing
 from ._config import Settings, report
+from ._native import ACCEL
 from ._stats import Histogram
 from ._tasks import TaskStats, TaskTracker
 from ._watchdog import LoopState
@@ -205,15 +206,21 @@ def _hook_loop_class(cls: type) -> None:
     for name in names:
         original = owner.__dict__.get(name, _ABSENT)
         current = getattr(owner, name)
-        hook = _make_hook(name, current)
-        hook.__qualname__ = f"{owner.__name__}.{name}"
-        hook.__doc__ = current.__doc__
-        setattr(hook, "__wrapped__", current)  # noqa: B010 - mypy: functions take attributes
-        setattr(hook, "__loopwatch__", True)  # noqa: B010
-        _HOOK_CODES.add(hook.__code__)
-        if name == "run_forever":
-            # The last frame of loopwatch's before uvloop's compiled loop calls a callback.
-            _tasks.set_driver(hook.__code__)
+        hook: Any
+        if name == "run_forever" and ACCEL is not None:
+            # Compiled: no frame of loopwatch's on the stack for the length of the run (the
+            # program's stacks, tracebacks and cr_origin show the loop's frames only).
+            hook = ACCEL.MethodHook(current, _run_enter, _run_leave)
+        else:
+            hook = _make_hook(name, current)
+            hook.__qualname__ = f"{owner.__name__}.{name}"
+            hook.__doc__ = current.__doc__
+            setattr(hook, "__wrapped__", current)  # noqa: B010 - mypy: functions take attributes
+            setattr(hook, "__loopwatch__", True)  # noqa: B010
+            _HOOK_CODES.add(hook.__code__)
+            if name == "run_forever":
+                # The last frame of loopwatch's before uvloop's compiled loop calls a callback.
+                _tasks.set_driver(hook.__code__)
         type.__setattr__(owner, name, hook)
         originals[name] = original
     _hooked[owner] = originals
@@ -348,6 +355,19 @@ def _make_hook(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
 
         hook = create_task
     return hook
+
+
+def _run_enter(loop: Any) -> LoopState | None:
+    """The compiled run_forever hook's start: the state of a watched loop, now running."""
+    state = _states.get(loop)
+    if state is None or not state.active:
+        return None
+    state.run_started()
+    return state
+
+
+def _run_leave(state: LoopState) -> None:
+    state.run_stopped()
 
 
 def _tracker_for(loop: Any) -> TaskTracker | None:

@@ -192,9 +192,11 @@ def _before_fork() -> None:
 
 def _after_fork_in_parent() -> None:
     runtime = _current
+    _threads.in_fork_hook = True
     if runtime is not None:
         with contextlib.suppress(Exception):
             runtime.after_fork_in_parent()
+    _threads.in_fork_hook = False  # the last statement: no call after it in this hook
 
 
 def _after_fork_in_child() -> None:

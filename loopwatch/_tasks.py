@@ -48,7 +48,7 @@ from ._events import (
 from ._native import ACCEL
 from ._stats import LATENCY_BUCKETS, Counter
 from ._timing import DURATION_BUCKETS, TABLE, StepWatch, Timed, unwrap
-from ._watchdog import async_generator_of, coroutine_name
+from ._watchdog import async_generator_of, chain_codes, coroutine_name
 
 monotonic = time.monotonic
 _getframe = sys._getframe
@@ -119,15 +119,19 @@ def line_at(code: CodeType, offset: int) -> int | None:
     return code.co_firstlineno
 
 
-def _site_frame(frame: FrameType | None) -> FrameType | None:
+def _site_frame(frame: FrameType | None, boundary: FrameType | None = None) -> FrameType | None:
     """The creation site: the first frame outside asyncio/uvloop/loopwatch, from ``frame`` out.
 
     Costs a dict lookup per frame (the file name's hash is cached by the string), one to three
     frames for the usual ``asyncio.create_task`` / ``loop.create_task`` / ``TaskGroup``. None when
     the loop's own code made the task (the walk reaches the loop running a callback first): a
-    server's connection handler, an async generator's finalizer. ``made_by`` says which.
+    server's connection handler, an async generator's finalizer. ``made_by`` says which. The loop
+    running a callback is a frame of asyncio's handle, or, for uvloop (whose loop is compiled),
+    ``boundary``: the frame that called ``run_forever``, outside the loop.
     """
     while frame is not None:
+        if frame is boundary:
+            return None
         code = frame.f_code
         machinery = _machinery.get(code.co_filename)
         if machinery is None:
@@ -140,7 +144,7 @@ def _site_frame(frame: FrameType | None) -> FrameType | None:
     return None
 
 
-def made_by(frame: FrameType | None, coro: Any) -> str:
+def made_by(frame: FrameType | None, coro: Any, boundary: FrameType | None = None) -> str:
     """What in asyncio or uvloop made a task that has no creation site of the program's."""
     kind = type(coro).__name__
     if kind == "async_generator_athrow":
@@ -149,7 +153,7 @@ def made_by(frame: FrameType | None, coro: Any) -> str:
         frame.f_code.co_filename.startswith(_OWN_DIR) or frame.f_code in _API_CODES
     ):
         frame = frame.f_back
-    if frame is None or frame.f_code is _HANDLE_RUN or frame.f_code is _driver:
+    if frame is None or frame is boundary or frame.f_code is _HANDLE_RUN or frame.f_code is _driver:
         return "the event loop (a callback scheduled by asyncio or uvloop)"
     code = frame.f_code
     module = _module_of(code.co_filename)
@@ -175,19 +179,22 @@ def _stack_from(frame: FrameType | None, depth: int) -> Site:
     return tuple(stack)
 
 
-def origin_of(site: Site | None, coro: Any) -> str:
-    """``"program"`` if the program's own code made the task or runs in it, else ``"library"``."""
+def origin_of(site: Site | None, coro: Any, tb: TracebackType | None = None) -> str:
+    """``"program"`` if the program's own code made the task or runs in it, else ``"library"``.
+
+    "Runs in it": the task's coroutine, or any coroutine it awaits now (a library's wrapper that
+    runs the program's coroutine, as anyio's task groups do), or a frame of the traceback of the
+    exception it ended with."""
     if site and _places.is_program(site[0].co_filename):
         return "program"
-    code = (
-        getattr(unwrap(coro), "cr_code", None)
-        or getattr(coro, "gi_code", None)
-        or getattr(async_generator_of(coro), "ag_code", None)
-    )
-    if code is not None and _places.is_program(code.co_filename):
-        return "program"
-    if code is None and not site:
+    codes = chain_codes(unwrap(coro))
+    while tb is not None:
+        codes.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    if not codes and not site:
         return "program"  # nothing to tell by: a finding is the program's unless shown otherwise
+    if any(_places.is_program(code.co_filename) for code in codes):
+        return "program"
     return "library"
 
 
@@ -359,6 +366,7 @@ class TaskTracker:
         self._inner: Any = loop.get_task_factory()
         self._timing = True
         self._depth = max(creation_stack, 1)
+        self._boundary: FrameType | None = None
         self._compiled: Any = None
         self.factory: Callable[..., asyncio.Task[Any]] = self._make_factory()
         if ACCEL is not None:
@@ -381,6 +389,18 @@ class TaskTracker:
         self._inner = factory
         if self._compiled is not None:
             self._compiled.inner = factory
+
+    @property
+    def boundary(self) -> FrameType | None:
+        """The frame that called ``run_forever`` while the loop runs (set by the loop's thread at
+        the start and end of each run): frames from there out are not the loop's."""
+        return self._boundary
+
+    @boundary.setter
+    def boundary(self, frame: FrameType | None) -> None:
+        self._boundary = frame
+        if self._compiled is not None:
+            self._compiled.boundary = frame
 
     @property
     def timing(self) -> bool:
@@ -448,11 +468,11 @@ class TaskTracker:
                     caller = _getframe(1)
                 except ValueError:  # called with no Python frame below (from C code alone)
                     caller = None
-                frame = _site_frame(caller)
+                frame = _site_frame(caller, tracker.boundary)
                 if frame is None:
                     mark._code = mark._stack = None
                     mark._lasti = 0
-                    mark._by = made_by(caller, given)
+                    mark._by = made_by(caller, given, tracker.boundary)
                 else:
                     mark._code = frame.f_code
                     mark._lasti = frame.f_lasti
@@ -642,7 +662,7 @@ class TaskTracker:
                         else type(exc).__qualname__,
                         raised_at=raised_at(exc.__traceback__),
                         created_by=by,
-                        origin=origin_of(site, coro),
+                        origin=origin_of(site, coro, exc.__traceback__),
                     )
                 )
 

@@ -127,6 +127,21 @@ class Worker:
         self.stopping = True
 
 
+class _CompiledThread:
+    """``_accel.Thread`` with the handle API of ``_thread.start_joinable_thread`` (3.13+)."""
+
+    __slots__ = ("_thread",)
+
+    def __init__(self, thread: Any) -> None:
+        self._thread = thread
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(float(timeout))
+
+    def is_done(self) -> bool:
+        return bool(self._thread.done())
+
+
 class _Handle:
     """One thread: joined at the OS level on 3.13+, through a lock its body releases before."""
 
@@ -141,6 +156,11 @@ class _Handle:
     def start(self, run: Callable[[], None]) -> None:
         if _JOINABLE is not None:
             self._os = _JOINABLE(run, daemon=True)
+            return
+        from ._native import ACCEL
+
+        if ACCEL is not None:  # joinable at the OS level before 3.13 too (see _accel.Thread)
+            self._os = _CompiledThread(ACCEL.Thread(run))
         else:
             _thread.start_new_thread(run, ())
 
@@ -178,6 +198,11 @@ def pause_all(timeout: float = 1.0) -> None:
 def resume_paused() -> None:
     """Start again the workers a fork stopped (the parent's side)."""
     global pending
+    if in_fork_hook:
+        # A pending call run by the fork hook's own remaining bytecode: too early (the fork
+        # warning has not counted the threads yet). Again at the next chance.
+        _again_later()
+        return
     pending = False
     paused, _paused[:] = list(_paused), []
     for worker in paused:
@@ -186,6 +211,8 @@ def resume_paused() -> None:
 
 # Set after a fork, in the parent, until the workers run again (the pure-Python pulses look).
 pending = False
+# True while loopwatch's own after-fork hook runs (see resume_paused).
+in_fork_hook = False
 # Whether os.fork() counts threads for its warning after the parent's at-fork hooks (3.13+).
 _WARNS_AFTER_HOOKS: bool = sys.version_info >= (3, 13)
 
@@ -203,35 +230,40 @@ def resume_soon() -> None:
         resume_paused()
         return
     pending = True
+    if not _again_later():
+        resume_paused()  # nothing can run it later: at once, with the warning that may bring
+
+
+def _again_later() -> bool:
     from ._native import ACCEL
 
     if ACCEL is not None:
         ACCEL.resume_later(resume_paused)
-    elif not _pending_call(resume_paused):
-        resume_paused()  # nothing can run it later: at once, with the warning that may bring
+        return True
+    return _pending_call(resume_paused)
 
 
 def _pending_call(fn: Callable[[], None]) -> bool:
-    """``Py_AddPendingCall(fn)`` through ctypes (no compiled module here): False if it cannot."""
+    """``Py_AddPendingCall(fn)`` through ctypes (no compiled module here): False if it cannot.
+    One C callback is made for the process and kept: it may be queued again while it runs."""
+    global _callback
     try:
-        import ctypes
+        if _callback is None:
+            import ctypes
 
-        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+            def trampoline(_: Any) -> int:
+                with contextlib.suppress(Exception):  # resume_paused says its own failures
+                    fn()
+                return 0
 
-        def trampoline(_: Any) -> int:
-            _keep.clear()
-            with contextlib.suppress(Exception):  # resume_paused says its own failures
-                fn()
-            return 0
-
-        callback = callback_type(trampoline)
-        _keep[:] = [callback]  # alive until it ran
-        return bool(ctypes.pythonapi.Py_AddPendingCall(callback, None) == 0)
+            _callback = (ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(trampoline), ctypes)
+        callback, ctypes_module = _callback
+        return bool(ctypes_module.pythonapi.Py_AddPendingCall(callback, None) == 0)
     except Exception:  # noqa: BLE001 - no ctypes, no pythonapi: the caller resumes at once
         return False
 
 
-_keep: list[Any] = []
+_callback: Any = None
 
 
 def forget_all() -> None:

@@ -46,7 +46,7 @@ from asyncio.base_events import BaseEventLoop
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import _places
@@ -128,6 +128,59 @@ def async_generator_of(awaitable: Any) -> Any:
     return None
 
 
+def chain_codes(coro: Any) -> list[CodeType]:
+    """The code objects of a coroutine and of those it awaits now, outermost first."""
+    codes: list[CodeType] = []
+    awaitable = async_generator_of(coro) or coro
+    for _ in range(64):
+        code = (
+            getattr(awaitable, "cr_code", None)
+            or getattr(awaitable, "gi_code", None)
+            or getattr(awaitable, "ag_code", None)
+        )
+        if code is None:
+            break
+        codes.append(code)
+        awaitable = (
+            getattr(awaitable, "cr_await", None)
+            or getattr(awaitable, "gi_yieldfrom", None)
+            or getattr(awaitable, "ag_await", None)
+        )
+        if awaitable is None:
+            break
+    return codes
+
+
+def origin_of_frames(frames: list[FrameType]) -> str:
+    """A block's origin: ``program`` if the callback (its frames from the loop's call inward)
+    runs any of the program's own code (or has no frame to tell by: a C function the program
+    scheduled), else ``library``."""
+    if not frames:
+        return "program"
+    for frame in frames:
+        if _places.is_program(frame.f_code.co_filename):
+            return "program"
+    return "library"
+
+
+def origin_of_codes(codes: list[CodeType]) -> str:
+    if not codes or any(_places.is_program(code.co_filename) for code in codes):
+        return "program"
+    return "library"
+
+
+def _callback_frames(frames: list[FrameType], entry: FrameType | None) -> list[FrameType]:
+    """The frames of the callback the loop is running: from its entry inward, or (no entry
+    known) those after the loop's own frames."""
+    if entry is not None and entry in frames:
+        return frames[frames.index(entry) :]
+    last = -1
+    for i, frame in enumerate(frames):
+        if _places.is_machinery(frame.f_code.co_filename):
+            last = i
+    return frames[last + 1 :]
+
+
 def suspended_place(task: asyncio.Task[Any]) -> str | None:
     """Where a task's own coroutine is suspended now (its outermost frame's line)."""
     frame = getattr(task.get_coro(), "cr_frame", None)
@@ -159,6 +212,7 @@ class _Sample:
     coroutine: str | None
     location: str | None
     stack: tuple[str, ...]
+    origin: str = "program"
 
 
 @dataclass(slots=True)
@@ -176,6 +230,7 @@ class _Block:
     coroutine: str | None
     location: str | None
     stack: tuple[str, ...]
+    origin: str = "program"
     stalled: bool = False
     token: list[bool] = field(default_factory=lambda: [True])
 
@@ -219,6 +274,8 @@ class LoopState:
         self.alarm: Alarm | None = new_alarm()
         self.block: _Block | None = None
         self.exact: _Exact | None = None
+        # The frame that called run_forever, while the loop runs (the loop's thread sets it).
+        self.boundary: FrameType | None = None
         self.tasks: TaskTracker | None = None  # set by _loops.attach, which configures again
         self._origin_before = -1  # coroutine origin tracking depth to restore at the run's end
         self._said_failure = False
@@ -289,6 +346,14 @@ class LoopState:
     def run_started(self) -> None:
         """The loop is about to run (``run_forever`` entered, or watched while running)."""
         self.thread_id = threading.get_ident()
+        # Called from the run_forever hook: two frames up is whatever called run_forever, the
+        # last frame outside the loop (uvloop's loop has no frame of its own: see _sample).
+        try:
+            self.boundary = sys._getframe(2)
+        except ValueError:
+            self.boundary = None
+        if self.tasks is not None:
+            self.tasks.boundary = self.boundary
         self._origin_before = -1
         if self.origin_depth and sys.get_coroutine_origin_tracking_depth() < self.origin_depth:
             # Per thread, for this run only: where never-awaited coroutines were created
@@ -316,6 +381,9 @@ class LoopState:
         now = monotonic()
         self.stopped_at = now
         self.running = False
+        self.boundary = None
+        if self.tasks is not None:
+            self.tasks.boundary = None
         if self._origin_before >= 0:
             sys.set_coroutine_origin_tracking_depth(self._origin_before)
             self._origin_before = -1
@@ -370,6 +438,7 @@ class LoopState:
                     location=suspended_place(task),
                     stack=(),
                     loop=self.kind,
+                    origin=origin_of_codes(chain_codes(task.get_coro())),
                 )
             )
 
@@ -445,6 +514,7 @@ class LoopState:
                     coroutine=sample.coroutine,
                     location=sample.location,
                     stack=sample.stack,
+                    origin=sample.origin,
                 )
                 self.block = block
                 pulse.block_open = True
@@ -481,7 +551,16 @@ class LoopState:
             task = None
         if task is not None:
             pulse.box.append(task)
-        entry = _places.callback_entry(frames)
+        boundary = self.boundary
+        pulse.box.append(boundary)
+        if isinstance(pulse, Heartbeat) and boundary is not None and boundary in frames:
+            # uvloop calls a callback from its compiled loop: the callback's frame is the next
+            # one in from the frame that called run_forever.
+            at = frames.index(boundary) + 1
+            entry = frames[at] if at < len(frames) else None
+        else:
+            entry = _places.callback_entry(frames)
+        del boundary
         if task is not None and (step := step_of(task)) is not None:
             key: tuple[Any, ...] | None = ("step", id(task), step)
         elif entry is not None:
@@ -512,6 +591,7 @@ class LoopState:
             coroutine=coroutine,
             location=_places.frame_place(own) if own is not None else None,
             stack=tuple(_places.frame_place(f) for f in frames),
+            origin=origin_of_frames(_callback_frames(frames, entry)),
         )
 
     def _emit_stall(self, block: _Block, sample: _Sample, now: float) -> None:
@@ -523,6 +603,7 @@ class LoopState:
                 location=sample.location or block.location,
                 stack=sample.stack,
                 loop=self.kind,
+                origin=block.origin,
             )
         )
 
@@ -543,6 +624,7 @@ class LoopState:
                     location=block.location,
                     stack=block.stack,
                     loop=self.kind,
+                    origin=block.origin,
                 )
             )
 
