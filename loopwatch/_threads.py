@@ -61,6 +61,7 @@ class Worker:
         self.failed = False  # the body raised once: said once, never started again
         self._live: set[int] = set()  # generations whose thread is still running
         self._ident: int | None = None
+        self.native_id: int | None = None
         self._handles: list[Any] = []  # threads started and not yet joined
         _all.append(self)
 
@@ -94,6 +95,7 @@ class Worker:
 
     def _run(self, gen: int, handle: _Handle) -> None:
         handle.ident = self._ident = _thread.get_ident()
+        self.native_id = threading.get_native_id()  # for tools that read /proc (benchmarks)
         try:
             self._body(lambda: gen == self.gen and not self.stopping)
         except BaseException as exc:  # noqa: BLE001 - a thread of ours never takes the host down
