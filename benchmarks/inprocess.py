@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402 - the workloads, their sizes and the interval
+import bench
 
-import loopwatch  # noqa: E402
+import loopwatch
 
 BUDGETS = {
     ("echo", "asyncio"): 2.0,
