@@ -34,7 +34,7 @@
 #include <sys/timerfd.h>
 #endif
 
-#define API_VERSION 2
+#define API_VERSION 3
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -952,6 +952,44 @@ code_of(PyObject *coro) /* new reference */
 #endif
 }
 
+/* Whether a file is the machinery's (asyncio, uvloop, loopwatch: Py_True), the program's
+   (Py_False), or not yet known (NULL: the Python side decides and fills g_machinery). A small
+   cache by the file name's address in front of the dictionary: a task's creation looks up two or
+   three names, and most are the same few. The names it holds are kept alive, so an address is
+   never another name's; forget_kinds() empties it when the Python side empties the dictionary. */
+#define KIND_SLOTS 256
+static struct {
+    PyObject *name;
+    PyObject *kind;
+} g_kinds[KIND_SLOTS];
+
+static inline PyObject * /* borrowed */
+machinery_kind(PyObject *name)
+{
+    size_t i = ((uintptr_t)name >> 4) & (KIND_SLOTS - 1);
+    if (g_kinds[i].name == name) {
+        return g_kinds[i].kind;
+    }
+    PyObject *kind = PyDict_GetItemWithError(g_machinery, name);
+    if (kind == Py_True || kind == Py_False) {
+        PyObject *old = g_kinds[i].name;
+        g_kinds[i].name = Py_NewRef(name);
+        g_kinds[i].kind = kind;
+        Py_XDECREF(old); /* a str: its deallocation runs no Python code */
+    }
+    return kind;
+}
+
+static PyObject *
+forget_kinds(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    for (size_t i = 0; i < KIND_SLOTS; i++) {
+        Py_CLEAR(g_kinds[i].name);
+        g_kinds[i].kind = NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* ("loop", *kwnames), cached for the last kwnames seen (names are interned). */
 static PyObject *
 task_kwnames(FactoryObject *self, PyObject *kwnames)
@@ -1005,8 +1043,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
         PyErr_Clear(); /* loopwatch's own trouble: the Python factory copes, or steps aside */
         goto slow;
     }
-    PyObject *kind = PyDict_GetItemWithError(g_machinery,
-                                             ((PyCodeObject *)coro_code)->co_filename);
+    PyObject *kind = machinery_kind(((PyCodeObject *)coro_code)->co_filename);
     if (kind != Py_False) {
         Py_DECREF(coro_code);
         PyErr_Clear();
@@ -1024,7 +1061,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
     int lasti = 0;
     while (frame != NULL) {
         PyCodeObject *code = PyFrame_GetCode(frame);
-        kind = PyDict_GetItemWithError(g_machinery, code->co_filename);
+        kind = machinery_kind(code->co_filename);
         if (kind == Py_False) {
             site = (PyObject *)code;
             lasti = PyFrame_GetLasti(frame);
@@ -1214,14 +1251,23 @@ static PyTypeObject Factory_Type = {
 /* Thread(fn) starts fn() in a new OS thread, which takes the GIL as any thread does but is not
    one of the threading module's. join(timeout) waits for the OS thread to be gone (pthread),
    which _thread cannot do before Python 3.13: a fork right after then finds the process
-   single-threaded, and says nothing (3.12's multi-threaded fork warning counts OS threads). */
+   single-threaded, and says nothing (3.12's multi-threaded fork warning counts OS threads).
+
+   On Linux "gone" takes one more step: a thread wakes its joiner as it exits, a moment before
+   the kernel stops counting it among the process's threads (/proc/self/stat, which the warning
+   reads). So join() also waits, briefly, until the kernel no longer knows the thread's id. */
 #include <pthread.h>
 #include <errno.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 typedef struct {
     PyObject_HEAD
     pthread_t tid;
     PyObject *fn;
+    long ktid; /* the kernel's id of the thread (Linux), 0 before it runs */
     char started, joined;
 } ThreadObject;
 
@@ -1231,6 +1277,9 @@ static void *
 thread_main(void *arg)
 {
     ThreadObject *self = (ThreadObject *)arg;
+#ifdef __linux__
+    self->ktid = (long)syscall(SYS_gettid);
+#endif
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *r = PyObject_CallNoArgs(self->fn);
     if (r == NULL) {
@@ -1296,6 +1345,18 @@ Thread_join(PyObject *op, PyObject *arg)
     int err;
     Py_BEGIN_ALLOW_THREADS
     err = pthread_timedjoin_np(self->tid, NULL, &until);
+#ifdef __linux__
+    long ktid = self->ktid; /* written by the thread, visible once joined */
+    /* Until the kernel has released the thread (ESRCH): microseconds, bounded at ~50 ms. */
+    pid_t pid = getpid();
+    for (int i = 0; err == 0 && ktid > 0 && i < 2500; i++) {
+        if (syscall(SYS_tgkill, pid, ktid, 0) != 0) {
+            break;
+        }
+        struct timespec pause = {0, 20000};
+        nanosleep(&pause, NULL);
+    }
+#endif
     Py_END_ALLOW_THREADS
     if (err == 0) {
         self->joined = 1;
@@ -1989,6 +2050,155 @@ set_task_type(PyObject *Py_UNUSED(m), PyObject *type)
     Py_RETURN_NONE;
 }
 
+/* -- the class of the tasks the factory makes ------------------------------------------- */
+
+/* asyncio's Task with get_coro() answering with the program's coroutine, not the proxy the task
+   drives. Made at run time as a subclass of the Task the program's asyncio has; a compiled class
+   costs a task less than a Python one (no subtype_dealloc, no instance dictionary checks). */
+
+static PyObject *g_base_get_coro; /* the base class's get_coro (a method descriptor) */
+
+static PyObject *
+LwTask_get_coro(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *coro = PyObject_CallOneArg(g_base_get_coro, self);
+    if (coro != NULL && Py_IS_TYPE(coro, &Timed_Type)) {
+        Py_SETREF(coro, Py_NewRef(((TimedObject *)coro)->coro));
+    }
+    return coro;
+}
+
+/* The base's dealloc, straight: not subtype_dealloc, which a heap class gets by default and
+   which costs every task. From 3.12 asyncio's Task is a heap type whose dealloc calls the
+   finalizer and releases the instance's reference to its class, whatever the class. Before,
+   it is a static type whose dealloc does neither for a subclass: LwTask_dealloc does both. */
+static destructor g_base_dealloc;
+
+#if PY_VERSION_HEX < 0x030C0000
+static void
+LwTask_dealloc(PyObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    /* The finalizer first (it runs once): if it resurrects the task, nothing is freed. */
+    if (PyObject_CallFinalizerFromDealloc(self) < 0) {
+        return;
+    }
+    g_base_dealloc(self);
+    Py_DECREF(type);
+}
+#endif
+
+static PyMethodDef LwTask_methods[] = {
+    {"get_coro", LwTask_get_coro, METH_NOARGS, "The coroutine the task wraps (the program's)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot LwTask_slots[] = {
+    {Py_tp_methods, LwTask_methods},
+    {Py_tp_doc, "asyncio's Task; get_coro() returns the program's coroutine, not loopwatch's "
+                "step-timing proxy."},
+    {Py_tp_dealloc, NULL}, /* filled in by task_type() */
+    {0, NULL},
+};
+
+static PyType_Spec LwTask_spec = {
+    .name = "loopwatch._tasks.Task",
+    .basicsize = 0,
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = LwTask_slots,
+};
+
+/* The interpreter calls a method descriptor of the C type straight (a specialized CALL) only
+   for an instance of the exact class it belongs to: Task's done(), cancelled(), ... called on an
+   instance of a subclass take the generic path, every call. The subclass gets its own
+   descriptors of the same C functions, so that programs calling them (asyncio.gather does, per
+   task) pay what they pay for asyncio's Task. Methods given their defining class (METH_METHOD)
+   are left alone: they would be handed this class, which has no module state. */
+static int
+copy_methods(PyObject *type, PyObject *base)
+{
+    PyObject *attrs = PyObject_GetAttrString(base, "__dict__");
+    if (attrs == NULL) {
+        return -1;
+    }
+    PyObject *items = PyMapping_Items(attrs);
+    Py_DECREF(attrs);
+    if (items == NULL) {
+        return -1;
+    }
+    PyObject *own = ((PyTypeObject *)type)->tp_dict;
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(items); i++) {
+        PyObject *name = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        PyObject *value = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
+        if (!Py_IS_TYPE(value, &PyMethodDescr_Type)) {
+            continue;
+        }
+        PyMethodDescrObject *descr = (PyMethodDescrObject *)value;
+        if (descr->d_common.d_type != (PyTypeObject *)base ||
+            (descr->d_method->ml_flags & METH_METHOD) || PyDict_Contains(own, name) != 0) {
+            continue; /* Future's own, given its class, or get_coro (ours) */
+        }
+        PyObject *copy = PyDescr_NewMethod((PyTypeObject *)type, descr->d_method);
+        if (copy == NULL || PyObject_SetAttr(type, name, copy) < 0) {
+            rc = -1;
+        }
+        Py_XDECREF(copy);
+    }
+    Py_DECREF(items);
+    return rc;
+}
+
+/* task_type(asyncio.Task) -> the subclass (made once). */
+static PyObject *
+task_type(PyObject *Py_UNUSED(m), PyObject *base)
+{
+    static PyObject *made;
+    if (made != NULL) {
+        return Py_NewRef(made);
+    }
+    if (!PyType_Check(base)) {
+        PyErr_SetString(PyExc_TypeError, "task_type needs asyncio's Task class");
+        return NULL;
+    }
+    PyObject *get_coro = PyObject_GetAttrString(base, "get_coro");
+    if (get_coro == NULL) {
+        return NULL;
+    }
+    g_base_dealloc = ((PyTypeObject *)base)->tp_dealloc;
+    int heap = (((PyTypeObject *)base)->tp_flags & Py_TPFLAGS_HEAPTYPE) != 0;
+#if PY_VERSION_HEX < 0x030C0000
+    if (heap) {
+        Py_DECREF(get_coro);
+        PyErr_SetString(PyExc_TypeError, "task_type needs the compiled (static) Task before 3.12");
+        return NULL;
+    }
+    LwTask_slots[2].pfunc = (void *)LwTask_dealloc;
+#else
+    if (!heap) {
+        Py_DECREF(get_coro);
+        PyErr_SetString(PyExc_TypeError, "task_type needs the compiled (heap) Task from 3.12");
+        return NULL;
+    }
+    LwTask_slots[2].pfunc = (void *)g_base_dealloc;
+#endif
+    LwTask_spec.basicsize = (int)((PyTypeObject *)base)->tp_basicsize; /* nothing added */
+    PyObject *type = PyType_FromSpecWithBases(&LwTask_spec, base);
+    if (type == NULL) {
+        Py_DECREF(get_coro);
+        return NULL;
+    }
+    if (copy_methods(type, base) < 0) {
+        Py_DECREF(type);
+        Py_DECREF(get_coro);
+        return NULL;
+    }
+    g_base_get_coro = get_coro;
+    made = type;
+    return Py_NewRef(type);
+}
+
 static PyObject *
 set_driver(PyObject *Py_UNUSED(m), PyObject *code)
 {
@@ -2003,6 +2213,10 @@ static PyMethodDef module_methods[] = {
     {"set_driver", set_driver, METH_O, "The code of loopwatch's run wrapper (a driver frame)."},
     {"thread_frame", thread_frame, METH_O, "The innermost frame of the thread with this ident."},
     {"set_task_type", set_task_type, METH_O, "The task class the factory makes tasks of."},
+    {"forget_kinds", forget_kinds, METH_NOARGS,
+     "Empty the cache in front of the machinery dictionary (when it is emptied)."},
+    {"task_type", task_type, METH_O,
+     "task_type(asyncio.Task): its subclass whose get_coro() sees through loopwatch's proxy."},
     {"resume_later", resume_later, METH_O,
      "Call fn once from the program's thread soon (a pending call, or a loop's next pulse)."},
     {NULL, NULL, 0, NULL},

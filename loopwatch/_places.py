@@ -17,6 +17,8 @@ import sysconfig
 from types import CodeType, FrameType
 from typing import Final
 
+from ._native import ACCEL
+
 
 def _absolute(path: str) -> str:
     """``os.path.abspath`` without its ``getcwd()``: the working directory of the import."""
@@ -71,6 +73,8 @@ def _machinery_dirs() -> list[str]:
         if path:
             _MACHINERY_DIRS.append(os.path.dirname(_absolute(path)) + os.sep)
             _machinery_cache.clear()
+            if ACCEL is not None:
+                ACCEL.forget_kinds()  # the compiled cache in front of this one
     return _MACHINERY_DIRS
 
 

@@ -279,9 +279,12 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
         return coro._coro if type(coro) is Timed else coro
 
 
-# The class of the tasks the factory makes (see Task).
+# The class of the tasks the factory makes (see Task): compiled when asyncio's Task is, as it
+# then costs a task less (no subtype_dealloc).
 _TaskType: type[asyncio.Task[Any]] = Task
 if ACCEL is not None:
+    if _Task is getattr(asyncio.tasks, "_CTask", None):
+        _TaskType = ACCEL.task_type(_Task)
     ACCEL.set_task_type(_TaskType)
 
 _CancelledError = asyncio.CancelledError

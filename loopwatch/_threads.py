@@ -6,9 +6,10 @@ loop says nothing it would not say unwatched (Python 3.12 warns "This process is
 when the process has another OS thread at the fork). So:
 
 - each thread is started with the ``_thread`` module, which ``threading`` never hears of;
-- before a fork every running worker is stopped and joined (on 3.13 at the OS level, through
-  ``_thread.start_joinable_thread``), and restarted in the parent after it; the child starts with
-  none (its runtime starts them again when it watches a loop of its own);
+- before a fork every running worker is stopped and joined at the OS level (through the
+  compiled module's ``Thread``, else ``_thread.start_joinable_thread`` on 3.13+), restarted in
+  the parent after it, and the child starts with none (its runtime starts them again when it
+  watches a loop of its own); a worker asked to start in between starts with the others after;
 - a worker that calls code which asks ``threading.current_thread()`` (the ``logging`` module does,
   for every record) goes through :func:`hidden_call`, which lets ``threading`` see the thread only
   for the length of that call, under a name of its own (``loopwatch``).
@@ -75,8 +76,19 @@ class Worker:
         """Whether the current generation's thread runs and has not been asked to stop."""
         return not self.stopping and self.gen in self._live
 
+    @property
+    def ending(self) -> bool:
+        """Whether a thread of this worker may still be alive (started and not yet joined)."""
+        return any(not handle.done() for handle in self._handles)
+
     def start(self) -> None:
         if self.failed or self.running:
+            return
+        if forking:
+            # Between the pause before a fork and the resume after it (a finalizer the collector
+            # runs in a fork hook may have a finding to report): started with the others after.
+            if self not in _paused:
+                _paused.append(self)
             return
         self.gen += 1
         gen = self.gen
@@ -96,8 +108,14 @@ class Worker:
     def _run(self, gen: int, handle: _Handle) -> None:
         handle.ident = self._ident = _thread.get_ident()
         self.native_id = threading.get_native_id()  # for tools that read /proc (benchmarks)
+        ident = handle.ident
+
+        def keep_going() -> bool:
+            _unseen(ident)
+            return gen == self.gen and not self.stopping
+
         try:
-            self._body(lambda: gen == self.gen and not self.stopping)
+            self._body(keep_going)
         except BaseException as exc:  # noqa: BLE001 - a thread of ours never takes the host down
             self.failed = True
             then = f"; {self._failure}" if self._failure else ""
@@ -145,7 +163,8 @@ class _CompiledThread:
 
 
 class _Handle:
-    """One thread: joined at the OS level on 3.13+, through a lock its body releases before."""
+    """One thread: joined at the OS level when compiled or on 3.13+, else through a lock its body
+    releases as it ends."""
 
     __slots__ = ("_done", "_os", "ident")
 
@@ -156,13 +175,14 @@ class _Handle:
         self._done.acquire()
 
     def start(self, run: Callable[[], None]) -> None:
-        if _JOINABLE is not None:
-            self._os = _JOINABLE(run, daemon=True)
-            return
         from ._native import ACCEL
 
-        if ACCEL is not None:  # joinable at the OS level before 3.13 too (see _accel.Thread)
+        if ACCEL is not None:
+            # Joined at the OS level, and until the kernel no longer counts the thread (see
+            # _accel.Thread): on every version it runs on.
             self._os = _CompiledThread(ACCEL.Thread(run))
+        elif _JOINABLE is not None:
+            self._os = _JOINABLE(run, daemon=True)
         else:
             _thread.start_new_thread(run, ())
 
@@ -188,24 +208,31 @@ _paused: list[Worker] = []
 
 
 def pause_all(timeout: float = 1.0) -> None:
-    """Before a fork: stop every running worker (the parent restarts them after it)."""
+    """Before a fork: stop every running worker (the parent restarts them after it); until then
+    a worker asked to start waits with them."""
+    global forking
+    forking = True
     for worker in _all:
-        if worker.running:
+        running = worker.running
+        if running or worker.ending:
             # Even on a running loop's thread: the fork itself waits already, and a thread
-            # still alive at the fork would be the warning this is here to avoid.
+            # still alive at the fork would be the warning this is here to avoid. A worker asked
+            # to stop earlier (without waiting, from a running loop) is joined too.
             worker.stop(timeout, wait=True)
+        if running:
             _paused.append(worker)
 
 
 def resume_paused() -> None:
     """Start again the workers a fork stopped (the parent's side)."""
-    global pending
+    global pending, forking
     if in_fork_hook:
         # A pending call run by the fork hook's own remaining bytecode: too early (the fork
         # warning has not counted the threads yet). Again at the next chance.
         _again_later()
         return
     pending = False
+    forking = False
     paused, _paused[:] = list(_paused), []
     for worker in paused:
         worker.start()
@@ -213,6 +240,8 @@ def resume_paused() -> None:
 
 # Set after a fork, in the parent, until the workers run again (the pure-Python pulses look).
 pending = False
+# Set from the pause before a fork until the workers run again (parent) or are forgotten (child).
+forking = False
 # True while loopwatch's own after-fork hook runs (see resume_paused).
 in_fork_hook = False
 # Whether os.fork() counts threads for its warning after the parent's at-fork hooks (3.13+).
@@ -225,8 +254,9 @@ def resume_soon() -> None:
     so they start again from the program's own thread once ``os.fork()`` has returned: a pending
     call (the main thread's next bytecode), or a watched loop's next pulse, whichever comes first.
     """
-    global pending
+    global pending, forking
     if not _paused:
+        forking = False
         return
     if not _WARNS_AFTER_HOOKS:
         resume_paused()
@@ -270,6 +300,8 @@ _callback: Any = None
 
 def forget_all() -> None:
     """After a fork, in the child: none of the parent's threads exist here."""
+    global forking
+    forking = False
     _paused.clear()
     _presence.clear()
     for worker in _all:
@@ -307,6 +339,22 @@ def hidden_call(fn: Callable[[Any], None], arg: Any) -> None:
         with guard:
             if active.get(ident) is dummy:
                 del active[ident]
+
+
+def _unseen(ident: int) -> None:
+    """Out of ``threading.enumerate()`` again, if something made this worker's thread known to
+    ``threading``: a finalizer the collector ran on it (asyncio's "Task was destroyed" logs, and
+    logging asks ``threading.current_thread()``). Called at each turn of a worker's loop."""
+    active: dict[int, Any] | None = getattr(threading, "_active", None)
+    if active is None or ident not in active:
+        return
+    guard = getattr(threading, "_active_limbo_lock", None)
+    if guard is None:
+        return
+    with guard:
+        thread = active.get(ident)
+        if thread is not None and isinstance(thread, threading._DummyThread):
+            del active[ident]
 
 
 def _named_dummy(active: dict[int, Any], guard: Any, ident: int) -> Any:

@@ -23,6 +23,7 @@ from conftest import Recorder, run_on
 
 import loopwatch
 from loopwatch import _loops, _runtime
+from loopwatch._native import ACCEL
 
 RUNS = {"asyncio": "asyncio.run(main())", "uvloop": "uvloop.run(main())"}
 HERE = __file__
@@ -216,6 +217,7 @@ def test_get_coro_is_the_programs_coroutine(factory: Any, events: Recorder) -> N
     assert seen == [True, "done", True]
 
 
+@pytest.mark.skipif(ACCEL is None, reason="pure Python: run_forever's hook is a Python frame")
 def test_no_loopwatch_frame_in_cr_origin(factory: Any, events: Recorder) -> None:
     """With coroutine origin tracking on (asyncio debug mode, or a deeper creation stack), a
     coroutine made inside a task's step has no frame of loopwatch's in ``cr_origin``."""

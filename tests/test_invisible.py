@@ -212,6 +212,33 @@ def test_threads_cannot_be_counted(tmp_path: Path, kind: str) -> None:
     assert watched.stderr == plain.stderr == ""
 
 
+def test_a_thread_a_finalizer_made_known_is_unseen_again() -> None:
+    """The collector may run a program's finalizer on one of loopwatch's threads; one that logs
+    makes the thread known to ``threading`` (a ``Dummy-N``). The worker's next turn removes it."""
+    import threading
+
+    from loopwatch import _threads
+
+    turns: list[bool] = []
+    done = threading.Event()
+
+    def body(keep_going: Any) -> None:
+        threading.current_thread()  # what logging does for a record: registers Dummy-N
+        turns.append(any(t.name.startswith("Dummy") for t in threading.enumerate()))
+        keep_going()
+        turns.append(any(t.name.startswith("Dummy") for t in threading.enumerate()))
+        done.set()
+
+    worker = _threads.Worker("test", body, lambda: None)
+    try:
+        worker.start()
+        assert done.wait(5)
+        worker.stop()
+    finally:
+        _threads.discard(worker)
+    assert turns == [True, False]
+
+
 FORK_IN_LOOP = """
 import asyncio, os, sys, time, uvloop
 
@@ -518,8 +545,8 @@ async def main():
     time.sleep(0.2)
 
 loopwatch.install(log="off")
-with loopwatch.watch() as scope:
-    asyncio.run(main(), loop_factory=loopwatch.new_event_loop)
+with loopwatch.watch() as scope, asyncio.Runner(loop_factory=loopwatch.new_event_loop) as run:
+    run.run(main())
 print(_native.ACCEL, [e.event for e in scope.events])
 """
 
