@@ -2720,6 +2720,9 @@ def write_chart(results: Results, path: Path) -> bool:
 
 
 MISSED_NOTES = HERE.parent / "missed-budgets.md"
+# The in-process paired figures (inprocess.py --report, with a few lines on how they were taken),
+# which judge the default settings' budgets: placed before this run's own budget lines.
+INPROCESS_NOTES = HERE.parent / "results-inprocess.md"
 
 
 def write_docs(results: Results, others: Sequence[Results], page: Path) -> None:
@@ -2765,6 +2768,9 @@ def write_docs(results: Results, others: Sequence[Results], page: Path) -> None:
         ]
         if split is not None:
             body = body[: split + 2] + picture + body[split + 2 :]
+    if INPROCESS_NOTES.exists():
+        at = next((i for i, line in enumerate(body) if line == "## Budgets"), 0)
+        body = [*body[:at], *INPROCESS_NOTES.read_text().rstrip().splitlines(), "", *body[at:]]
     if MISSED_NOTES.exists():
         # What a missed budget would take: written by hand after reading a run, kept beside
         # this script, and placed right after the budget lines.

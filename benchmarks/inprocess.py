@@ -10,6 +10,7 @@ after the other, so what differs between a pair is only whether the loop is watc
     python benchmarks/inprocess.py                     # every workload, both loops, 31 pairs
     python benchmarks/inprocess.py --pairs 61 --workloads churn --loops uvloop
     python benchmarks/inprocess.py --variant step_timing=0 --json out.json
+    python benchmarks/inprocess.py --report 3.11.json 3.12.json 3.13.json   # a Markdown table
 
 The budgets judged are issue 14's: the default settings against the plain loop, echo <= 2% on
 both loops, callbacks <= 3%, sleep0 <= 3% (asyncio) / 5% (uvloop), churn <= 10% / 12%.
@@ -109,6 +110,45 @@ def measure(
     }
 
 
+def verdict(result: dict[str, Any]) -> str:
+    """'met' or 'MISSED' against issue 14's budget, and whether the interval is on one side."""
+    budget = BUDGETS.get((result["workload"], result["loop"]))
+    if budget is None:
+        return ""
+    met = result["overhead_pct"] <= budget
+    inside = result["ci_high"] <= budget or result["ci_low"] > budget
+    return f"{'met' if met else 'MISSED'} ({'clearly' if inside else 'not clearly'})"
+
+
+def report(paths: list[Path]) -> str:
+    """A Markdown table of runs saved with --json (one column per Python)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    runs = [
+        r if isinstance(r, dict) else {"python": p.stem, "results": r}
+        for r, p in zip(runs, paths, strict=True)
+    ]
+    pythons = [r["python"] for r in runs]
+    head = "| workload | loop | budget | " + " | ".join(pythons) + " |"
+    rows = [head, "| --- | --- | ---: |" + " --- |" * len(pythons)]
+    keys = [(r["workload"], r["loop"]) for r in runs[0]["results"]]
+    for workload, kind in keys:
+        cells = []
+        for run in runs:
+            found = [r for r in run["results"] if (r["workload"], r["loop"]) == (workload, kind)]
+            if not found:
+                cells.append("-")
+                continue
+            r = found[0]
+            cells.append(
+                f"{r['overhead_pct']:+.1f}% ({r['ci_low']:+.1f} to {r['ci_high']:+.1f}), "
+                f"{r['added_ns_per_op']:+,.0f} ns of {r['plain_ns_per_op']:,.0f}: {verdict(r)}"
+            )
+        budget = BUDGETS.get((workload, kind))
+        limit = f"<= {budget:g}%" if budget else "-"
+        rows.append(f"| {workload} | {kind} | {limit} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=31)
@@ -120,7 +160,13 @@ def main() -> int:
         help="settings of the watched side, as name=value,... (default: the defaults)",
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--report", type=Path, nargs="+", help="print a Markdown table of these --json runs"
+    )
     args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return 0
     settings: dict[str, Any] = {}
     for item in filter(None, args.variant.split(",")):
         key, _, value = item.partition("=")
@@ -136,23 +182,19 @@ def main() -> int:
             result = measure(kind, name, args.pairs, settings, SIZES[name])
             results.append(result)
             budget = BUDGETS.get((name, kind)) if not settings else None
-            verdict = ""
-            if budget is not None:
-                met = result["overhead_pct"] <= budget
-                inside = result["ci_high"] <= budget or result["ci_low"] > budget
-                sure = "clearly" if inside else "not clearly"
-                verdict = f"  budget <= {budget:g}%: {'met' if met else 'MISSED'} ({sure})"
+            judged = f"  budget <= {budget:g}%: {verdict(result)}" if budget is not None else ""
             print(
                 f"{name:10} {kind:8} {result['overhead_pct']:+6.2f}% "
                 f"({result['coverage']:.0%} CI {result['ci_low']:+.2f}% to "
                 f"{result['ci_high']:+.2f}%), "
                 f"{result['added_ns_per_op']:+7.0f} ns per op of "
-                f"{result['plain_ns_per_op']:,.0f}{verdict}",
+                f"{result['plain_ns_per_op']:,.0f}{judged}",
                 flush=True,
             )
     print(f"({time.monotonic() - started:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        python = f"{sys.implementation.name} {sys.version.split()[0]}"
+        args.json.write_text(json.dumps({"python": python, "results": results}, indent=2))
     return 0
 
 

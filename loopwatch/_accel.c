@@ -1268,7 +1268,11 @@ typedef struct {
     pthread_t tid;
     PyObject *fn;
     long ktid; /* the kernel's id of the thread (Linux), 0 before it runs */
-    char started, joined;
+    /* `joining`: a thread is inside pthread_*join_np for it, with the GIL released. Two joins of
+       one thread at once are undefined (a second join of a joined thread reads freed memory):
+       loops closed on several threads at once stop the same worker. Read and written with the
+       GIL held only. */
+    char started, joined, joining;
 } ThreadObject;
 
 static PyTypeObject Thread_Type;
@@ -1333,6 +1337,28 @@ Thread_join(PyObject *op, PyObject *arg)
     if (!self->started || self->joined) {
         Py_RETURN_TRUE;
     }
+    if (self->joining) {
+        /* Another thread is joining it: wait for that join to end (or our timeout). */
+        double waited = 0.0;
+        while (self->joining && waited < timeout) {
+            Py_BEGIN_ALLOW_THREADS
+            struct timespec pause = {0, 1000000};
+            nanosleep(&pause, NULL);
+            Py_END_ALLOW_THREADS
+            waited += 0.001;
+        }
+        if (self->joined) {
+            Py_RETURN_TRUE;
+        }
+        if (self->joining) {
+            Py_RETURN_FALSE;
+        }
+        timeout -= waited; /* that join timed out: try ourselves with what is left */
+        if (timeout < 0.0) {
+            timeout = 0.0;
+        }
+    }
+    self->joining = 1;
     struct timespec until;
     clock_gettime(CLOCK_REALTIME, &until);
     double whole = floor(timeout);
@@ -1358,6 +1384,7 @@ Thread_join(PyObject *op, PyObject *arg)
     }
 #endif
     Py_END_ALLOW_THREADS
+    self->joining = 0;
     if (err == 0) {
         self->joined = 1;
         Py_RETURN_TRUE;
@@ -1372,6 +1399,9 @@ Thread_done(PyObject *op, PyObject *Py_UNUSED(ignored))
     if (!self->started || self->joined) {
         Py_RETURN_TRUE;
     }
+    if (self->joining) {
+        Py_RETURN_FALSE; /* another thread's join decides */
+    }
     int err = pthread_tryjoin_np(self->tid, NULL);
     if (err == 0) {
         self->joined = 1;
@@ -1384,7 +1414,7 @@ static void
 Thread_dealloc(PyObject *op)
 {
     ThreadObject *self = (ThreadObject *)op;
-    if (self->started && !self->joined) {
+    if (self->started && !self->joined && !self->joining) {
         pthread_detach(self->tid); /* never joined: its resources go when it ends */
     }
     Py_CLEAR(self->fn);

@@ -95,7 +95,7 @@ class Worker:
         self.stopping = False
         self._live.add(gen)
         self._handles = [h for h in self._handles if not h.done()]
-        handle = _Handle()
+        handle = _Handle(gen)
         try:
             handle.start(lambda: self._run(gen, handle))
         except RuntimeError as exc:  # can't start new thread (at interpreter shutdown, say)
@@ -123,6 +123,14 @@ class Worker:
         finally:
             self._live.discard(gen)
             handle.finished()
+            # Pass the wake-up on. Threads of several generations can wait on one wake (a loop
+            # on another thread started the worker again while an older thread was ending), and
+            # a wake-up wakes one of them: the one meant for the current thread may have woken
+            # this older one, which must not swallow it (the current thread would then sleep
+            # through its stop, and whoever joins it waits out the timeout).
+            if self._live:
+                with contextlib.suppress(Exception):
+                    self._wake()
 
     def stop(self, timeout: float = 5.0, *, wait: bool | None = None) -> bool:
         """Ask the thread to end, wake it, and wait for it (by default not on a running loop's
@@ -135,6 +143,11 @@ class Worker:
             return not self._live
         me = _thread.get_ident()
         for handle in list(self._handles):
+            if handle.gen == self.gen and not self.stopping:
+                # Started again meanwhile (a loop on another thread): that thread stays, and
+                # waiting for it would hold this thread up to `timeout` for nothing. An older
+                # generation, even one being joined here, finds keep_going() false and ends.
+                continue
             if handle.ident != me:
                 handle.join(timeout)
         self._handles = [h for h in self._handles if not h.done()]
@@ -166,9 +179,10 @@ class _Handle:
     """One thread: joined at the OS level when compiled or on 3.13+, else through a lock its body
     releases as it ends."""
 
-    __slots__ = ("_done", "_os", "ident")
+    __slots__ = ("_done", "_os", "gen", "ident")
 
-    def __init__(self) -> None:
+    def __init__(self, gen: int) -> None:
+        self.gen = gen  # the worker's generation this thread runs
         self.ident: int | None = None
         self._os: Any = None
         self._done = _thread.allocate_lock()

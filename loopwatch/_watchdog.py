@@ -735,6 +735,8 @@ class Watchdog:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        # A thread still ending must not write to a number the program's next file may get.
+        self._wake_r = self._wake_w = -1
 
     def _close_retired(self) -> None:
         if self.worker.running:

@@ -29,7 +29,9 @@ run without loopwatch: ``plain`` for ``watched`` and ``plugin``, ``plain-uvloop`
 ``watched-uvloop`` (``plain`` if ``plain-uvloop`` was not run). A test whose outcome differs is
 rerun alone (by node id) ``--reruns`` times in the baseline and in that mode. It is a *real*
 difference only when it reproduces: every rerun of each mode agrees with itself and the two modes
-still disagree. Anything else is *flaky* (or depends on the tests run before it). What
+still disagree. Anything else is *flaky* (or depends on the tests run before it). A pytest
+process that dies (a signal, or CPython's "Fatal Python error") is a real difference whatever the
+reruns of its missing tests say, listed first as "(the whole run)". What
 ``plain-uvloop`` changes against ``plain`` is listed (verdict ``uvloop``), not rerun.
 
 How uvloop is forced (``plain-uvloop``, ``watched-uvloop``)
@@ -922,6 +924,21 @@ def baseline_of(mode: str, modes: Iterable[str]) -> str | None:
     return "plain" if "plain" in modes else None
 
 
+def crashed(result: RunResult) -> str | None:
+    """How a pytest process died (a signal, or CPython's fatal error), or None."""
+    if result.timed_out:
+        return None
+    text = ""
+    with contextlib.suppress(OSError):
+        text = result.output.read_text(errors="replace")
+    fatal = re.search(r"Fatal Python error: [^\n]*", text)
+    if fatal:
+        return fatal.group(0)
+    if result.returncode is not None and result.returncode < 0:
+        return f"killed by signal {-result.returncode}"
+    return None
+
+
 def compare(
     env: Env,
     base: RunResult,
@@ -938,6 +955,22 @@ def compare(
     ``plain`` is uvloop's doing, not loopwatch's: listed, not rerun.
     """
     differences: list[dict[str, Any]] = []
+    died = crashed(other)
+    if died and not crashed(base):
+        # The process died: the tests it never ran may well pass alone, but the crash is real
+        # whatever the reruns say, and is listed first.
+        differences.append(
+            {
+                "test": "(the whole run)",
+                "base": base.mode,
+                "base_outcome": f"exit {base.returncode}",
+                "outcome": died,
+                "cause": "outcome",
+                "key_lines": [died],
+                "reruns": {"base": [], "mode": []},
+                "verdict": "real",
+            }
+        )
     for nodeid in sorted(set(base.outcomes) | set(other.outcomes)):
         a = base.outcomes.get(nodeid, "missing")
         b = other.outcomes.get(nodeid, "missing")

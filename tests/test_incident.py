@@ -156,6 +156,90 @@ def test_the_programs_finalizers_run_on_its_own_thread(tmp_path: Path, kind: str
     assert plain.stdout == "__del__ on MainThread\n"
 
 
+LOOPS_ON_THREADS = """
+import asyncio, threading, time, uvloop
+
+async def main():
+    await asyncio.sleep(0)
+    return 1
+
+def worker(results, slowest):
+    for _ in range(25):
+        began = time.monotonic()
+        results.append({run})
+        slowest.append(time.monotonic() - began)
+
+results, slowest = [], []
+threads = [threading.Thread(target=worker, args=(results, slowest)) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(len(results), sum(results), "every run under a second:", max(slowest) < 1.0)
+"""
+
+
+def test_loops_closed_on_many_threads_at_once(tmp_path: Path, kind: str) -> None:
+    """Eight threads each run and close loops (as async-lru's per-thread caching test does): every
+    close stops loopwatch's threads when its last loop leaves, while other threads start them
+    again. The compiled join let two threads join one OS thread, which crashed the process (a
+    join of a joined thread is undefined); and a thread of an older generation could take the
+    wake-up meant for the current one, so a loop's close waited out the join's timeout (2 to 5
+    s, 98 s in all once). Each run of a loop now takes what it takes unwatched."""
+    for _ in range(3):
+        plain = same(tmp_path, LOOPS_ON_THREADS, kind)
+        assert (plain.stdout, plain.returncode) == ("200 200 every run under a second: True\n", 0)
+
+
+def test_a_restarted_worker_stops_at_once_whichever_thread_the_wake_woke() -> None:
+    """Threads of two generations of one worker can wait on one wake-up (a loop on another
+    thread started it again while the older thread was still waiting), and a wake-up wakes one
+    of them. Here it wakes the older one (a semaphore wakes its waiters in order): as it ends it
+    passes the wake-up on, so stopping the current thread never waits out the join's timeout
+    (loops closed on many threads at once met this under load: 2 to 5 s per close)."""
+    import threading
+
+    from loopwatch import _threads
+
+    bell = threading.Semaphore(0)
+    muted = [True]
+
+    def ring() -> None:
+        if not muted[0]:
+            bell.release()
+
+    def waiting() -> int:
+        return len(bell._cond._waiters)  # type: ignore[attr-defined]
+
+    def body(keep_going: Any) -> None:
+        while keep_going():
+            bell.acquire()
+
+    worker = _threads.Worker("test", body, ring)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 5
+        while waiting() < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        worker.stop(wait=False)  # asked to end, but not woken: still waiting
+        worker.start()  # the next generation waits behind it
+        while waiting() < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert waiting() == 2
+        muted[0] = False
+        began = time.monotonic()
+        stopped = worker.stop(timeout=3.0, wait=True)  # the wake-up goes to the older thread
+        took = time.monotonic() - began
+    finally:
+        muted[0] = False
+        worker.stop(timeout=0.5, wait=True)
+        _threads.discard(worker)
+        for _ in range(4):
+            bell.release()
+    assert stopped
+    assert took < 1.0, took
+
+
 INTERRUPTS = """
 import asyncio, gc, signal, sys, uvloop
 
