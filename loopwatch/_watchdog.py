@@ -182,8 +182,29 @@ def _callback_frames(frames: list[FrameType], entry: FrameType | None) -> list[F
 
 
 def suspended_place(task: asyncio.Task[Any]) -> str | None:
-    """Where a task's own coroutine is suspended now (its outermost frame's line)."""
-    frame = getattr(task.get_coro(), "cr_frame", None)
+    """Where a task is suspended now: the innermost frame of the program's own code along its
+    chain of awaits (a test runner's task awaits the test), else its coroutine's own frame."""
+    awaitable: Any = task.get_coro()
+    first = own = None
+    for _ in range(64):
+        frame = (
+            getattr(awaitable, "cr_frame", None)
+            or getattr(awaitable, "gi_frame", None)
+            or getattr(awaitable, "ag_frame", None)
+        )
+        if frame is None:
+            break
+        first = first or frame
+        if _places.is_own_code(frame.f_code.co_filename):
+            own = frame
+        awaitable = (
+            getattr(awaitable, "cr_await", None)
+            or getattr(awaitable, "gi_yieldfrom", None)
+            or getattr(awaitable, "ag_await", None)
+        )
+        if awaitable is None:
+            break
+    frame = own or first
     return _places.frame_place(frame) if frame is not None else None
 
 

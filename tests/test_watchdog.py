@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import Recorder, place, run_on
@@ -220,6 +222,57 @@ def test_block_just_over_threshold_has_its_stack(
     found = events.wait_for(1)
     assert len(found) == 1, found
     assert found[0].location == place(HERE, "BLOCK:just-over", "just_over")  # type: ignore[attr-defined]
+
+
+async def holds_the_gil() -> None:
+    # A regular expression that backtracks: a C call that never lets the GIL go, so the
+    # watchdog's thread cannot take a sample while it runs (about 0.4 s here).
+    re.match(r"(a+)+$", "a" * 23 + "b")
+    await asyncio.sleep(0)  # BLOCK:gil
+
+
+async def runner(coro: Any) -> None:
+    await coro  # a test runner's task awaits the test (anyio's does)
+
+
+def test_a_step_the_watchdog_could_not_sample_is_placed_in_the_program(
+    factory: Factory, events: Recorder
+) -> None:
+    """A step that held the GIL for its whole length is reported by the loop's thread when it
+    ends (or by the watchdog right after it), at the innermost line of the program's own code
+    along the task's awaits: the test's line, not the runner's that awaits it."""
+
+    async def main() -> None:
+        await asyncio.create_task(runner(holds_the_gil()), name="runner-task")
+
+    run_on(factory, main())
+    found = events.wait_for(1)
+    assert len(found) == 1, found
+    block = found[0]
+    assert block.task == "runner-task" and block.coroutine == "runner"  # type: ignore[attr-defined]
+    assert block.duration_s >= 0.1  # type: ignore[attr-defined]
+    location = block.location  # type: ignore[attr-defined]
+    assert location.startswith(f"{HERE}:") and location.endswith(" in holds_the_gil"), location
+
+
+def test_where_a_task_is_suspended_follows_its_awaits_into_the_program() -> None:
+    """How the loop's thread places a step the watchdog never sampled: the innermost frame of
+    the program's code the task's awaits lead to, not the outermost coroutine's line."""
+    from loopwatch._watchdog import suspended_place
+
+    async def inner(gate: asyncio.Event) -> None:
+        await gate.wait()  # BLOCK:suspended
+
+    async def main() -> str | None:
+        gate = asyncio.Event()
+        task = asyncio.create_task(runner(inner(gate)))
+        await asyncio.sleep(0)
+        where = suspended_place(task)
+        gate.set()
+        await task
+        return where
+
+    assert asyncio.run(main()) == place(HERE, "BLOCK:suspended", "inner")
 
 
 async def busy_worker(steps: int) -> None:
