@@ -11,6 +11,7 @@ after the other, so what differs between a pair is only whether the loop is watc
     python benchmarks/inprocess.py --pairs 61 --workloads churn --loops uvloop
     python benchmarks/inprocess.py --variant step_timing=0 --json out.json
     python benchmarks/inprocess.py --report 3.11.json 3.12.json 3.13.json   # a Markdown table
+    python benchmarks/inprocess.py --step-clocks --workloads sleep0   # counter vs clock, watched
 
 The budgets judged are issue 14's: the default settings against the plain loop, echo <= 2% on
 both loops, callbacks <= 3%, sleep0 <= 3% (asyncio) / 5% (uvloop), churn <= 10% / 12%.
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 
 import loopwatch
+from loopwatch._native import ACCEL
 
 BUDGETS = {
     ("echo", "asyncio"): 2.0,
@@ -76,22 +78,41 @@ def one_run(
 
 
 def measure(
-    kind: str, name: str, pairs: int, settings: dict[str, Any], size: int
+    kind: str,
+    name: str,
+    pairs: int,
+    settings: dict[str, Any],
+    size: int,
+    clocks: bool = False,
 ) -> dict[str, Any]:
+    """Watched against plain; with ``clocks``, both watched, task steps timed with the
+    processor's counter against with the monotonic clock (the compiled module's two clocks)."""
     workload = bench.WORKLOADS[name].run
+
+    def a_run() -> float:
+        if clocks:
+            ACCEL.use_tsc(True)
+        return one_run(kind, workload, size, settings)
+
+    def b_run() -> float:
+        if clocks:
+            ACCEL.use_tsc(False)
+            return one_run(kind, workload, size, settings)
+        return one_run(kind, workload, size, None)
+
     for _ in range(2):  # warm-up, both ways
-        one_run(kind, workload, size, None)
-        one_run(kind, workload, size, settings)
+        b_run()
+        a_run()
     ratios: list[float] = []
     plain_times: list[float] = []
     for i in range(pairs):
         # Alternate which goes first: a drift in time then cancels out.
         if i % 2:
-            watched = one_run(kind, workload, size, settings)
-            plain = one_run(kind, workload, size, None)
+            watched = a_run()
+            plain = b_run()
         else:
-            plain = one_run(kind, workload, size, None)
-            watched = one_run(kind, workload, size, settings)
+            plain = b_run()
+            watched = a_run()
         ratios.append(watched / plain)
         plain_times.append(plain)
     overheads = [100.0 * (r - 1.0) for r in ratios]
@@ -161,27 +182,37 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
+        "--step-clocks",
+        action="store_true",
+        help="compare task steps timed with the processor's counter against the clock",
+    )
+    parser.add_argument(
         "--report", type=Path, nargs="+", help="print a Markdown table of these --json runs"
     )
     args = parser.parse_args()
     if args.report:
         print(report(args.report))
         return 0
+    if args.step_clocks and (ACCEL is None or not ACCEL.use_tsc(True)):
+        print("the compiled module does not time steps with the counter here", file=sys.stderr)
+        return 1
     settings: dict[str, Any] = {}
     for item in filter(None, args.variant.split(",")):
         key, _, value = item.partition("=")
         settings[key.strip()] = value.strip()
     started = time.monotonic()
     results = []
+    what = "steps timed with the counter vs the clock, both watched" if args.step_clocks else ""
     print(
         f"loopwatch in-process overhead: Python {sys.version.split()[0]}, "
         f"{args.pairs} pairs each, watched with {settings or 'the default settings'}"
+        + (f"; {what}" if what else "")
     )
     for name in args.workloads.split(","):
         for kind in args.loops.split(","):
-            result = measure(kind, name, args.pairs, settings, SIZES[name])
+            result = measure(kind, name, args.pairs, settings, SIZES[name], args.step_clocks)
             results.append(result)
-            budget = BUDGETS.get((name, kind)) if not settings else None
+            budget = BUDGETS.get((name, kind)) if not settings and not args.step_clocks else None
             judged = f"  budget <= {budget:g}%: {verdict(result)}" if budget is not None else ""
             print(
                 f"{name:10} {kind:8} {result['overhead_pct']:+6.2f}% "

@@ -437,6 +437,10 @@ class LoopState:
         task = asyncio.current_task(loop) if loop is not None else None
         if task is None or not self.active:
             return
+        # The step began after the pulse last saw the loop start an iteration (or its timer
+        # run): a step cannot have lasted longer than that, whatever its clock says (the
+        # compiled proxy times steps with the processor's counter, see _accel.c).
+        took = min(took, max(monotonic() - self.pulse.woke, 0.0))
         step = step_of(task)  # the proxy counts this step once this call has returned
         step = step if step is not None else -1
         # First: from now on the watchdog takes a sample of this step for this step, and never

@@ -1398,6 +1398,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="the Markdown summary (default: .realworld/summary-X.Y.md)",
     )
+    parser.add_argument(
+        "--tables",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="print the condensed tables of docs/realworld.md from a results file, and exit",
+    )
     opts = parser.parse_args(argv)
     opts.lib_list = [n.strip() for n in opts.libs.split(",") if n.strip()]
     opts.mode_list = [m.strip() for m in opts.modes.split(",") if m.strip()]
@@ -1410,8 +1417,64 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return opts
 
 
+def tables(report: dict[str, Any]) -> str:
+    """The two tables of docs/realworld.md: outcomes per suite and mode, and the findings by
+    place (which modes reported each, and how often)."""
+    modes = list(report["modes"])
+    out = [
+        f"Python {report['python_version']}, loopwatch {report['loopwatch']}, "
+        f"{report['started'][:10]}, {report['elapsed_s'] / 60:.0f} min. A cell: tests passed / "
+        "failed (+ errors); then the real differences with its baseline, and how many of those "
+        "the plugin failed for findings.",
+        "",
+        "| suite | runner | tests | " + " | ".join(modes) + " |",
+        "| --- | --- | ---: |" + " --- |" * len(modes),
+    ]
+    for name, s in report["suites"].items():
+        cells = []
+        tests = 0
+        for mode in modes:
+            m = s["modes"].get(mode)
+            if m is None:
+                cells.append("not run")
+                continue
+            tests = max(tests, m["tests"])
+            c = m["counts"]
+            cell = f"{c['passed']} / {c['failed']}" + (f" (+{c['error']})" if c["error"] else "")
+            diffs = [d for d in s["differences"].get(mode, []) if d["verdict"] == "real"]
+            if m.get("compared_with"):
+                plugin = sum(d.get("cause") != "outcome" for d in diffs)
+                cell += f"; {len(diffs)} real" + (f" ({plugin} for findings)" if plugin else "")
+            cells.append(cell)
+        out.append(f"| {name} {s['version']} | {s['kind']} | {tests} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "| event | place | origin | " + " | ".join(m for m in modes if "plain" not in m) + " |",
+        "| --- | --- | --- |" + " ---: |" * sum("plain" not in m for m in modes),
+    ]
+    watched = [m for m in modes if "plain" not in m]
+    for s in report["suites"].values():
+        seen: dict[tuple[str, str, str], dict[str, int]] = {}
+        for mode in watched:
+            for f in s["modes"].get(mode, {}).get("findings", []):
+                place = _short(f["place"]).removeprefix("(awaiting) ")
+                key = (f["event"].removeprefix("loopwatch."), place, f["origin"])
+                seen.setdefault(key, {})[mode] = f["count"]
+        for (event, place, origin), counts in seen.items():
+            place = re.sub(r"/tmp/pytest-of-\w+/pytest-\d+/", "<tmp>/", place)
+            out.append(
+                f"| {event} | `{place}` | {origin} | "
+                + " | ".join(str(counts.get(m, "")) for m in watched)
+                + " |"
+            )
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.tables:
+        print(tables(json.loads(opts.tables.read_text())))
+        return 0
     version = python_version(opts.python)
     json_path = opts.json or WORK / f"results-{version}.json"
     md_path = opts.markdown or WORK / f"summary-{version}.md"

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,66 @@ def test_the_compiled_module_is_built_and_used_here() -> None:
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     assert Path(_timing.ACCEL.__file__).name == f"_accel{suffix}"
     assert _timing.Timed is _timing.ACCEL.Timed
+
+
+def _counter_usable() -> bool:
+    """What the compiled module should find: x86-64, the kernel keeping time with the
+    time-stamp counter, and the counter invariant (Linux shows CPUID's bit as two flags)."""
+    import platform
+
+    try:
+        source = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        flags = Path("/proc/cpuinfo").read_text().split()
+        kernel_source = source.read_text().strip()
+    except OSError:
+        return False
+    return (
+        platform.machine() == "x86_64"
+        and kernel_source == "tsc"
+        and "constant_tsc" in flags
+        and "nonstop_tsc" in flags
+    )
+
+
+@pytest.mark.skipif(PURE, reason="the compiled module's step clock")
+def test_steps_are_timed_with_the_counter_where_the_kernel_trusts_it() -> None:
+    kind, seconds_per_tick = _timing.ACCEL.step_clock()
+    if _counter_usable():
+        assert kind == "tsc"
+        assert 1 / 20e9 < seconds_per_tick < 1 / 0.1e9
+    else:
+        assert (kind, seconds_per_tick) == ("monotonic", 1e-9)
+
+
+@pytest.mark.skipif(PURE, reason="the compiled module's step clock")
+@pytest.mark.parametrize("counter", [True, False], ids=["counter", "clock"])
+def test_both_step_clocks_measure_the_same_busy_time(
+    factory: Any, events: Recorder, counter: bool
+) -> None:
+    """Five steps burning 20 ms each: the busy time is what the steps measured of themselves
+    (plus the few microseconds around each), with the counter as with the clock."""
+    inside: list[float] = []
+
+    async def burns() -> None:
+        for _ in range(5):
+            began = time.perf_counter()
+            while time.perf_counter() < began + 0.02:
+                pass
+            inside.append(time.perf_counter() - began)
+            await asyncio.sleep(0)
+
+    ACCEL = _timing.ACCEL
+    before = ACCEL.step_clock()[0]
+    try:
+        in_use = ACCEL.use_tsc(counter)
+        assert in_use == (counter and _counter_usable())
+        run_on(factory, burns())
+    finally:
+        ACCEL.use_tsc(before == "tsc")
+    (s,) = [s for s in loopwatch.coroutine_stats() if s.name.endswith("burns")]
+    assert s.steps == 6
+    assert sum(inside) <= s.busy_s <= sum(inside) + 0.002, (s.busy_s, sum(inside))
+    assert max(inside) <= s.max_step_s <= max(inside) + 0.001, (s.max_step_s, max(inside))
 
 
 @pytest.mark.parametrize(

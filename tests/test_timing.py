@@ -17,6 +17,9 @@ from conftest import Recorder, place, run_on
 import loopwatch
 from loopwatch import _runtime, _timing
 
+
+pytestmark = pytest.mark.serial
+
 HERE = __file__
 Factory = Callable[[], asyncio.AbstractEventLoop]
 

@@ -13,6 +13,9 @@ import pytest
 from conftest import Recorder, place, run_on
 
 Factory = Callable[[], asyncio.AbstractEventLoop]
+
+pytestmark = pytest.mark.serial
+
 HERE = __file__
 # The heartbeat's precision at the default threshold is one period (10 ms); allow for the
 # scheduler of a loaded 2-core machine on top.
