@@ -273,17 +273,20 @@ def test_coroutine_labels_are_exported_as_capped(monkeypatch: pytest.MonkeyPatch
 # -- the endpoint ----------------------------------------------------------------------------
 
 
+@pytest.mark.serial
 def test_endpoint_under_concurrent_scrapes(factory: Factory, events: Recorder) -> None:
-    """64 scrapes at once, 16 connections: every one answers the same exact values."""
+    """64 scrapes at once, 16 connections: every one answers the same exact values (one block,
+    the scenario's: the client's TLS context, tens of milliseconds of certificate loading, is
+    made before the loop runs, so that the scrapes' own loop has nothing slow in it)."""
     loopwatch.install(metrics_port=0)
     run_on(factory, scenario_block())
     events.wait_for(1)
     url = endpoint_url()
     assert url.startswith("http://127.0.0.1:"), "loopback unless LOOPWATCH_METRICS_ADDR says"
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=16), timeout=10.0)
 
     async def scrapes() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=16)
-        async with httpx.AsyncClient(limits=limits, timeout=10.0) as client:
+        async with client:
             return await asyncio.gather(*(client.get(url) for _ in range(64)))
 
     started = time.perf_counter()

@@ -17,7 +17,6 @@ from conftest import Recorder, place, run_on
 import loopwatch
 from loopwatch import _runtime, _timing
 
-
 pytestmark = pytest.mark.serial
 
 HERE = __file__
