@@ -234,6 +234,7 @@ class _Sample:
     location: str | None
     stack: tuple[str, ...]
     origin: str = "program"
+    self_timed: bool = False
 
 
 @dataclass(slots=True)
@@ -253,6 +254,9 @@ class _Block:
     stack: tuple[str, ...]
     origin: str = "program"
     stalled: bool = False
+    # A task step whose proxy times it and tells step_finished of any step of half the
+    # threshold or more: only that report (with the exact duration) can say it was slow.
+    self_timed: bool = False
     token: list[bool] = field(default_factory=lambda: [True])
 
     def same(self, sample: _Sample) -> bool:
@@ -451,7 +455,7 @@ class LoopState:
             if claim(block.token):
                 self.block = None
                 if took >= self.threshold:
-                    self._report(block, took)
+                    self._emit_slow(block, took)
             return
         if took >= self.threshold:
             self.emit(
@@ -540,6 +544,7 @@ class LoopState:
                     location=sample.location,
                     stack=sample.stack,
                     origin=sample.origin,
+                    self_timed=sample.self_timed,
                 )
                 self.block = block
                 pulse.block_open = True
@@ -586,8 +591,13 @@ class LoopState:
         else:
             entry = _places.callback_entry(frames)
         del boundary
+        self_timed = False
         if task is not None and (step := step_of(task)) is not None:
             key: tuple[Any, ...] | None = ("step", id(task), step)
+            proxy = getattr(task, "_coro", None)
+            self_timed = bool(getattr(proxy, "_timing", True)) and (
+                getattr(getattr(proxy, "_cfg", None), "on_slow", None) == self.step_finished
+            )
         elif entry is not None:
             key = ("frame", id(entry), pulse.iterations)
         elif frames and frames[-1].f_code is _HANDLE_RUN:
@@ -617,6 +627,7 @@ class LoopState:
             location=_places.frame_place(own) if own is not None else None,
             stack=tuple(_places.frame_place(f) for f in frames),
             origin=origin_of_frames(_callback_frames(frames, entry)),
+            self_timed=self_timed,
         )
 
     def _emit_stall(self, block: _Block, sample: _Sample, now: float) -> None:
@@ -639,6 +650,15 @@ class LoopState:
             self._report(block, max(end, block.last_seen) - block.start)
 
     def _report(self, block: _Block, duration: float) -> None:
+        if block.self_timed:
+            # Its proxy reported it already if it lasted half the threshold or more (its exact
+            # duration: the step_finished path); otherwise it was short. The watchdog's own
+            # estimate starts at the iteration's start at the earliest, which is far too early
+            # for a short step first sampled late in a long iteration of a saturated loop.
+            return
+        self._emit_slow(block, duration)
+
+    def _emit_slow(self, block: _Block, duration: float) -> None:
         if duration >= self.threshold:
             self.emit(
                 SlowCallback(
