@@ -265,7 +265,7 @@ def _make_hook(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
                 except BaseException as exc:
                     _strip(exc)
                     raise
-            state.run_started()
+            state.run_started(1)  # this frame is the last one outside the loop
             try:
                 result = original(self)
             except BaseException as exc:

@@ -368,13 +368,16 @@ class LoopState:
 
     # -- the loop's side (runs in the loop thread) ----------------------------------------
 
-    def run_started(self) -> None:
-        """The loop is about to run (``run_forever`` entered, or watched while running)."""
+    def run_started(self, depth: int = 2) -> None:
+        """The loop is about to run (``run_forever`` entered, or watched while running).
+
+        ``depth``: how many frames up the last frame outside the loop is. From the compiled
+        run_forever hook (no frame of its own) it is whatever called run_forever, two up; from
+        the pure-Python hook it is the hook's own frame, one up, since the loop's callbacks run
+        in frames called from it (uvloop's loop has no frame of its own: see _sample)."""
         self.thread_id = threading.get_ident()
-        # Called from the run_forever hook: two frames up is whatever called run_forever, the
-        # last frame outside the loop (uvloop's loop has no frame of its own: see _sample).
         try:
-            self.boundary = sys._getframe(2)
+            self.boundary = sys._getframe(depth)
         except ValueError:
             self.boundary = None
         if self.tasks is not None:
