@@ -48,7 +48,12 @@ from ._events import (
 from ._native import ACCEL
 from ._stats import LATENCY_BUCKETS, Counter
 from ._timing import DURATION_BUCKETS, TABLE, StepWatch, Timed, unwrap
-from ._watchdog import async_generator_of, chain_codes, coroutine_name
+from ._watchdog import (
+    await_chain,
+    chain_codes,
+    chain_frames,
+    coroutine_name,
+)
 
 monotonic = time.monotonic
 _getframe = sys._getframe
@@ -773,28 +778,8 @@ def suspended_at(task: asyncio.Task[Any]) -> tuple[str | None, str | None]:
     of the program's own code, and what it awaits is the next thing down the chain (``sleep``,
     ``Event.wait``, ``Future``...).
     """
-    chain: list[Any] = []
-    awaitable: Any = task.get_coro()
-    awaitable = async_generator_of(awaitable) or awaitable
-    for _ in range(64):
-        frame = (
-            getattr(awaitable, "cr_frame", None)
-            or getattr(awaitable, "gi_frame", None)
-            or getattr(awaitable, "ag_frame", None)
-        )
-        if frame is None:
-            break
-        chain.append(awaitable)
-        awaitable = (
-            getattr(awaitable, "cr_await", None)
-            or getattr(awaitable, "gi_yieldfrom", None)
-            or getattr(awaitable, "ag_await", None)
-        )
-        if awaitable is None:
-            break
-    frames: list[FrameType] = [
-        getattr(c, "cr_frame", None) or getattr(c, "gi_frame", None) or c.ag_frame for c in chain
-    ]
+    chain, awaitable = await_chain(task.get_coro())
+    frames = chain_frames(chain)
     pick = None
     for i in range(len(frames) - 1, -1, -1):
         if _places.is_own_code(frames[i].f_code.co_filename):

@@ -128,9 +128,10 @@ def async_generator_of(awaitable: Any) -> Any:
     return None
 
 
-def chain_codes(coro: Any) -> list[CodeType]:
-    """The code objects of a coroutine and of those it awaits now, outermost first."""
-    codes: list[CodeType] = []
+def await_chain(coro: Any) -> tuple[list[Any], Any]:
+    """A coroutine (generator, async generator) and those it awaits now, outermost first, and
+    what the innermost of them awaits that is none of these (a future), or None."""
+    chain: list[Any] = []
     awaitable = async_generator_of(coro) or coro
     for _ in range(64):
         code = (
@@ -139,8 +140,8 @@ def chain_codes(coro: Any) -> list[CodeType]:
             or getattr(awaitable, "ag_code", None)
         )
         if code is None:
-            break
-        codes.append(code)
+            return chain, awaitable
+        chain.append(awaitable)
         awaitable = (
             getattr(awaitable, "cr_await", None)
             or getattr(awaitable, "gi_yieldfrom", None)
@@ -148,7 +149,30 @@ def chain_codes(coro: Any) -> list[CodeType]:
         )
         if awaitable is None:
             break
-    return codes
+    return chain, None
+
+
+def chain_codes(coro: Any) -> list[CodeType]:
+    """The code objects of a coroutine and of those it awaits now, outermost first."""
+    return [
+        getattr(a, "cr_code", None) or getattr(a, "gi_code", None) or a.ag_code
+        for a in await_chain(coro)[0]
+    ]
+
+
+def chain_frames(chain: list[Any]) -> list[FrameType]:
+    """The frames of an await chain, outermost first, up to the first that has none (ended)."""
+    frames: list[FrameType] = []
+    for a in chain:
+        frame = (
+            getattr(a, "cr_frame", None)
+            or getattr(a, "gi_frame", None)
+            or getattr(a, "ag_frame", None)
+        )
+        if frame is None:
+            break
+        frames.append(frame)
+    return frames
 
 
 def origin_of_frames(frames: list[FrameType]) -> str:
@@ -184,27 +208,9 @@ def _callback_frames(frames: list[FrameType], entry: FrameType | None) -> list[F
 def suspended_place(task: asyncio.Task[Any]) -> str | None:
     """Where a task is suspended now: the innermost frame of the program's own code along its
     chain of awaits (a test runner's task awaits the test), else its coroutine's own frame."""
-    awaitable: Any = task.get_coro()
-    first = own = None
-    for _ in range(64):
-        frame = (
-            getattr(awaitable, "cr_frame", None)
-            or getattr(awaitable, "gi_frame", None)
-            or getattr(awaitable, "ag_frame", None)
-        )
-        if frame is None:
-            break
-        first = first or frame
-        if _places.is_own_code(frame.f_code.co_filename):
-            own = frame
-        awaitable = (
-            getattr(awaitable, "cr_await", None)
-            or getattr(awaitable, "gi_yieldfrom", None)
-            or getattr(awaitable, "ag_await", None)
-        )
-        if awaitable is None:
-            break
-    frame = own or first
+    frames = chain_frames(await_chain(task.get_coro())[0])
+    own = next((f for f in reversed(frames) if _places.is_own_code(f.f_code.co_filename)), None)
+    frame = own or (frames[0] if frames else None)
     return _places.frame_place(frame) if frame is not None else None
 
 
