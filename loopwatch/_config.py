@@ -300,8 +300,10 @@ def enabled(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 # LOOPWATCH_* names that are not settings but are read by loopwatch's own tools: the compiled
-# module switch, the build hook's, and the test script's choice of Pythons.
-OTHER_NAMES: Final = frozenset({"LOOPWATCH_ACCEL", "LOOPWATCH_BUILD_ACCEL", "LOOPWATCH_PYTHONS"})
+# module switch, the build hook's, and the test script's choice of Pythons and of workers.
+OTHER_NAMES: Final = frozenset(
+    {"LOOPWATCH_ACCEL", "LOOPWATCH_BUILD_ACCEL", "LOOPWATCH_PYTHONS", "LOOPWATCH_TEST_JOBS"}
+)
 
 
 def from_environ(
