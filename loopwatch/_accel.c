@@ -33,6 +33,22 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+/* The creation site of a task is found by walking the interpreter's own frames, as
+   PyEval_GetFrame()/PyFrame_GetBack() would, but without making a frame object for each one (a
+   Python frame object per task made from a short-lived frame such as asyncio.create_task's). The
+   layout is CPython's internal one, which this module is only ever loaded on the versions it was
+   built and tested for (see _native.py). */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
+#define LW_FRAME_WALK 1
+#ifndef Py_BUILD_CORE
+#define Py_BUILD_CORE 1
+#define LW_UNDEF_BUILD_CORE 1
+#endif
+#include "internal/pycore_frame.h"
+#ifdef LW_UNDEF_BUILD_CORE
+#undef Py_BUILD_CORE
+#endif
+#endif
 #include <time.h>
 #include <math.h>
 #include <stdint.h>
@@ -47,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 3
+#define API_VERSION 4
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -440,6 +456,80 @@ static PyTypeObject Row_Type = {
 };
 
 /* ======================================================================================= */
+/* StepWatch: what the proxies of one loop share (the threshold, who hears of long steps)   */
+
+typedef struct {
+    PyObject_HEAD
+    double threshold, half;
+    PyObject *on_slow;
+} WatchObject;
+
+static PyTypeObject Watch_Type;
+
+static int
+Watch_init(PyObject *op, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"threshold", "on_slow", NULL};
+    WatchObject *self = (WatchObject *)op;
+    double threshold = Py_HUGE_VAL;
+    PyObject *on_slow = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|dO:StepWatch", names, &threshold,
+                                     &on_slow)) {
+        return -1;
+    }
+    self->threshold = threshold;
+    /* Steps of at least half the threshold are told to the watchdog, which may be following
+       one of them as a block and can then use its exact duration. */
+    self->half = threshold / 2.0;
+    Py_XSETREF(self->on_slow, Py_NewRef(on_slow));
+    return 0;
+}
+
+static int
+Watch_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Py_VISIT(((WatchObject *)op)->on_slow);
+    return 0;
+}
+
+static int
+Watch_clear(PyObject *op)
+{
+    Py_CLEAR(((WatchObject *)op)->on_slow);
+    return 0;
+}
+
+static void
+Watch_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    Watch_clear(op);
+    tp->tp_free(op);
+}
+
+static PyMemberDef Watch_members[] = {
+    {"threshold", T_DOUBLE, offsetof(WatchObject, threshold), 0, NULL},
+    {"half", T_DOUBLE, offsetof(WatchObject, half), 0, NULL},
+    {"on_slow", T_OBJECT, offsetof(WatchObject, on_slow), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Watch_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.StepWatch",
+    .tp_doc = "StepWatch(threshold=inf, on_slow=None): what the proxies of one loop share.",
+    .tp_basicsize = sizeof(WatchObject),
+    .tp_dealloc = Watch_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = Watch_traverse,
+    .tp_clear = Watch_clear,
+    .tp_members = Watch_members,
+    .tp_init = Watch_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ======================================================================================= */
 /* Timed: the proxy                                                                        */
 
 typedef struct {
@@ -490,18 +580,30 @@ long_step(TimedObject *self, double took)
         self->watch = self->max_step;
         return;
     }
-    double half = attr_double(self->cfg, s_half, Py_HUGE_VAL);
+    /* The compiled StepWatch is read directly (a task's first step always comes here, as its
+       max_step was 0): no attribute lookups on the hot path. */
+    int compiled = Py_IS_TYPE(self->cfg, &Watch_Type);
+    double half = compiled ? ((WatchObject *)self->cfg)->half
+                           : attr_double(self->cfg, s_half, Py_HUGE_VAL);
     self->watch = self->max_step < half ? self->max_step : half;
     if (took < half) {
         return;
     }
-    if (took >= attr_double(self->cfg, s_threshold, Py_HUGE_VAL)) {
+    double threshold = compiled ? ((WatchObject *)self->cfg)->threshold
+                                : attr_double(self->cfg, s_threshold, Py_HUGE_VAL);
+    if (took >= threshold) {
         self->slow_steps++;
     }
-    PyObject *on_slow = PyObject_GetAttr(self->cfg, s_on_slow);
+    PyObject *on_slow = compiled ? ((WatchObject *)self->cfg)->on_slow
+                                 : PyObject_GetAttr(self->cfg, s_on_slow);
     if (on_slow == NULL) {
-        PyErr_Clear();
+        if (!compiled) {
+            PyErr_Clear();
+        }
         return;
+    }
+    if (compiled) {
+        Py_INCREF(on_slow);
     }
     if (on_slow != Py_None) {
         PyObject *a = PyFloat_FromDouble(took);
@@ -1120,6 +1222,40 @@ forget_kinds(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+#ifdef LW_FRAME_WALK
+/* The interpreter's frames, as PyEval_GetFrame() and PyFrame_GetBack() walk them (skipping the
+   frames that have not started yet and 3.12's C-stack shims), with no frame object made. */
+static inline _PyInterpreterFrame *
+lw_first_complete(_PyInterpreterFrame *f)
+{
+    while (f != NULL && _PyFrame_IsIncomplete(f)) {
+        f = f->previous;
+    }
+    return f;
+}
+
+static inline _PyInterpreterFrame *
+lw_current_frame(void)
+{
+    PyThreadState *ts = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030D0000
+    return lw_first_complete(ts->current_frame);
+#else
+    return lw_first_complete(ts->cframe->current_frame);
+#endif
+}
+
+static inline PyObject * /* borrowed */
+lw_code(_PyInterpreterFrame *f)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return f->f_executable;
+#else
+    return (PyObject *)f->f_code;
+#endif
+}
+#endif
+
 /* ("loop", *kwnames), cached for the last kwnames seen (names are interned). */
 static PyObject *
 task_kwnames(FactoryObject *self, PyObject *kwnames)
@@ -1185,10 +1321,33 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
     /* The creation site: the first frame of a file known not to be asyncio/uvloop/loopwatch;
        a file not yet in the cache, or the loop's own code running a callback, go the slow
        way. */
-    PyFrameObject *frame = PyEval_GetFrame();
-    Py_XINCREF(frame);
     PyObject *site = NULL;
     int lasti = 0;
+#ifdef LW_FRAME_WALK
+    _PyInterpreterFrame *f = lw_current_frame();
+    while (f != NULL) {
+        PyObject *code = lw_code(f);
+        if (code == NULL || !PyCode_Check(code)) {
+            Py_DECREF(label);
+            goto slow;
+        }
+        kind = machinery_kind(((PyCodeObject *)code)->co_filename);
+        if (kind == Py_False) {
+            site = Py_NewRef(code);
+            lasti = _PyInterpreterFrame_LASTI(f) * (int)sizeof(_Py_CODEUNIT);
+            break;
+        }
+        if (kind != Py_True || code == g_handle_run || code == g_driver ||
+            (self->boundary != NULL && (PyObject *)f->frame_obj == self->boundary)) {
+            Py_DECREF(label);
+            PyErr_Clear();
+            goto slow;
+        }
+        f = lw_first_complete(f->previous);
+    }
+#else
+    PyFrameObject *frame = PyEval_GetFrame();
+    Py_XINCREF(frame);
     while (frame != NULL) {
         PyCodeObject *code = PyFrame_GetCode(frame);
         kind = machinery_kind(code->co_filename);
@@ -1211,6 +1370,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
         Py_DECREF(frame);
         frame = back;
     }
+#endif
     if (site == NULL) {
         Py_DECREF(label);
         goto slow;
@@ -2426,7 +2586,7 @@ PyInit__accel(void)
     if (g_loop_kwnames == NULL) {
         return NULL;
     }
-    if (PyType_Ready(&Counts_Type) < 0 || PyType_Ready(&Row_Type) < 0 ||
+    if (PyType_Ready(&Counts_Type) < 0 || PyType_Ready(&Row_Type) < 0 || PyType_Ready(&Watch_Type) < 0 ||
         PyType_Ready(&Timed_Type) < 0 || PyType_Ready(&Factory_Type) < 0 ||
         PyType_Ready(&Pulse_Type) < 0 || PyType_Ready(&Hook_Type) < 0 ||
         PyType_Ready(&Thread_Type) < 0) {
@@ -2438,6 +2598,7 @@ PyInit__accel(void)
     }
     if (PyModule_AddObjectRef(m, "TaskCounts", (PyObject *)&Counts_Type) < 0 ||
         PyModule_AddObjectRef(m, "Row", (PyObject *)&Row_Type) < 0 ||
+        PyModule_AddObjectRef(m, "StepWatch", (PyObject *)&Watch_Type) < 0 ||
         PyModule_AddObjectRef(m, "Timed", (PyObject *)&Timed_Type) < 0 ||
         PyModule_AddObjectRef(m, "Factory", (PyObject *)&Factory_Type) < 0 ||
         PyModule_AddObjectRef(m, "Pulse", (PyObject *)&Pulse_Type) < 0 ||

@@ -74,8 +74,12 @@ def _strip_own_frame(exc: BaseException) -> None:
         exc.__traceback__ = tb.tb_next
 
 
-class StepWatch:
-    """What the proxies of one loop share: the threshold, and who hears of long steps."""
+class PyStepWatch:
+    """What the proxies of one loop share: the threshold, and who hears of long steps.
+
+    (The compiled proxies read the compiled ``StepWatch``'s fields directly: a task's first step
+    always compares itself with them.)
+    """
 
     __slots__ = ("half", "on_slow", "threshold")
 
@@ -91,6 +95,7 @@ class StepWatch:
         self.on_slow = on_slow
 
 
+StepWatch: Any = PyStepWatch if ACCEL is None else ACCEL.StepWatch
 _NO_WATCH = StepWatch()
 
 
@@ -131,7 +136,7 @@ class PyTimed:
     _stack: tuple[Any, ...] | None
     born: float
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], cfg: StepWatch = _NO_WATCH) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], cfg: PyStepWatch = _NO_WATCH) -> None:
         # The task factory builds its proxies without this call (see TaskTracker): what is set
         # here is set there too.
         self._coro = coro
