@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench
+from lwbench.stats import median_interval
+from lwbench.workloads import WORKLOADS
 
 import loopwatch
 from loopwatch._native import ACCEL
@@ -87,7 +88,7 @@ def measure(
 ) -> dict[str, Any]:
     """Watched against plain; with ``clocks``, both watched, task steps timed with the
     processor's counter against with the monotonic clock (the compiled module's two clocks)."""
-    workload = bench.WORKLOADS[name].run
+    workload = WORKLOADS[name].run
 
     def a_run() -> float:
         if clocks:
@@ -117,7 +118,7 @@ def measure(
         plain_times.append(plain)
     overheads = [100.0 * (r - 1.0) for r in ratios]
     median = statistics.median(overheads)
-    low, high, coverage = bench.median_interval(overheads)
+    low, high, coverage = median_interval(overheads)
     return {
         "workload": name,
         "loop": kind,
