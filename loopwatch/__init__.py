@@ -16,6 +16,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._api import (
+        coroutine_stats,
+        install,
+        metrics_url,
+        new_event_loop,
+        new_uvloop_event_loop,
+        uninstall,
+    )
     from ._config import Settings
     from ._dispatch import Exporter
     from ._events import (
@@ -27,12 +35,10 @@ if TYPE_CHECKING:
         TaskLeaked,
         TaskOrphaned,
     )
-    from ._loops import install, new_event_loop, new_uvloop_event_loop, uninstall
     from ._policy import EventLoopPolicy
-    from ._runtime import metrics_url
     from ._scope import watch
     from ._testing import IsolatedAsyncioTestCase
-    from ._timing import CoroutineStats, coroutine_stats, timed
+    from ._timing import CoroutineStats, timed
     from .exporters.prometheus import MetricsCollector, aiohttp_metrics_handler, metrics_app
 
 __all__ = [
@@ -68,7 +74,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CoroutineNeverAwaited": "._events",
     "CoroutineStats": "._timing",
-    "coroutine_stats": "._timing",
+    "coroutine_stats": "._api",
     "timed": "._timing",
     "Event": "._events",
     "EventLoopPolicy": "._policy",
@@ -82,12 +88,12 @@ _LAZY = {
     "TaskLeaked": "._events",
     "TaskOrphaned": "._events",
     "aiohttp_metrics_handler": ".exporters.prometheus",
-    "install": "._loops",
+    "install": "._api",
     "metrics_app": ".exporters.prometheus",
-    "metrics_url": "._runtime",
-    "new_event_loop": "._loops",
-    "new_uvloop_event_loop": "._loops",
-    "uninstall": "._loops",
+    "metrics_url": "._api",
+    "new_event_loop": "._api",
+    "new_uvloop_event_loop": "._api",
+    "uninstall": "._api",
     "watch": "._scope",
 }
 

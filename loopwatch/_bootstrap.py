@@ -37,7 +37,9 @@ def start() -> None:
         )
         return
     try:
-        from ._import_hooks import when_imported
+        from ._import_hooks import (
+            when_imported,  # (deferred: start-up cost, paid in every process the .pth line runs in)
+        )
 
         when_imported("asyncio", _on_asyncio)
         when_imported("uvloop", _on_uvloop)
@@ -54,14 +56,15 @@ def _say(line: str) -> None:
 
 
 def _on_asyncio(_: ModuleType) -> None:
+    # (deferred: start-up cost; these load the whole of loopwatch, needed only now)
     from . import _config
-    from ._loops import enable_global
+    from ._api import enable_global
 
     _config.environ_settings()  # reports bad values once, now, before the first loop
     enable_global()
 
 
 def _on_uvloop(_: ModuleType) -> None:
-    from ._loops import patch_uvloop
+    from ._api import patch_uvloop  # (deferred: start-up cost, as above)
 
     patch_uvloop()

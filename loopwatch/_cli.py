@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(parser, args)
     if args.command == "demo":
-        from ._demo import main as demo_main
+        from ._demo import main as demo_main  # (deferred: start-up cost of other commands)
 
         return demo_main(uvloop=args.uvloop, pause=args.pause)
     parser.print_help()

@@ -335,7 +335,7 @@ def from_environ(
 
 def unknown_name(name: str) -> str:
     """The line for a ``LOOPWATCH_*`` variable that is no setting: with the closest known name."""
-    import difflib
+    import difflib  # (deferred: start-up cost; needed only for a misspelled name)
 
     close = difflib.get_close_matches(name, sorted(_ENV_NAMES | OTHER_NAMES), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else " (`loopwatch run --help` lists them)"

@@ -70,7 +70,7 @@ def _call(name: str, hook: Callable[[ModuleType], None], module: ModuleType) -> 
     try:
         hook(module)
     except Exception as exc:  # noqa: BLE001
-        from ._config import report
+        from ._config import report  # (deferred: start-up cost, as this module's imports)
 
         report(f"loopwatch: hooking {name} failed ({type(exc).__name__}: {exc}); it is not watched")
 

@@ -1,7 +1,12 @@
-"""Watched loops: attaching to a loop, loop factories, install/uninstall, and global mode.
+"""Attaching to loops: the registry of watched loops (:class:`Loops`), the class hooks, global mode.
 
-Nothing of loopwatch's is put on a loop object. A watched loop is recognised by loopwatch's own
-table (``_states``, weak keys), and the few loop methods loopwatch needs to hear of are hooked once
+One :class:`Loops` belongs to the runtime (``_runtime.Runtime.loops``) and holds everything about
+the loops being watched: their states (weak keys), the totals of loops no longer watched, the
+class hooks and global mode's patches, with the undo of each. It is given the runtime's
+dispatcher, watchdog and timing table; it imports no layer above the detectors.
+
+Nothing of loopwatch's is put on a loop object. A watched loop is recognised by the registry's
+own table (weak keys), and the few loop methods loopwatch needs to hear of are hooked once
 on the loop *classes*, asyncio's ``BaseEventLoop`` and uvloop's ``Loop``, where each hook hands an
 unwatched loop straight on:
 
@@ -22,8 +27,8 @@ watchdog's pulse goes on the loop's *selector* (see ``_pulse``), uvloop's in its
 
 Global mode ("every loop from now on": ``LOOPWATCH=1``, or ``install()`` outside a loop) wraps
 ``__init__`` of ``BaseEventLoop`` and of ``uvloop.Loop``, so a loop however made is attached when
-it is built. Each hook and wrap is undone by ``uninstall()``. A hook's own frame never shows in the
-program's tracebacks.
+it is built. Each hook and wrap is undone by :meth:`Loops.close` (``uninstall()``). A hook's own
+frame never shows in the program's tracebacks.
 """
 
 from __future__ import annotations
@@ -37,129 +42,278 @@ from asyncio.base_events import BaseEventLoop
 from collections.abc import Callable
 from typing import Any
 
-from . import _runtime, _tasks, _threads, _timing
+from . import _tasks, _threads
 from ._config import Settings, report
+from ._dispatch import Dispatcher
 from ._native import ACCEL
 from ._stats import Histogram
-from ._tasks import TaskStats, TaskTracker
-from ._watchdog import LoopState
+from ._tasks import ProcessHooks, TaskStats, TaskTracker
+from ._timing import Table
+from ._watchdog import LoopState, Watchdog
 
-_lock = threading.RLock()
-_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = (
-    weakref.WeakKeyDictionary()
-)
-_global = False
-# (class, attribute, previous value or _ABSENT): what global mode changed, to undo it exactly.
-_patches: list[tuple[type, str, Any]] = []
 _ABSENT = object()
-# Task counts, lag and busy time of loops no longer watched, so process totals never go back.
-_retired = TaskStats()
-_retired_lag = Histogram()
-_retired_busy = [0.0]
+_CREATE_TASK_RENAMES = "set_name" in BaseEventLoop.create_task.__code__.co_names
+_HOOKS = ("run_forever", "close", "set_task_factory", "get_task_factory", "call_exception_handler")
+_HOOK_CODES: set[Any] = set()  # the hooks' code objects: stripped from tracebacks
 
 
-def task_totals() -> TaskStats:
-    """Task counts over every loop watched so far, and the number of live tracked tasks."""
-    totals = TaskStats()
-    totals.add(_retired)
-    for state in list(_states.values()):
-        if state.tasks is not None:
-            totals.add(state.tasks.stats)
-    return totals
+class Loops:
+    """The watched loops of one runtime, and every hook that attaching to them put in place."""
 
-
-def lag_totals() -> Histogram:
-    """The lag histogram over every loop watched so far."""
-    total = Histogram()
-    total.merge(_retired_lag.counts, _retired_lag.sum)
-    for state in list(_states.values()):
-        counts, lag_sum = state.lag_histogram()
-        total.merge(counts, lag_sum)
-    return total
-
-
-def state_of(loop: asyncio.AbstractEventLoop) -> LoopState | None:
-    return _states.get(loop)
-
-
-def watched_loops() -> list[asyncio.AbstractEventLoop]:
-    return list(_states.keys())
-
-
-def tracker_of(loop: asyncio.AbstractEventLoop) -> TaskTracker | None:
-    state = _states.get(loop)
-    return state.tasks if state is not None else None
-
-
-def active_tasks() -> int:
-    """Tasks alive and not done, over every watched loop."""
-    return sum(state.tasks.active for state in list(_states.values()) if state.tasks is not None)
-
-
-def attach(loop: asyncio.AbstractEventLoop, settings: Settings | None = None) -> LoopState:
-    """Watch ``loop`` (idempotent). A running loop is watched from now on."""
-    runtime = _runtime.activate()
-    settings = settings or runtime.settings
-    with _lock:
-        state = _states.get(loop)
-        if state is not None and state.active:
-            state.configure(settings)
-            return state
-        say = runtime.dispatcher.say
-        state = LoopState(
-            loop,
-            settings,
-            emit=runtime.dispatcher.emit,
-            wake=runtime.watchdog.wake,
-            settle=runtime.dispatcher.settle,
+    def __init__(
+        self, settings: Settings, dispatcher: Dispatcher, watchdog: Watchdog, table: Table
+    ) -> None:
+        self.settings = settings  # for loops attached with no settings of their own
+        self.dispatcher = dispatcher
+        self.watchdog = watchdog
+        self.table = table
+        self._lock = threading.RLock()
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = (
+            weakref.WeakKeyDictionary()
         )
-        if settings.tasks:
-            state.tasks = TaskTracker(
-                loop, runtime.dispatcher.emit, creation_stack=settings.creation_stack, say=say
+        # Task counts, lag and busy time of loops no longer watched, so totals never go back.
+        self.retired = TaskStats()
+        self.retired_lag = Histogram()
+        self.retired_busy = 0.0
+        self.global_mode = False
+        # (class, attribute, previous value or _ABSENT): what global mode changed, to undo it.
+        self._patches: list[tuple[type, str, Any]] = []
+        # class -> {name: the class's own method before the hook}, while hooked
+        self._hooked: dict[type, dict[str, Any]] = {}
+        self.process_hooks = ProcessHooks(self.tracker_of, dispatcher.emit, dispatcher.say)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def task_totals(self) -> TaskStats:
+        """Task counts over every loop watched so far, and the number of live tracked tasks."""
+        totals = TaskStats()
+        totals.add(self.retired)
+        for state in list(self._states.values()):
+            if state.tasks is not None:
+                totals.add(state.tasks.stats)
+        return totals
+
+    def lag_totals(self) -> Histogram:
+        """The lag histogram over every loop watched so far."""
+        total = Histogram()
+        total.merge(self.retired_lag.counts, self.retired_lag.sum)
+        for state in list(self._states.values()):
+            counts, lag_sum = state.lag_histogram()
+            total.merge(counts, lag_sum)
+        return total
+
+    def state_of(self, loop: asyncio.AbstractEventLoop) -> LoopState | None:
+        return self._states.get(loop)
+
+    def watched_loops(self) -> list[asyncio.AbstractEventLoop]:
+        return list(self._states.keys())
+
+    def tracker_of(self, loop: asyncio.AbstractEventLoop) -> TaskTracker | None:
+        state = self._states.get(loop)
+        return state.tasks if state is not None else None
+
+    def active_tasks(self) -> int:
+        """Tasks alive and not done, over every watched loop."""
+        return sum(s.tasks.active for s in list(self._states.values()) if s.tasks is not None)
+
+    # -- attaching -------------------------------------------------------------------------------
+
+    def attach(
+        self, loop: asyncio.AbstractEventLoop, settings: Settings | None = None
+    ) -> LoopState:
+        """Watch ``loop`` (idempotent). A running loop is watched from now on."""
+        settings = settings or self.settings
+        dispatcher = self.dispatcher
+        with self._lock:
+            state = self._states.get(loop)
+            if state is not None and state.active:
+                state.configure(settings)
+                return state
+            state = LoopState(
+                loop,
+                settings,
+                emit=dispatcher.emit,
+                wake=self.watchdog.wake,
+                settle=dispatcher.settle,
             )
-            state.configure(settings)  # now that it has a tracker, pass it the timing settings
-        _hook_loop_class(type(loop))
-        _states[loop] = state
-        if state.tasks is not None:
-            _unhooked(loop, "set_task_factory")(loop, state.tasks.factory)
-        _tasks.install_process_hooks(tracker_of, runtime.dispatcher.emit, say)
-        runtime.dispatcher.start()  # (again in a forked child: its first loop starts it)
-        if _threads.pending:
-            _threads.resume_paused()
-        runtime.watchdog.add(state)
-    if loop.is_running() and _running_here(loop):
-        state.run_started()
-    return state
+            if settings.tasks:
+                state.tasks = TaskTracker(
+                    loop,
+                    dispatcher.emit,
+                    creation_stack=settings.creation_stack,
+                    say=dispatcher.say,
+                    table=self.table,
+                )
+                state.configure(settings)  # now that it has a tracker, pass it the timing settings
+            self._hook_loop_class(type(loop))
+            self._states[loop] = state
+            if state.tasks is not None:
+                _unhooked(loop, "set_task_factory")(loop, state.tasks.factory)
+            self.process_hooks.install()
+            dispatcher.start()  # (again in a forked child: its first loop starts it)
+            if _threads.pending:
+                _threads.resume_paused()
+            self.watchdog.add(state)
+        if loop.is_running() and _running_here(loop):
+            state.run_started()
+        return state
 
-
-def detach(loop: asyncio.AbstractEventLoop) -> None:
-    """Stop watching ``loop``; it runs on unwatched, with its own task factory back."""
-    with _lock:
-        state = _states.pop(loop, None)
-    if state is None:
-        return
-    _forget(loop, state)
-    runtime = _runtime.current()
-    if runtime is not None:
-        runtime.watchdog.remove(state)
-        if not _states:
+    def detach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop watching ``loop``; it runs on unwatched, with its own task factory back."""
+        with self._lock:
+            state = self._states.pop(loop, None)
+        if state is None:
+            return
+        self._forget(loop, state)
+        self.watchdog.remove(state)
+        if not self._states:
             # No loop left: loopwatch's threads end (what is queued written first), so that a
             # program that forks now is single-threaded; the next loop starts them again.
-            runtime.dispatcher.stop_idle()
+            self.dispatcher.stop_idle()
 
+    def _forget(self, loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
+        """Take loopwatch out of a loop that is no longer watched (no thread touched)."""
+        state.detach()
+        tracker = state.tasks
+        if tracker is not None:
+            if _factory_of(loop) is tracker.factory:
+                _unhooked(loop, "set_task_factory")(loop, tracker.inner)
+            self.retired.add(tracker.stats)
+            self.table.retire(tracker.rows)
+        counts, lag_sum = state.lag_histogram()
+        self.retired_lag.merge(counts, lag_sum)
+        self.retired_busy += state.pulse.busy
 
-def _forget(loop: asyncio.AbstractEventLoop, state: LoopState) -> None:
-    """Take loopwatch out of a loop that is no longer watched (no thread touched)."""
-    state.detach()
-    tracker = state.tasks
-    if tracker is not None:
-        if _factory_of(loop) is tracker.factory:
-            _unhooked(loop, "set_task_factory")(loop, tracker.inner)
-        _retired.add(tracker.stats)
-        _timing.TABLE.retire(tracker.rows)
-    counts, lag_sum = state.lag_histogram()
-    _retired_lag.merge(counts, lag_sum)
-    _retired_busy[0] += state.pulse.busy
+    def close(self) -> None:
+        """Undo everything: global mode, every loop, the class hooks, the process hooks."""
+        self.disable_global()
+        for known in self.watched_loops():
+            self.detach(known)
+        with self._lock:
+            self._unhook_classes()
+        self.process_hooks.remove()
+
+    # -- the class hooks -------------------------------------------------------------------------
+
+    def _hook_loop_class(self, cls: type) -> None:
+        """Hook the owner class of ``cls`` once (under the lock)."""
+        owner = _owner_class(cls)
+        if owner is None or owner in self._hooked:
+            return
+        originals: dict[str, Any] = {}
+        names = list(_HOOKS)
+        if owner is BaseEventLoop and _CREATE_TASK_RENAMES:
+            names.append("create_task")
+        for name in names:
+            original = owner.__dict__.get(name, _ABSENT)
+            current = getattr(owner, name)
+            hook: Any
+            if name == "run_forever" and ACCEL is not None:
+                # Compiled: no frame of loopwatch's on the stack for the length of the run (the
+                # program's stacks, tracebacks and cr_origin show the loop's frames only).
+                hook = ACCEL.MethodHook(current, self._run_enter, _run_leave)
+            else:
+                hook = _make_hook(self, name, current)
+                hook.__qualname__ = f"{owner.__name__}.{name}"
+                hook.__doc__ = current.__doc__
+                setattr(hook, "__wrapped__", current)  # noqa: B010 - mypy: functions take attributes
+                setattr(hook, "__loopwatch__", True)  # noqa: B010
+                _HOOK_CODES.add(hook.__code__)
+                if name == "run_forever":
+                    # The last frame of loopwatch's before uvloop's compiled loop calls a callback.
+                    _tasks.set_driver(hook.__code__)
+            type.__setattr__(owner, name, hook)
+            originals[name] = original
+        self._hooked[owner] = originals
+
+    def _unhook_classes(self) -> None:
+        for owner, originals in list(self._hooked.items()):
+            for name, original in originals.items():
+                hook = owner.__dict__.get(name)
+                if not getattr(hook, "__loopwatch__", False):
+                    continue  # replaced since by someone else: theirs stays
+                if original is _ABSENT:
+                    type.__delattr__(owner, name)
+                else:
+                    type.__setattr__(owner, name, original)
+            del self._hooked[owner]
+
+    def _run_enter(self, loop: Any) -> LoopState | None:
+        """The compiled run_forever hook's start: the state of a watched loop, now running."""
+        state = self._states.get(loop)
+        if state is None or not state.active:
+            return None
+        state.run_started()
+        return state
+
+    # -- global mode ---------------------------------------------------------------------------
+
+    def enable_global(self) -> None:
+        """Watch every loop built from now on, stock or uvloop (uvloop when it is imported)."""
+        with self._lock:
+            if self.global_mode:
+                return
+            self.global_mode = True
+            self._patch_init(BaseEventLoop)
+            if "uvloop" in sys.modules:
+                self.patch_uvloop()
+
+    def patch_uvloop(self) -> None:
+        """Wrap ``uvloop.Loop.__init__`` if global mode is on (called when uvloop is imported)."""
+        with self._lock:
+            if not self.global_mode:
+                return
+            uvloop = sys.modules.get("uvloop")
+            loop_class = getattr(uvloop, "Loop", None)
+            if loop_class is not None:
+                self._patch_init(loop_class)
+
+    def _patch_init(self, cls: type) -> None:
+        if any(c is cls and name == "__init__" for c, name, _ in self._patches):
+            return
+        previous = cls.__dict__.get("__init__", _ABSENT)
+        original = cls.__init__  # type: ignore[misc]  # the class's own, whatever its subclasses do
+        loops = self
+
+        def __init__(self: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> None:
+            try:
+                original(self, *args, **kwargs)
+            except BaseException as exc:
+                _strip(exc)
+                raise
+            if loops.global_mode:
+                try:
+                    loops.attach(self)
+                except Exception as exc:  # noqa: BLE001 - never break loop creation
+                    report(f"loopwatch: could not watch a new loop ({type(exc).__name__}: {exc})")
+
+        __init__.__loopwatch__ = True  # type: ignore[attr-defined]
+        __init__.__wrapped__ = original  # type: ignore[attr-defined]
+        _HOOK_CODES.add(__init__.__code__)
+        type.__setattr__(cls, "__init__", __init__)
+        self._patches.append((cls, "__init__", previous))
+
+    def disable_global(self) -> None:
+        with self._lock:
+            self.global_mode = False
+            while self._patches:
+                cls, name, previous = self._patches.pop()
+                if previous is _ABSENT:
+                    type.__delattr__(cls, name)
+                else:
+                    type.__setattr__(cls, name, previous)
+
+    # -- forks -----------------------------------------------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        """A child forked inside a running loop starts with no loop state of its parent's: the
+        loops it inherited run on unwatched (their pulse off, their task factory back), the loops
+        it makes are watched."""
+        self._lock = threading.RLock()
+        for loop, state in list(self._states.items()):
+            with contextlib.suppress(Exception):  # a child must never fail because of loopwatch
+                self._forget(loop, state)
+        self._states.clear()
 
 
 def _factory_of(loop: asyncio.AbstractEventLoop) -> Any:
@@ -174,15 +328,6 @@ def _running_here(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-# -- the class hooks -----------------------------------------------------------------------------
-
-_CREATE_TASK_RENAMES = "set_name" in BaseEventLoop.create_task.__code__.co_names
-_HOOKS = ("run_forever", "close", "set_task_factory", "get_task_factory", "call_exception_handler")
-# class -> {name: the class's own method before the hook}, while hooked
-_hooked: dict[type, dict[str, Any]] = {}
-_HOOK_CODES: set[Any] = set()  # the hooks' code objects: stripped from tracebacks
-
-
 def _owner_class(cls: type) -> type | None:
     """The class whose methods are hooked for loops of ``cls``: BaseEventLoop or uvloop.Loop."""
     if issubclass(cls, BaseEventLoop):
@@ -192,51 +337,6 @@ def _owner_class(cls: type) -> type | None:
     if isinstance(base, type) and issubclass(cls, base):
         return base
     return None
-
-
-def _hook_loop_class(cls: type) -> None:
-    """Hook the owner class of ``cls`` once (under _lock)."""
-    owner = _owner_class(cls)
-    if owner is None or owner in _hooked:
-        return
-    originals: dict[str, Any] = {}
-    names = list(_HOOKS)
-    if owner is BaseEventLoop and _CREATE_TASK_RENAMES:
-        names.append("create_task")
-    for name in names:
-        original = owner.__dict__.get(name, _ABSENT)
-        current = getattr(owner, name)
-        hook: Any
-        if name == "run_forever" and ACCEL is not None:
-            # Compiled: no frame of loopwatch's on the stack for the length of the run (the
-            # program's stacks, tracebacks and cr_origin show the loop's frames only).
-            hook = ACCEL.MethodHook(current, _run_enter, _run_leave)
-        else:
-            hook = _make_hook(name, current)
-            hook.__qualname__ = f"{owner.__name__}.{name}"
-            hook.__doc__ = current.__doc__
-            setattr(hook, "__wrapped__", current)  # noqa: B010 - mypy: functions take attributes
-            setattr(hook, "__loopwatch__", True)  # noqa: B010
-            _HOOK_CODES.add(hook.__code__)
-            if name == "run_forever":
-                # The last frame of loopwatch's before uvloop's compiled loop calls a callback.
-                _tasks.set_driver(hook.__code__)
-        type.__setattr__(owner, name, hook)
-        originals[name] = original
-    _hooked[owner] = originals
-
-
-def _unhook_classes() -> None:
-    for owner, originals in list(_hooked.items()):
-        for name, original in originals.items():
-            hook = owner.__dict__.get(name)
-            if not getattr(hook, "__loopwatch__", False):
-                continue  # replaced since by someone else: theirs stays
-            if original is _ABSENT:
-                type.__delattr__(owner, name)
-            else:
-                type.__setattr__(owner, name, original)
-        del _hooked[owner]
 
 
 def _unhooked(loop: Any, name: str) -> Any:
@@ -253,12 +353,12 @@ def _strip(exc: BaseException) -> None:
         exc.__traceback__ = tb.tb_next
 
 
-def _make_hook(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+def _make_hook(loops: Loops, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     hook: Callable[..., Any]
     if name == "run_forever":
 
         def run_forever(self: Any) -> Any:
-            state = _states.get(self)
+            state = loops.state_of(self)
             if state is None or not state.active:
                 try:
                     return original(self)
@@ -279,7 +379,7 @@ def _make_hook(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     elif name == "close":
 
         def close(self: Any) -> Any:
-            state = _states.get(self)
+            state = loops.state_of(self)
             tracker = state.tasks if state is not None else None
             if tracker is not None and not self.is_running() and not self.is_closed():
                 try:
@@ -292,14 +392,14 @@ def _make_hook(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
                 _strip(exc)
                 raise
             if state is not None:
-                detach(self)
+                loops.detach(self)
             return result
 
         hook = close
     elif name == "set_task_factory":
 
         def set_task_factory(self: Any, factory: Any) -> Any:
-            tracker = _tracker_for(self)
+            tracker = loops.tracker_of(self)
             if tracker is None:
                 try:
                     return original(self, factory)
@@ -315,14 +415,14 @@ def _make_hook(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     elif name == "get_task_factory":
 
         def get_task_factory(self: Any) -> Any:
-            tracker = _tracker_for(self)
+            tracker = loops.tracker_of(self)
             return original(self) if tracker is None else tracker.inner
 
         hook = get_task_factory
     elif name == "call_exception_handler":
 
         def call_exception_handler(self: Any, context: dict[str, Any]) -> Any:
-            tracker = _tracker_for(self)
+            tracker = loops.tracker_of(self)
             if tracker is not None:
                 _tell_tracker(tracker, context)
             try:
@@ -357,22 +457,8 @@ def _make_hook(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     return hook
 
 
-def _run_enter(loop: Any) -> LoopState | None:
-    """The compiled run_forever hook's start: the state of a watched loop, now running."""
-    state = _states.get(loop)
-    if state is None or not state.active:
-        return None
-    state.run_started()
-    return state
-
-
 def _run_leave(state: LoopState) -> None:
     state.run_stopped()
-
-
-def _tracker_for(loop: Any) -> TaskTracker | None:
-    state = _states.get(loop)
-    return state.tasks if state is not None else None
 
 
 def _tell_tracker(tracker: TaskTracker, context: dict[str, Any]) -> None:
@@ -382,156 +468,7 @@ def _tell_tracker(tracker: TaskTracker, context: dict[str, Any]) -> None:
         tracker.say(f"loopwatch: reading an asyncio report failed ({type(exc).__name__}: {exc})")
 
 
-# -- loop factories ------------------------------------------------------------------------
-
-
-def _stock_loop_class() -> type[asyncio.AbstractEventLoop]:
+def stock_loop_class() -> type[asyncio.AbstractEventLoop]:
     if sys.platform == "win32":  # pragma: no cover - the default there is the proactor loop
         return asyncio.ProactorEventLoop
     return asyncio.SelectorEventLoop
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A watched stock asyncio loop: a loop factory for ``asyncio.run`` and ``asyncio.Runner``."""
-    loop = _stock_loop_class()()
-    attach(loop)
-    return loop
-
-
-def new_uvloop_event_loop() -> asyncio.AbstractEventLoop:
-    """A watched uvloop loop (needs the ``uvloop`` extra)."""
-    try:
-        import uvloop
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise RuntimeError(
-            "loopwatch.new_uvloop_event_loop needs uvloop: pip install 'loopwatch[uvloop]'"
-        ) from exc
-    loop = uvloop.new_event_loop()
-    attach(loop)
-    return loop
-
-
-# -- global mode ---------------------------------------------------------------------------
-
-
-def enable_global() -> None:
-    """Watch every loop built from now on, stock or uvloop (uvloop when it is imported)."""
-    global _global
-    _runtime.activate()
-    with _lock:
-        if _global:
-            return
-        _global = True
-        _patch_init(BaseEventLoop)
-        if "uvloop" in sys.modules:
-            patch_uvloop()
-
-
-def patch_uvloop() -> None:
-    """Wrap ``uvloop.Loop.__init__`` if global mode is on (called when uvloop is imported)."""
-    with _lock:
-        if not _global:
-            return
-        uvloop = sys.modules.get("uvloop")
-        loop_class = getattr(uvloop, "Loop", None)
-        if loop_class is not None:
-            _patch_init(loop_class)
-
-
-def _patch_init(cls: type) -> None:
-    if any(c is cls and name == "__init__" for c, name, _ in _patches):
-        return
-    previous = cls.__dict__.get("__init__", _ABSENT)
-    original = cls.__init__  # type: ignore[misc]  # the class's own, whatever its subclasses do
-
-    def __init__(self: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> None:
-        try:
-            original(self, *args, **kwargs)
-        except BaseException as exc:
-            _strip(exc)
-            raise
-        if _global:
-            try:
-                attach(self)
-            except Exception as exc:  # noqa: BLE001 - never break loop creation
-                report(f"loopwatch: could not watch a new loop ({type(exc).__name__}: {exc})")
-
-    __init__.__loopwatch__ = True  # type: ignore[attr-defined]
-    __init__.__wrapped__ = original  # type: ignore[attr-defined]
-    _HOOK_CODES.add(__init__.__code__)
-    type.__setattr__(cls, "__init__", __init__)
-    _patches.append((cls, "__init__", previous))
-
-
-def disable_global() -> None:
-    global _global
-    with _lock:
-        _global = False
-        while _patches:
-            cls, name, previous = _patches.pop()
-            if previous is _ABSENT:
-                type.__delattr__(cls, name)
-            else:
-                type.__setattr__(cls, name, previous)
-
-
-def global_enabled() -> bool:
-    return _global
-
-
-# -- forks ---------------------------------------------------------------------------------------
-
-
-def after_fork_in_child() -> None:
-    """A child forked inside a running loop starts with no loop state of its parent's: the loops
-    it inherited run on unwatched (their pulse off, their task factory back), the loops it makes
-    are watched."""
-    global _lock
-    _lock = threading.RLock()
-    for loop, state in list(_states.items()):
-        with contextlib.suppress(Exception):  # a child must never fail because of loopwatch
-            _forget(loop, state)
-    _states.clear()
-
-
-# -- the public install/uninstall ----------------------------------------------------------
-
-
-def install(loop: asyncio.AbstractEventLoop | None = None, **settings: Any) -> None:
-    """Watch ``loop``, or the running loop, or every loop from now on. Idempotent.
-
-    Keyword settings are those of ``LOOPWATCH_*`` in lower case without the prefix
-    (``slow_callback_ms=50``); they win over the environment. An unknown name raises
-    ``TypeError`` and a bad value ``ValueError``.
-    """
-    runtime = _runtime.activate(**settings)
-    if loop is None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-    if loop is not None:
-        attach(loop, runtime.settings)
-    else:
-        enable_global()
-        for known in watched_loops():
-            state = _states.get(known)
-            if state is not None:
-                state.configure(runtime.settings)
-
-
-def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Undo ``install``: for ``loop`` only, or everything (every loop, hook and thread)."""
-    if loop is not None:
-        detach(loop)
-        return
-    disable_global()
-    for known in watched_loops():
-        detach(known)
-    with _lock:
-        _unhook_classes()
-    _tasks.remove_process_hooks()
-    _retired.reset()  # counts start again with the next install
-    _retired_lag.reset()
-    _retired_busy[0] = 0.0
-    _runtime.deactivate()

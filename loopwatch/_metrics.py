@@ -1,15 +1,20 @@
-"""One read-only snapshot of everything the exporters publish, taken at scrape time.
+"""The read side: one read-only snapshot of everything the exporters publish, taken when asked.
 
 The hot paths only ever add to plain Python counters and histograms (``_stats``); turning them
-into metric values happens here, when someone asks, so Prometheus costs nothing per event.
+into metric values happens here, when someone asks (a scrape, a fork), so Prometheus costs
+nothing per event. A snapshot is a function of a runtime; this module reads the runtime and
+changes nothing in it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from . import _runtime
-from ._stats import LATENCY_BUCKETS, Histogram
+from ._stats import HistogramSnapshot
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
 
 # Event name -> the counter that counts it.
 EVENT_COUNTERS: dict[str, str] = {
@@ -20,24 +25,6 @@ EVENT_COUNTERS: dict[str, str] = {
     "loopwatch.task_exception_unretrieved": "loopwatch_task_exceptions_unretrieved_total",
     "loopwatch.coroutine_never_awaited": "loopwatch_coroutines_never_awaited_total",
 }
-
-
-@dataclass(slots=True)
-class HistogramSnapshot:
-    """Cumulative buckets ``(upper bound, count <= bound)`` ending with ``(inf, count)``."""
-
-    buckets: list[tuple[float, int]]
-    sum: float
-    count: int
-
-    @classmethod
-    def of(cls, histogram: Histogram) -> HistogramSnapshot:
-        buckets = histogram.cumulative()
-        return cls(buckets=buckets, sum=histogram.sum, count=buckets[-1][1])
-
-    @classmethod
-    def empty(cls, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> HistogramSnapshot:
-        return cls(buckets=[(b, 0) for b in (*bounds, float("inf"))], sum=0.0, count=0)
 
 
 @dataclass(slots=True)
@@ -54,18 +41,20 @@ class Snapshot:
     task_busy: dict[str, HistogramSnapshot] = field(default_factory=dict)
 
 
-def collect() -> Snapshot:
-    """A consistent-enough snapshot for one scrape (each value is read once, without locks)."""
+def collect(runtime: Runtime | None) -> Snapshot:
+    """A consistent-enough snapshot of ``runtime`` for one scrape (each value is read once,
+    without locks); all zeros with no runtime."""
     snap = Snapshot()
-    runtime = _runtime.current()
     counts = runtime.dispatcher.counts if runtime is not None else {}
     snap.events = {metric: counts.get(name, 0) for name, metric in EVENT_COUNTERS.items()}
-    from . import _loops, _timing
-
-    snap.loop_lag = HistogramSnapshot.of(_loops.lag_totals())
-    totals = _loops.task_totals()
+    if runtime is None:
+        snap.tasks_finished = {"ok": 0, "error": 0, "cancelled": 0}
+        return snap
+    loops = runtime.loops
+    snap.loop_lag = HistogramSnapshot.of(loops.lag_totals())
+    totals = loops.task_totals()
     snap.tasks_created = totals.created
-    snap.tasks_active = _loops.active_tasks()
+    snap.tasks_active = loops.active_tasks()
     snap.tasks_finished = {"ok": totals.ok, "error": totals.error, "cancelled": totals.cancelled}
-    snap.task_duration, snap.task_busy = _timing.histograms()
+    snap.task_duration, snap.task_busy = runtime.table.histograms()
     return snap

@@ -46,7 +46,7 @@ def _load() -> ModuleType | None:
         return None
     if not supported():
         try:
-            import importlib.util
+            import importlib.util  # (deferred: start-up cost; only on untested Pythons)
 
             present = importlib.util.find_spec(__package__ + "._accel") is not None
         except (ImportError, ValueError):
@@ -58,7 +58,7 @@ def _load() -> ModuleType | None:
             )
         return None
     try:
-        from . import _accel
+        from . import _accel  # an optional compiled module: absent where it was not built
     except ImportError:
         return None
     if getattr(_accel, "API", None) != API:

@@ -11,7 +11,7 @@ import asyncio
 import asyncio.events
 from typing import Any
 
-from ._loops import attach
+from ._api import attach
 
 # 3.14 keeps the abstract policy under a private name and warns on the public one; the user asked
 # for a policy, so on older versions the public name is the right one.

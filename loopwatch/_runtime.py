@@ -1,9 +1,16 @@
-"""The process-wide state of an active loopwatch: settings, the dispatcher, the watchdog.
+"""The one owner of loopwatch's process state: :class:`Runtime`.
 
-Created by the first ``install()``, loop factory or policy, or by ``LOOPWATCH=1``; torn down whole
-by ``uninstall()``. Around a fork every thread of loopwatch's is stopped (so the fork finds the
-process as it would unwatched) and started again in the parent; the child keeps the settings and
-exporters, but none of the threads, none of the parent's loops and nothing the parent queued.
+A runtime holds, for as long as loopwatch is on: the settings, the dispatcher (events to
+exporters), the watchdog (its thread and the loops it follows), the registry of watched loops
+with every hook they needed (``_loops.Loops``), the per-coroutine timing table, the Prometheus
+publisher once there is one, and what a forked child inherited. Creating it turns loopwatch on,
+:meth:`Runtime.close` turns it off and undoes every hook; a test or a fork resets this one object.
+
+It is made by ``_api.activate()`` (the first ``install()``, loop factory, policy or
+``LOOPWATCH=1``), which also gives it its exporters: this module imports nothing above the loop
+registry. Around a fork every thread of loopwatch's is stopped (so the fork finds the process as
+it would unwatched) and started again in the parent; the child keeps the settings and exporters,
+but none of the threads, none of the parent's loops and nothing the parent queued.
 """
 
 from __future__ import annotations
@@ -13,11 +20,14 @@ import contextlib
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import _config, _threads
+from . import _config, _threads, _timing
 from ._config import Settings
-from ._dispatch import Dispatcher
+from ._dispatch import Dispatcher, Exporter
+from ._loops import Loops
+from ._timing import Table
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -26,66 +36,77 @@ if TYPE_CHECKING:
 
 
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        exporters: Iterable[Exporter] = (),
+        collect: Callable[[Runtime], Snapshot] | None = None,
+    ) -> None:
         self.dispatcher = Dispatcher()
         self.watchdog = Watchdog(self.dispatcher.say)
+        self.table = Table(settings.coroutine_labels)
+        self.loops = Loops(settings, self.dispatcher, self.watchdog, self.table)
+        # The read side's snapshot (``_metrics.collect``), taken just before a fork: a child's
+        # counters then count only its own (``inherited``).
+        self.collect = collect
         # Prometheus publishing (exporters/prometheus.py), started by publish_metrics() now or
-        # once the program imports prometheus_client; ``inherited`` is what a forked child's
-        # counters held at the fork, so that its metrics count only its own.
+        # once the program imports prometheus_client.
         self.metrics: Publisher | None = None
         self.metrics_lock = threading.Lock()
         self.inherited: Snapshot | None = None
         self._at_fork: Snapshot | None = None
         self.closed = False
-        from .exporters import from_settings, publish_metrics
-
         self.apply(settings)
-        for exporter in from_settings(settings):
+        for exporter in exporters:
             self.dispatcher.add_exporter(exporter)
-
-        publish_metrics(self)
+        _timing.record_timed_calls(self.table)  # @loopwatch.timed calls count here
         if settings.summary:
             atexit.register(self.print_summary)
 
+    @property
+    def settings(self) -> Settings:
+        """The settings of loops attached from now on (each loop keeps those it was given)."""
+        return self.loops.settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        self.loops.settings = settings
+
     def apply(self, settings: Settings) -> None:
         """Make new settings the runtime's (thresholds of loops attached later, label cap)."""
-        from . import _timing
-
         self.settings = settings
-        _timing.TABLE.cap = settings.coroutine_labels
+        self.table.cap = settings.coroutine_labels
 
     def say(self, line: str) -> None:
         self.dispatcher.say(line)
 
     def print_summary(self) -> None:
         """``LOOPWATCH_SUMMARY=1``: the busiest coroutines, on standard error, at exit."""
-        from . import _timing
-
-        _config.report(_timing.summary())
+        _config.report(_timing.summary(self.table.stats()))
 
     def close(self) -> None:
-        from . import _timing
-
+        """Turn loopwatch off: every loop unwatched, every hook undone, every thread ended."""
         atexit.unregister(self.print_summary)
         self.closed = True
+        self.loops.close()
         self.watchdog.stop()
         self.dispatcher.close()
         with self.metrics_lock:
             metrics, self.metrics = self.metrics, None
         if metrics is not None:
             metrics.close()
-        _timing.TABLE.clear()
+        if _timing._decorated is self.table:
+            _timing.record_timed_calls(None)
+        self.table.clear()
         _threads.discard(self.watchdog.worker)
         _threads.discard(self.dispatcher.worker)
 
     def before_fork(self) -> None:
         """Take the counts a child will inherit here, in the parent, where every lock works, and
         stop loopwatch's threads for the length of the fork."""
-        from . import _metrics
-
         try:
-            self._at_fork = _metrics.collect()
+            self._at_fork = self.collect(self) if self.collect is not None else None
         except Exception:  # noqa: BLE001 - a fork must never fail because of loopwatch
             self._at_fork = None
         _threads.pause_all()
@@ -101,13 +122,12 @@ class Runtime:
         _threads.resume_soon()
 
     def after_fork_in_child(self) -> None:
-        from . import _loops
-
         _threads.forget_all()
         writer = _file_writer()
         if writer is not None:
             writer.after_fork_in_child()
-        _loops.after_fork_in_child()
+        self.table.after_fork_in_child()
+        self.loops.after_fork_in_child()
         self.watchdog.after_fork_in_child()
         self.dispatcher.after_fork_in_child()
         self.metrics_lock = threading.Lock()
@@ -117,11 +137,14 @@ class Runtime:
 
 
 def _file_writer() -> Any:
-    """prometheus's multiprocess file writer, if that exporter was ever loaded."""
+    """prometheus's multiprocess file writer, if that exporter was ever loaded (looked up, not
+    imported: the exporters are above this layer)."""
     module = sys.modules.get("loopwatch.exporters.prometheus")
     return getattr(module, "_writer", None)
 
 
+# The active runtime: the one pointer to loopwatch's state, for the entry points and the hooks
+# that have no other way in (an import hook, a fork hook, a scrape).
 _lock = threading.RLock()
 _current: Runtime | None = None
 _fork_hook_installed = False
@@ -131,35 +154,20 @@ def current() -> Runtime | None:
     return _current
 
 
-def metrics_url() -> str | None:
-    """The URL of the metrics endpoint loopwatch serves (``LOOPWATCH_METRICS_PORT``), or None."""
-    runtime = _current
-    endpoint = getattr(getattr(runtime, "metrics", None), "endpoint", None)
-    return None if endpoint is None else str(endpoint.url)
-
-
-def activate(**overrides: Any) -> Runtime:
-    """The active runtime, created from the environment (and these keywords) if there is none.
-
-    Keywords given to a later call update the settings used for loops attached from then on.
-    """
+def current_or_start(make: Callable[[], Runtime]) -> tuple[Runtime, bool]:
+    """The active runtime, or the one ``make()`` builds, made active; and whether it is new."""
     global _current
     with _lock:
         runtime = _current
-        if runtime is None:
-            settings = _config.environ_settings().replace(**overrides)
-            runtime = _current = Runtime(settings)
-            _install_fork_hook()
-        elif overrides:
-            runtime.apply(runtime.settings.replace(**overrides))
-            if "metrics_port" in overrides:
-                from .exporters import publish_metrics
-
-                publish_metrics(runtime)  # serve the endpoint asked for now
-        return runtime
+        if runtime is not None:
+            return runtime, False
+        runtime = _current = make()
+        _install_fork_hook()
+        return runtime, True
 
 
-def deactivate() -> None:
+def stop_current() -> None:
+    """Close the active runtime, if there is one: loopwatch is off."""
     global _current
     with _lock:
         runtime, _current = _current, None
@@ -203,9 +211,6 @@ def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.RLock()
     with contextlib.suppress(Exception):
-        timing = sys.modules.get("loopwatch._timing")
-        if timing is not None:
-            timing.TABLE.after_fork_in_child()
         runtime = _current
         if runtime is not None:
             runtime.after_fork_in_child()

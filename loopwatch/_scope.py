@@ -8,7 +8,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from . import _loops, _runtime
+from . import _api, _runtime
 from ._config import Settings
 from ._events import Event
 
@@ -42,32 +42,33 @@ class watch:
             self.events.append(event)
 
     def __enter__(self) -> watch:
-        runtime = _runtime.activate()
+        runtime = _api.activate()
+        loops = runtime.loops
         settings = runtime.settings.replace(**self._overrides)
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
         if self._loop is not None:
-            state = _loops.state_of(self._loop)
+            state = loops.state_of(self._loop)
             if state is not None:
                 self._previous = state.settings
                 state.configure(settings)
             else:
-                _loops.attach(self._loop, settings)
+                loops.attach(self._loop, settings)
         else:
             # Loops made inside the scope take its settings; so do the watched loops there are.
             self._previous = runtime.settings
             runtime.apply(settings)
             self._reconfigured = [
                 (state, state.settings)
-                for state in (_loops.state_of(lp) for lp in _loops.watched_loops())
+                for state in (loops.state_of(lp) for lp in loops.watched_loops())
                 if state is not None
             ]
             for state, _ in self._reconfigured:
                 state.configure(settings)
-            if not _loops.global_enabled():
-                _loops.enable_global()
+            if not loops.global_mode:
+                loops.enable_global()
                 self._enabled_global = True
         runtime.dispatcher.add_sink(self._collect)
         self._since = time.monotonic()
@@ -86,12 +87,12 @@ class watch:
             if runtime is not None:
                 runtime.dispatcher.remove_sink(self._collect)
             if self._loop is not None:
-                state = _loops.state_of(self._loop)
+                state = runtime.loops.state_of(self._loop) if runtime is not None else None
                 if state is not None and self._previous is not None:
                     state.configure(self._previous)
             else:
-                if self._enabled_global:
-                    _loops.disable_global()
+                if self._enabled_global and runtime is not None:
+                    runtime.loops.disable_global()
                 if runtime is not None and self._previous is not None:
                     runtime.apply(self._previous)
                 for state, previous in self._reconfigured:
@@ -109,17 +110,21 @@ class watch:
         self.__exit__(exc_type, exc, tb)
 
     def _report_leaks(self) -> None:
+        runtime = _runtime.current()
+        if runtime is None:
+            return
+        registry = runtime.loops
         if self._loop is not None:
             loops = [self._loop]
             current = asyncio.current_task(self._loop)
         else:
             # Loops made inside the scope that were not closed, and are not running elsewhere.
             loops = [
-                lp for lp in _loops.watched_loops() if not lp.is_closed() and not lp.is_running()
+                lp for lp in registry.watched_loops() if not lp.is_closed() and not lp.is_running()
             ]
             current = None
         for loop in loops:
-            tracker = _loops.tracker_of(loop)
+            tracker = registry.tracker_of(loop)
             if tracker is None:
                 continue
             pending = [t for t in asyncio.all_tasks(loop) if t is not current]

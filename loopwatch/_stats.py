@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # Loop latencies: from a millisecond to ten seconds, with 0.1 s kept as an edge because it is the
 # usual slow-callback threshold.
@@ -71,6 +72,37 @@ class Histogram:
             running += n
             out.append((bound, running))
         return out
+
+
+@dataclass(slots=True)
+class HistogramSnapshot:
+    """Cumulative buckets ``(upper bound, count <= bound)`` ending with ``(inf, count)``: a
+    histogram as a reader (a scrape, a snapshot) takes it, detached from the one still counting."""
+
+    buckets: list[tuple[float, int]]
+    sum: float
+    count: int
+
+    @classmethod
+    def of(cls, histogram: Histogram) -> HistogramSnapshot:
+        buckets = histogram.cumulative()
+        return cls(buckets=buckets, sum=histogram.sum, count=buckets[-1][1])
+
+    @classmethod
+    def of_counts(
+        cls, bounds: Sequence[float], counts: Sequence[int], total: float
+    ) -> HistogramSnapshot:
+        """From per-bucket counts (the last one +Inf) over ``bounds``."""
+        running = 0
+        buckets: list[tuple[float, int]] = []
+        for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+            running += n
+            buckets.append((bound, running))
+        return cls(buckets=buckets, sum=total, count=running)
+
+    @classmethod
+    def empty(cls, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> HistogramSnapshot:
+        return cls(buckets=[(b, 0) for b in (*bounds, float("inf"))], sum=0.0, count=0)
 
 
 class Counter:

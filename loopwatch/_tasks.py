@@ -6,8 +6,8 @@ asyncio/uvloop/loopwatch (a dict lookup per frame, the file name's hash being ca
 small object that carries what is kept about the task: the task's proxy
 (:class:`~loopwatch._timing.Timed`), or, in pure Python with step timing off, a :class:`TaskMark`
 that is the task's done callback. The common case of all this is compiled (``_accel.Factory``,
-about 0.4 us per task in all); this module is the rest, and the whole of it without the compiled
-module. The creation site is kept as ``(code object, instruction offset)``,
+which walks the interpreter's own frames without making a frame object: about 0.4 us per task in
+all); this module is the rest, and the whole of it without the compiled module. The creation site is kept as ``(code object, instruction offset)``,
 never a frame (a frame would keep the creator's locals alive), and turned into
 ``path:line in function`` only when an event needs it. There is no table of live tasks: pending
 tasks are asyncio's own (``asyncio.all_tasks``), and what is kept about each goes when the task
@@ -47,7 +47,7 @@ from ._events import (
 )
 from ._native import ACCEL
 from ._stats import LATENCY_BUCKETS, Counter
-from ._timing import DURATION_BUCKETS, TABLE, StepWatch, Timed, unwrap
+from ._timing import DURATION_BUCKETS, StepWatch, Table, Timed, unwrap
 from ._watchdog import (
     await_chain,
     chain_codes,
@@ -361,13 +361,16 @@ class TaskTracker:
         *,
         creation_stack: int = 1,
         say: Callable[[str], None] = report,
+        table: Table | None = None,
     ) -> None:
         self.emit = emit
         self.say = say
         self.broken = False  # loopwatch's own part failed once: tasks are made untracked
         self.exception_messages = True  # set by LoopState.configure
         self.stats = TaskStats()
-        self.rows = TABLE.rows_for()  # this loop's coroutine table rows (see Table)
+        # The runtime's per-coroutine table, and this loop's rows in it (see Table).
+        self.table = table = table if table is not None else Table()
+        self.rows = table.rows_for()
         # Step timing: on unless switched off; the threshold and the watchdog's hook are set by
         # attach, in one object every proxy of this loop shares.
         self.step_watch = StepWatch()
@@ -380,7 +383,7 @@ class TaskTracker:
         if ACCEL is not None:
             counts: Any = self.stats  # the compiled TaskCounts: its proxies add into these rows
             counts._rows = self.rows
-            counts._table = TABLE
+            counts._table = table
             self._compiled = ACCEL.Factory(self, self.stats, self.step_watch, self.factory)
             self._compiled.inner = self._inner
             self._compiled.depth = self._depth
@@ -543,7 +546,7 @@ class TaskTracker:
         else:
             row = self.rows.get(label)
             if row is None:
-                row = TABLE.row(self.rows, label)
+                row = self.table.row(self.rows, label)
             row.count += 1
         kind = type(exc)
         if kind is StopIteration:
@@ -596,7 +599,7 @@ class TaskTracker:
         if label is not None:
             row = self.rows.get(label)
             if row is None:
-                row = TABLE.row(self.rows, label)
+                row = self.table.row(self.rows, label)
             row.add(wall, outcome, None)
 
     def mark_of(self, task: asyncio.Task[Any]) -> Mark | None:
@@ -802,83 +805,81 @@ def suspended_at(task: asyncio.Task[Any]) -> tuple[str | None, str | None]:
 
 # -- process-wide hooks: asyncio.run's final cancellation, and never-awaited coroutines ----------
 
-_hook_lock = threading.Lock()
-_hooks_installed = False
-_original_cancel_all: Any = None
-_original_unawaited: Any = None
-_trackers: Callable[[asyncio.AbstractEventLoop], TaskTracker | None] | None = None
-_emit: Callable[[Event], None] | None = None
-_say: Callable[[str], None] = report
-_never_awaited = Counter()  # from finalizers, on any thread
 
+class ProcessHooks:
+    """The two process-wide functions loopwatch wraps while it watches loops:
+    ``asyncio.runners._cancel_all_tasks`` (what ``asyncio.run`` and ``Runner`` cancel as they
+    close were leaked) and ``warnings._warn_unawaited_coroutine`` (a coroutine never awaited).
 
-def never_awaited_count() -> int:
-    return _never_awaited.value
+    Owned by the loop registry (``_loops.Loops``); :meth:`remove` puts back exactly what was
+    there, unless someone else has wrapped it since (theirs then stays).
+    """
 
+    def __init__(
+        self,
+        tracker_of: Callable[[asyncio.AbstractEventLoop], TaskTracker | None],
+        emit: Callable[[Event], None],
+        say: Callable[[str], None] = report,
+    ) -> None:
+        self._tracker_of = tracker_of
+        self._emit = emit
+        self._say = say
+        self._lock = threading.Lock()
+        self._installed = False
+        self._original_cancel_all: Any = None
+        self._original_unawaited: Any = None
+        # Bound once: what is installed is compared by identity when it is taken out.
+        self._cancel_all = self._cancel_all_tasks
+        self._unawaited = self._warn_unawaited_coroutine
+        self.never_awaited = Counter()  # from finalizers, on any thread
 
-def install_process_hooks(
-    tracker_of: Callable[[asyncio.AbstractEventLoop], TaskTracker | None],
-    emit: Callable[[Event], None],
-    say: Callable[[str], None] = report,
-) -> None:
-    """Wrap ``asyncio.runners._cancel_all_tasks`` and the never-awaited warning. Undone by
-    :func:`remove_process_hooks`."""
-    global _hooks_installed, _original_cancel_all, _original_unawaited, _trackers, _emit, _say
-    with _hook_lock:
-        _trackers, _emit, _say = tracker_of, emit, say
-        if _hooks_installed:
-            return
-        _hooks_installed = True
-        _original_cancel_all = getattr(asyncio.runners, "_cancel_all_tasks", None)
-        if _original_cancel_all is not None:
-            asyncio.runners._cancel_all_tasks = _cancel_all_tasks  # type: ignore[attr-defined]
-        _original_unawaited = getattr(warnings, "_warn_unawaited_coroutine", None)
-        if _original_unawaited is not None:
-            warnings._warn_unawaited_coroutine = _warn_unawaited_coroutine  # type: ignore[attr-defined]
+    def install(self) -> None:
+        with self._lock:
+            if self._installed:
+                return
+            self._installed = True
+            self._original_cancel_all = getattr(asyncio.runners, "_cancel_all_tasks", None)
+            if self._original_cancel_all is not None:
+                asyncio.runners._cancel_all_tasks = self._cancel_all  # type: ignore[attr-defined]
+            self._original_unawaited = getattr(warnings, "_warn_unawaited_coroutine", None)
+            if self._original_unawaited is not None:
+                warnings._warn_unawaited_coroutine = self._unawaited  # type: ignore[attr-defined]
 
+    def remove(self) -> None:
+        with self._lock:
+            if not self._installed:
+                return
+            self._installed = False
+            if self._original_cancel_all is not None and (
+                getattr(asyncio.runners, "_cancel_all_tasks", None) is self._cancel_all
+            ):
+                asyncio.runners._cancel_all_tasks = self._original_cancel_all  # type: ignore[attr-defined]
+            if self._original_unawaited is not None and (
+                getattr(warnings, "_warn_unawaited_coroutine", None) is self._unawaited
+            ):
+                warnings._warn_unawaited_coroutine = self._original_unawaited  # type: ignore[attr-defined]
 
-def remove_process_hooks() -> None:
-    global _hooks_installed
-    with _hook_lock:
-        if not _hooks_installed:
-            return
-        _hooks_installed = False
-        if _original_cancel_all is not None and (
-            getattr(asyncio.runners, "_cancel_all_tasks", None) is _cancel_all_tasks
-        ):
-            asyncio.runners._cancel_all_tasks = _original_cancel_all  # type: ignore[attr-defined]
-        if _original_unawaited is not None and (
-            getattr(warnings, "_warn_unawaited_coroutine", None) is _warn_unawaited_coroutine
-        ):
-            warnings._warn_unawaited_coroutine = _original_unawaited  # type: ignore[attr-defined]
+    def _cancel_all_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """asyncio.run / Runner is about to cancel what is left: those tasks leaked."""
+        try:
+            tracker = self._tracker_of(loop)
+            if tracker is not None:
+                tracker.report_leaks(asyncio.all_tasks(loop))
+        except Exception as exc:  # noqa: BLE001 - a diagnostic never breaks the program
+            self._say(f"loopwatch: leak check failed ({type(exc).__name__}: {exc})")
+        try:
+            self._original_cancel_all(loop)
+        except BaseException as exc:
+            # The program's own (a second Ctrl-C, say): it goes on without this frame.
+            tb = exc.__traceback__
+            if tb is not None and tb.tb_frame.f_code is _CANCEL_ALL_CODE:
+                exc.__traceback__ = tb.tb_next
+            raise
 
-
-def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    """asyncio.run / Runner is about to cancel what is left: those tasks leaked."""
-    try:
-        tracker = _trackers(loop) if _trackers is not None else None
-        if tracker is not None:
-            tracker.report_leaks(asyncio.all_tasks(loop))
-    except Exception as exc:  # noqa: BLE001 - a diagnostic never breaks the program
-        _say(f"loopwatch: leak check failed ({type(exc).__name__}: {exc})")
-    try:
-        _original_cancel_all(loop)
-    except BaseException as exc:
-        # The program's own (a second Ctrl-C, say): it goes on without this frame.
-        tb = exc.__traceback__
-        if tb is not None and tb.tb_frame.f_code is _CANCEL_ALL_CODE:
-            exc.__traceback__ = tb.tb_next
-        raise
-
-
-_CANCEL_ALL_CODE = _cancel_all_tasks.__code__
-
-
-def _warn_unawaited_coroutine(coro: Any) -> None:
-    try:
-        _never_awaited.add()
-        if _emit is not None:
-            _emit(
+    def _warn_unawaited_coroutine(self, coro: Any) -> None:
+        try:
+            self.never_awaited.add()
+            self._emit(
                 CoroutineNeverAwaited(
                     coroutine=coroutine_name(coro),
                     location=_unawaited_location(coro),
@@ -886,12 +887,16 @@ def _warn_unawaited_coroutine(coro: Any) -> None:
                     origin=origin_of(None, coro),
                 )
             )
-    except Exception as exc:  # noqa: BLE001
-        _say(f"loopwatch: never-awaited check failed ({type(exc).__name__}: {exc})")
-    if getattr(_original_unawaited, "__module__", None) == "warnings":
-        _warn_like_python(coro)
-    else:  # someone else's wrapper came first: hand it on as it is
-        _original_unawaited(coro)
+        except Exception as exc:  # noqa: BLE001
+            self._say(f"loopwatch: never-awaited check failed ({type(exc).__name__}: {exc})")
+        original = self._original_unawaited
+        if getattr(original, "__module__", None) == "warnings":
+            _warn_like_python(coro)
+        else:  # someone else's wrapper came first: hand it on as it is
+            original(coro)
+
+
+_CANCEL_ALL_CODE = ProcessHooks._cancel_all_tasks.__code__
 
 
 def _warn_like_python(coro: Any) -> None:
@@ -900,6 +905,7 @@ def _warn_like_python(coro: Any) -> None:
     lines = [f"coroutine '{coro.__qualname__}' was never awaited\n"]
     origin = getattr(coro, "cr_origin", None)
     if origin is not None:
+        # (deferred: start-up cost; only when a never-awaited coroutine had its origin tracked)
         import linecache
         import traceback
 

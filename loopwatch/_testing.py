@@ -79,22 +79,21 @@ class TestScope:
 
     def open(self) -> None:
         """Start watching: the test's settings on every open watched loop, events collected."""
-        from . import _loops
-
         runtime = ensure_runtime()
+        loops = runtime.loops
         self._runtime = runtime
         self._previous = runtime.settings
         settings = self.settings = runtime.settings.replace(**self._overrides)
         runtime.settings = settings  # for loops the test makes itself
-        for loop in _loops.watched_loops():
-            state = _loops.state_of(loop)
+        for loop in loops.watched_loops():
+            state = loops.state_of(loop)
             if state is None or loop.is_closed():
                 continue
             self._loops.append((weakref.ref(loop), state.settings))
-            _loops.attach(loop, settings)
+            loops.attach(loop, settings)
         runtime.dispatcher.add_sink(self._collect)
         self._open = True
-        self._tasks_before = _loops.task_totals()
+        self._tasks_before = loops.task_totals()
         self._since = time.monotonic()
 
     def check_leaks(self) -> None:
@@ -110,8 +109,6 @@ class TestScope:
         """Stop watching; report what the test left behind. Returns the findings."""
         if not self._open:
             return self.findings
-        from . import _loops
-
         self._open = False
         try:
             if self._unsettled_tasks():
@@ -133,33 +130,37 @@ class TestScope:
                     runtime.settings = self._previous
             for ref, previous in self._loops:
                 loop = ref()
-                if loop is not None and not loop.is_closed() and _loops.state_of(loop):
-                    _loops.attach(loop, previous)
+                if runtime is None or loop is None or loop.is_closed():
+                    continue
+                if runtime.loops.state_of(loop):
+                    runtime.loops.attach(loop, previous)
             self._loops.clear()
             self._runtime = None
         return self.findings
 
     def _unsettled_tasks(self) -> bool:
         """Whether a task made during the test is still pending or ended in an error."""
-        from . import _loops
-
-        before, after = self._tasks_before, _loops.task_totals()
-        if before is None:
+        runtime = self._runtime
+        before = self._tasks_before
+        if before is None or runtime is None:
             return True
+        after = runtime.loops.task_totals()
         errors = after.error - before.error
         ended = after.ok - before.ok + after.cancelled - before.cancelled + errors
         return errors > 0 or after.created - before.created > ended
 
     def _report_leaks(self) -> None:
         """Tasks created since the test began and still pending on a stopped, open loop."""
-        import asyncio
+        import asyncio  # (deferred: this module is imported before any loop exists)
 
-        from . import _loops
-
-        for loop in _loops.watched_loops():
+        runtime = self._runtime
+        if runtime is None:
+            return
+        loops = runtime.loops
+        for loop in loops.watched_loops():
             if loop.is_closed() or loop.is_running():
                 continue  # closed: reported when it closed; running: another thread's, not done
-            tracker = _loops.tracker_of(loop)
+            tracker = loops.tracker_of(loop)
             if tracker is not None:
                 tracker.report_leaks(asyncio.all_tasks(loop), since=self._since)
 
@@ -184,41 +185,43 @@ def ensure_runtime() -> Runtime:
     ``loopwatch`` logger and so print it a second time in the captured log).
     """
     global _created_runtime
-    from . import _runtime
+    from . import _api, _runtime  # (deferred: loopwatch starts only when a test asks for it)
 
     runtime = _runtime.current()
     if runtime is not None:
         return runtime
     overrides = {"log": "off"} if environ_settings().log == "auto" else {}
-    runtime = _created_runtime = _runtime.activate(**overrides)
+    runtime = _created_runtime = _api.activate(**overrides)
     return runtime
 
 
 def enable_global() -> bool:
     """Global mode on, if it is not already; True if this call turned it on."""
-    from . import _loops
+    from . import _runtime  # (deferred: loopwatch starts only when a test asks for it)
 
-    if _loops.global_enabled():
+    runtime = _runtime.current()
+    if runtime is not None and runtime.loops.global_mode:
         return False  # LOOPWATCH=1, or already on: use it, install nothing twice
-    ensure_runtime()
-    _loops.enable_global()
+    ensure_runtime().loops.enable_global()
     if "uvloop" not in sys.modules:
-        from ._import_hooks import when_imported
+        from ._import_hooks import when_imported  # (deferred: as above)
 
         when_imported("uvloop", _on_uvloop)
     return True
 
 
 def _on_uvloop(_: object) -> None:
-    from . import _loops
+    from . import _api  # (deferred: loopwatch starts only when a test asks for it)
 
-    _loops.patch_uvloop()  # does nothing unless global mode is on when uvloop arrives
+    _api.patch_uvloop()  # does nothing unless global mode is on when uvloop arrives
 
 
 def disable_global() -> None:
-    from . import _loops
+    from . import _runtime  # (deferred: loopwatch starts only when a test asks for it)
 
-    _loops.disable_global()
+    runtime = _runtime.current()
+    if runtime is not None:
+        runtime.loops.disable_global()
 
 
 # -- unittest ----------------------------------------------------------------------------------
@@ -329,7 +332,7 @@ def program_frames(stack: list[str]) -> list[str]:
     Besides what loopwatch counts as library code, this leaves out the interpreter's and the
     environment's own scripts (``.venv/bin/pytest``), which start every stack under pytest.
     """
-    from ._places import is_own_code
+    from ._places import is_own_code  # (deferred: pytest sessions that never watch a loop)
 
     own = [place for place in stack if _is_program_file(_path_of(place), is_own_code)]
     return own or list(stack)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._config import report
+from ._native import ACCEL
 
 # 3.13+: a handle that joins the OS thread; before that, a lock the body releases at its end.
 _JOINABLE = getattr(_thread, "start_joinable_thread", None)
@@ -189,8 +190,6 @@ class _Handle:
         self._done.acquire()
 
     def start(self, run: Callable[[], None]) -> None:
-        from ._native import ACCEL
-
         if ACCEL is not None:
             # Joined at the OS level, and until the kernel no longer counts the thread (see
             # _accel.Thread): on every version it runs on.
@@ -281,8 +280,6 @@ def resume_soon() -> None:
 
 
 def _again_later() -> bool:
-    from ._native import ACCEL
-
     if ACCEL is not None:
         ACCEL.resume_later(resume_paused)
         return True
@@ -295,7 +292,7 @@ def _pending_call(fn: Callable[[], None]) -> bool:
     global _callback
     try:
         if _callback is None:
-            import ctypes
+            import ctypes  # (deferred: start-up cost; only without the compiled module)
 
             def trampoline(_: Any) -> int:
                 with contextlib.suppress(Exception):  # resume_paused says its own failures

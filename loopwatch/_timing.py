@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _places
 from ._native import ACCEL
-from ._stats import LATENCY_BUCKETS
+from ._stats import LATENCY_BUCKETS, HistogramSnapshot
 
 _perf = time.perf_counter
 OTHER = "other"
@@ -530,19 +530,9 @@ class Table:
         out.sort(key=lambda s: (-s.busy_s, -s.wall_s, s.name))
         return out
 
-    def histograms(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        from ._metrics import HistogramSnapshot
-
-        def snapshot(
-            bounds: tuple[float, ...], counts: list[int], total: float
-        ) -> HistogramSnapshot:
-            running = 0
-            buckets: list[tuple[float, int]] = []
-            for bound, n in zip((*bounds, float("inf")), counts, strict=True):
-                running += n
-                buckets.append((bound, running))
-            return HistogramSnapshot(buckets=buckets, sum=total, count=running)
-
+    def histograms(self) -> tuple[dict[str, HistogramSnapshot], dict[str, HistogramSnapshot]]:
+        """(wall time per coroutine label, busy time per coroutine label), for the exporters."""
+        snapshot = HistogramSnapshot.of_counts
         merged = self._merged()
         wall = {n: snapshot(DURATION_BUCKETS, r.wall_counts, r.wall) for n, r in merged.items()}
         busy = {
@@ -564,26 +554,19 @@ class Table:
         self._lock = threading.Lock()
 
 
-TABLE = Table()
+# Where ``@loopwatch.timed`` records: the active runtime's table (``Runtime`` sets it and takes it
+# back). A decorated call has no loop of its own to ask, so this one pointer is how it finds the
+# runtime; with loopwatch off it records nothing.
+_decorated: Table | None = None
 
 
-def histograms() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(wall time per coroutine label, busy time per coroutine label), for the exporters."""
-    return TABLE.histograms()
+def record_timed_calls(table: Table | None) -> None:
+    global _decorated
+    _decorated = table
 
 
-def coroutine_stats() -> list[CoroutineStats]:
-    """Totals per coroutine name, the busiest first: what ``LOOPWATCH_SUMMARY=1`` prints.
-
-    Counted since loopwatch was installed (``uninstall()`` starts them again), over every
-    watched loop, for tasks that have ended and for ``@loopwatch.timed`` calls.
-    """
-    return TABLE.stats()
-
-
-def summary(stats: list[CoroutineStats] | None = None, *, top: int = 15) -> str:
+def summary(stats: list[CoroutineStats], *, top: int = 15) -> str:
     """A table a person can read, of the coroutines that held the loop longest."""
-    stats = coroutine_stats() if stats is None else stats
     if not stats:
         return "loopwatch: no coroutine timing recorded"
     header = (
@@ -646,7 +629,9 @@ def timed(name: Any = None) -> Any:
                 _strip_wrapper_frame(exc)
                 raise
             finally:
-                TABLE.record(label, wall=_perf() - start, outcome=outcome, timed=proxy)
+                table = _decorated
+                if table is not None:
+                    table.record(label, wall=_perf() - start, outcome=outcome, timed=proxy)
 
         _WRAPPER_CODES.add(wrapper.__code__)  # type: ignore[attr-defined]
         return wrapper

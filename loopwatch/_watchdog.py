@@ -53,6 +53,7 @@ from . import _places
 from ._alarm import Alarm, new_alarm
 from ._config import Settings
 from ._events import Event, LoopStalled, SlowCallback
+from ._native import ACCEL
 from ._pulse import Heartbeat, SelectPulse
 from ._stats import Histogram
 from ._threads import Worker
@@ -73,8 +74,6 @@ def _thread_frame_py(tid: int) -> FrameType | None:
 def _load_thread_frame() -> Callable[[int], FrameType | None]:
     # The compiled version takes the one thread's frame with no window in which another thread's
     # frame could be dropped here (see the module docstring).
-    from ._native import ACCEL
-
     fn = getattr(ACCEL, "thread_frame", None)
     return fn if fn is not None else _thread_frame_py
 
@@ -307,7 +306,7 @@ class LoopState:
         self.exact: _Exact | None = None
         # The frame that called run_forever, while the loop runs (the loop's thread sets it).
         self.boundary: FrameType | None = None
-        self.tasks: TaskTracker | None = None  # set by _loops.attach, which configures again
+        self.tasks: TaskTracker | None = None  # set by Loops.attach, which configures again
         self._origin_before = -1  # coroutine origin tracking depth to restore at the run's end
         self._said_failure = False
         self.configure(settings)
@@ -344,8 +343,6 @@ class LoopState:
         selector = getattr(loop, "_selector", None) if isinstance(loop, BaseEventLoop) else None
         real = getattr(selector, "select", None)
         if selector is not None and real is not None and hasattr(selector, "__dict__"):
-            from ._native import ACCEL
-
             cls = ACCEL.Pulse if ACCEL is not None else SelectPulse
             pulse = cls(real, self.period, self.first_check, self.alarm)
             pulse._prev = selector.__dict__.get("select", _ABSENT)

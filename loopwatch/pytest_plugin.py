@@ -96,10 +96,10 @@ def _teardown() -> None:
     created = take_created_runtime()
     if created is None:
         return
-    from . import _loops, _runtime
+    from . import _api, _runtime  # (deferred: loopwatch's runtime only if a test started it)
 
     if _runtime.current() is created:
-        _loops.uninstall()
+        _api.uninstall()
 
 
 # -- options, markers, per-test plans ------------------------------------------------------

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 import loopwatch
-from loopwatch import _runtime, _threads
+from loopwatch import _api, _runtime, _threads
 from loopwatch._events import Event, SlowCallback
+from loopwatch._loops import Loops
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": loopwatch.new_event_loop,
@@ -57,11 +58,18 @@ class Recorder(list[Event]):
         return self.named(name) if name else list(self)
 
 
+def registry() -> Loops:
+    """The active runtime's registry of watched loops (loopwatch must be on)."""
+    runtime = _runtime.current()
+    assert runtime is not None, "loopwatch is not active"
+    return runtime.loops
+
+
 @pytest.fixture
 def events() -> Recorder:
     """Activate loopwatch quietly and record every event it dispatches."""
     recorder = Recorder()
-    _runtime.activate(log="off").dispatcher.add_sink(recorder)
+    _api.activate(log="off").dispatcher.add_sink(recorder)
     return recorder
 
 
@@ -69,6 +77,7 @@ def events() -> Recorder:
 def _uninstall_after() -> Iterator[None]:
     yield
     loopwatch.uninstall()
+    assert _runtime.current() is None  # one object holds all of loopwatch's state: it is gone
     assert [w.name for w in _threads._all if w.running] == []
     # loopwatch's threads are never in threading's list, even while they call the program's code
     # (a log handler): no name of theirs, and no dummy entry left behind.

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Recorder, place, run_on
+from conftest import Recorder, place, registry, run_on
 
 import loopwatch
-from loopwatch import _loops, _native, _timing
+from loopwatch import _native, _timing
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -225,7 +225,7 @@ def test_an_error_in_a_hook_never_reaches_the_program(factory: Any, events: Reco
     seen: list[Any] = []
 
     async def main() -> int:
-        tracker = _loops.tracker_of(asyncio.get_running_loop())
+        tracker = registry().tracker_of(asyncio.get_running_loop())
         assert tracker is not None
 
         def broken(took: float, now: float) -> None:

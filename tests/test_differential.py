@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loopwatch
-from loopwatch import _runtime
+from loopwatch import _api
 from loopwatch._events import Event
 
 Node = tuple[Any, ...]
@@ -340,7 +340,7 @@ def test_watched_programs_behave_as_unwatched(program: tuple[Node, bool]) -> Non
     COUNTS["nodes"] += size(root)
     COUNTS["timed" if not exact else "exact_order"] += 1
     findings: list[Event] = []
-    runtime = _runtime.activate(log="off", slow_callback_ms=500)
+    runtime = _api.activate(log="off", slow_callback_ms=500)
     runtime.dispatcher.add_sink(findings.append)
     try:
         for kind in sorted(PLAIN):

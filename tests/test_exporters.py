@@ -13,7 +13,7 @@ import pytest
 from conftest import EVENT, Recorder, place, run_on
 
 import loopwatch
-from loopwatch import _runtime
+from loopwatch import _api
 from loopwatch._events import Event
 from loopwatch.exporters.jsonlines import JsonLines
 from loopwatch.exporters.logging import LoggingExporter
@@ -83,7 +83,7 @@ def test_a_failing_exporter_is_disabled_and_said_once(
         raise RuntimeError("disk full")
 
     broken.name = "broken"  # type: ignore[attr-defined]
-    _runtime.activate().dispatcher.add_exporter(broken)
+    _api.activate().dispatcher.add_exporter(broken)
     assert run_on(factory, blocks()) is None
     assert run_on(factory, blocks()) is None
     assert len(events.wait_for(2)) == 2

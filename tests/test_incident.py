@@ -19,10 +19,10 @@ from types import CoroutineType
 from typing import Any
 
 import pytest
-from conftest import Recorder, run_on
+from conftest import Recorder, registry, run_on
 
 import loopwatch
-from loopwatch import _loops, _runtime
+from loopwatch import _runtime
 from loopwatch._native import ACCEL
 
 RUNS = {"asyncio": "asyncio.run(main())", "uvloop": "uvloop.run(main())"}
@@ -342,7 +342,7 @@ def test_tasks_destroyed_pending_are_counted_gone(factory: Any, events: Recorder
         for _ in range(20):
             loop.create_task(waits(loop.create_future()))
         await asyncio.sleep(0.01)
-        assert _loops.active_tasks() >= 20
+        assert registry().active_tasks() >= 20
         thread = threading.Thread(target=gc.collect)  # found on another thread
         thread.start()
         thread.join()
@@ -350,8 +350,8 @@ def test_tasks_destroyed_pending_are_counted_gone(factory: Any, events: Recorder
 
     run_on(factory, main())
     gc.collect()
-    totals = _loops.task_totals()
-    assert (totals.orphaned, _loops.active_tasks()) == (20, 0)
+    totals = registry().task_totals()
+    assert (totals.orphaned, registry().active_tasks()) == (20, 0)
     assert len(events.wait_for(20, "loopwatch.task_orphaned")) == 20
 
 
@@ -393,9 +393,9 @@ def test_counts_from_many_threads_are_exact(factory: Any, events: Recorder) -> N
 
     run_on(factory, main())
     gc.collect()
-    totals = _loops.task_totals()
+    totals = registry().task_totals()
     assert totals.orphaned == 4 * orphans_per_thread
-    assert _loops.active_tasks() == 0
+    assert registry().active_tasks() == 0
     runtime = _runtime.current()
     assert runtime is not None
     assert runtime.dispatcher.counts["loopwatch.task_orphaned"] == 4 * orphans_per_thread

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 from conftest import Recorder, place, run_on
 
 import loopwatch
-from loopwatch import _loops, _tasks
+from loopwatch import _runtime
 
 HERE = __file__
 RUNS = {"asyncio": "asyncio.run(main())", "uvloop": "uvloop.run(main())"}
@@ -590,5 +591,6 @@ def test_process_hooks_are_removable() -> None:
     loopwatch.uninstall()
     for name in ("run_forever", "close", "call_exception_handler", "set_task_factory"):
         assert not getattr(getattr(BaseEventLoop, name), "__loopwatch__", False), name
-    assert _loops.watched_loops() == []
-    assert _tasks._hooks_installed is False
+    assert _runtime.current() is None
+    assert asyncio.runners._cancel_all_tasks.__module__ == "asyncio.runners"  # type: ignore[attr-defined]
+    assert warnings._warn_unawaited_coroutine.__module__ == "warnings"  # type: ignore[attr-defined]

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import uvloop
-from conftest import LOOP_FACTORIES, Recorder, place, run_on
+from conftest import LOOP_FACTORIES, Recorder, place, registry, run_on
 
 import loopwatch
-from loopwatch import _loops, _runtime, _threads
+from loopwatch import _api, _runtime, _threads
 from loopwatch._native import ACCEL
 from loopwatch._pulse import SelectPulse
 
@@ -45,7 +45,7 @@ def test_factories_make_watched_loops_of_the_right_kind() -> None:
         loop = factory()
         try:
             assert type(loop) is cls
-            assert _loops.state_of(loop) is not None
+            assert registry().state_of(loop) is not None
             assert loop.run_until_complete(asyncio.sleep(0, "ok")) == "ok"
         finally:
             loop.close()
@@ -238,7 +238,7 @@ def test_tasks_off_keeps_the_watchdog_and_leaves_the_task_factory_alone(
     factory: Callable[[], asyncio.AbstractEventLoop], kind: str, events: Recorder
 ) -> None:
     """LOOPWATCH_TASKS=0: blocks are still caught; no task factory, nothing counted per task."""
-    _runtime.activate(tasks=False)
+    _api.activate(tasks=False)
 
     async def main() -> object:
         loop = asyncio.get_running_loop()
@@ -246,7 +246,7 @@ def test_tasks_off_keeps_the_watchdog_and_leaves_the_task_factory_alone(
         assert "set_task_factory" not in vars(loop)
         asyncio.create_task(asyncio.sleep(10))  # would be a leak with tasks on
         await block_briefly()
-        return _loops.tracker_of(loop)
+        return registry().tracker_of(loop)
 
     assert run_on(factory, main()) is None
     found = events.wait_for(1)
@@ -265,7 +265,7 @@ def test_the_watchdog_thread_sleeps_while_the_loop_is_healthy(kind: str, events:
     checks: list[float] = []
 
     async def main() -> None:
-        state = _loops.state_of(asyncio.get_running_loop())
+        state = registry().state_of(asyncio.get_running_loop())
         assert state is not None
         original = state.check
 
@@ -294,7 +294,7 @@ def test_an_idle_loop_wakes_the_watchdog_at_most_once_per_wait(events: Recorder)
     checks: list[float] = []
 
     async def main() -> None:
-        state = _loops.state_of(asyncio.get_running_loop())
+        state = registry().state_of(asyncio.get_running_loop())
         assert state is not None
         original = state.check
 
@@ -355,7 +355,7 @@ def test_task_hooks_on_the_loop_class_leave_other_loops_alone(events: Recorder) 
         assert plain.run_until_complete(plain.create_task(job())) == 7
         watched.set_task_factory(program_factory)
         assert watched.get_task_factory() is program_factory  # the program reads back its own
-        tracker = _loops.tracker_of(watched)
+        tracker = registry().tracker_of(watched)
         assert tracker is not None
         assert watched._task_factory is tracker.factory  # type: ignore[attr-defined]
         assert watched.run_until_complete(watched.create_task(job())) == 7

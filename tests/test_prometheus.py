@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import loopwatch
-from loopwatch import _runtime, _timing
+from loopwatch import _api, _runtime, _timing
 from loopwatch._metrics import HistogramSnapshot
 from loopwatch._stats import LATENCY_BUCKETS
 from loopwatch.exporters import prometheus
@@ -130,7 +130,7 @@ def test_exact_values_after_a_known_scenario(factory: Factory) -> None:
     2 cancelled (the leaked one by asyncio's final cancellation)."""
     gc.collect()  # earlier tests' garbage is not this scenario's (orphans, never awaited)
     events = Recorder()
-    _runtime.activate(log="off").dispatcher.add_sink(events)
+    _api.activate(log="off").dispatcher.add_sink(events)
     loopwatch.install(metrics_port=0)  # the endpoint of an already active loopwatch
     url = endpoint_url()
     before = scrape(url)
@@ -254,7 +254,7 @@ def fake_histograms(
 def test_coroutine_labels_are_exported_as_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """50 names and ``other``: exactly those 51 label values, for both histograms."""
     names = [f"handler_{i:02d}" for i in range(50)] + ["other"]
-    monkeypatch.setattr(_timing, "histograms", lambda: fake_histograms(names))
+    monkeypatch.setattr(_timing.Table, "histograms", lambda self: fake_histograms(names))
     loopwatch.install(metrics_port=0, log="off")
     samples = scrape(endpoint_url())
     for metric, total in (
@@ -411,7 +411,9 @@ def test_promtool_check_metrics_passes(
 ) -> None:
     """The whole exposition, with labelled histograms, passes ``promtool check metrics``."""
     promtool = need("promtool")
-    monkeypatch.setattr(_timing, "histograms", lambda: fake_histograms(["handle", "other"]))
+    monkeypatch.setattr(
+        _timing.Table, "histograms", lambda self: fake_histograms(["handle", "other"])
+    )
     loopwatch.install(metrics_port=0)
     run_on(factory, scenario_block())
     events.wait_for(1)

@@ -116,11 +116,11 @@ import pytest
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    from loopwatch import _loops, _runtime, _threads
+    from loopwatch import _api, _runtime, _threads
 
     threads = [w.name for w in _threads._all if w.name == "watchdog" and w.running]
     threads += [t.name for t in threading.enumerate() if t.name != "MainThread"]
-    state = f"runtime={_runtime.current() is not None} global={_loops.global_enabled()} {threads}"
+    state = f"runtime={_runtime.current() is not None} global={_api.global_enabled()} {threads}"
     Path(config.rootpath, "state.txt").write_text(state)
 """
 
@@ -219,12 +219,13 @@ async def test_fixture_sees_events(loopwatch):
 
 
 def test_sync_untouched():
-    from loopwatch import _loops
+    from loopwatch import _api, _runtime
 
-    assert not _loops.global_enabled()
+    assert not _api.global_enabled()
     loop = asyncio.new_event_loop()
     try:
-        assert _loops.state_of(loop) is None
+        runtime = _runtime.current()
+        assert runtime is None or runtime.loops.state_of(loop) is None
     finally:
         loop.close()
 """

@@ -27,7 +27,7 @@ import pytest
 from conftest import Recorder, run_on
 
 import loopwatch
-from loopwatch import _runtime
+from loopwatch import _api, _runtime
 from loopwatch._config import Settings
 from loopwatch._events import SlowCallback
 from loopwatch.exporters.structlog import JsonExporter
@@ -121,7 +121,7 @@ def test_events_carry_places_never_locals_arguments_or_exception_values(
     factory: Factory, events: Recorder, tmp_path: Path
 ) -> None:
     log = tmp_path / "events.jsonl"
-    runtime = _runtime.activate(stall_ms=100)
+    runtime = _api.activate(stall_ms=100)
     runtime.dispatcher.add_exporter(JsonExporter(str(log)))
 
     async def main() -> None:
@@ -171,7 +171,7 @@ def test_events_carry_places_never_locals_arguments_or_exception_values(
 
 
 def test_a_setting_drops_exception_messages(factory: Factory, events: Recorder) -> None:
-    _runtime.activate(exception_messages=False)  # proposed: LOOPWATCH_EXCEPTION_MESSAGES=0
+    _api.activate(exception_messages=False)  # proposed: LOOPWATCH_EXCEPTION_MESSAGES=0
 
     async def main() -> None:
         asyncio.get_running_loop().create_task(fails(SECRET))
@@ -297,7 +297,7 @@ def slow(location: str) -> SlowCallback:
 def test_the_log_file_is_appended_to_and_survives_truncation(tmp_path: Path) -> None:
     log = tmp_path / "events.jsonl"
     log.write_text("kept line\n")
-    runtime = _runtime.activate(log="json", log_file=str(log), log_fold_ms=0)
+    runtime = _api.activate(log="json", log_file=str(log), log_fold_ms=0)
     runtime.dispatcher.emit(slow("a.py:1 in f"))
     assert runtime.dispatcher.wait_idle()
     assert log.read_text().splitlines()[0] == "kept line"
@@ -315,7 +315,7 @@ def test_the_log_file_is_never_created_with_more_than_owner_write(tmp_path: Path
     log = tmp_path / "new.jsonl"
     old = os.umask(0o022)
     try:
-        runtime = _runtime.activate(log="json", log_file=str(log), log_fold_ms=0)
+        runtime = _api.activate(log="json", log_file=str(log), log_fold_ms=0)
         runtime.dispatcher.emit(slow("a.py:1 in f"))
         assert runtime.dispatcher.wait_idle()
     finally:

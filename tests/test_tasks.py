@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Recorder, place, run_on
+from conftest import Recorder, place, registry, run_on
 
 import loopwatch
-from loopwatch import _loops
+from loopwatch import _api
 
 HERE = __file__
 Factory = Callable[[], asyncio.AbstractEventLoop]
@@ -25,18 +25,16 @@ def tracking(request: pytest.FixtureRequest) -> str:
     """How each task is followed: by its step-timing proxy (the default), or, with step timing
     off, by a mark that is its done callback (pure Python) or a proxy that only forwards (the
     compiled module). Every finding must come out the same."""
-    from loopwatch import _runtime
 
-    _runtime.activate(step_timing=request.param == "timed")
+    _api.activate(step_timing=request.param == "timed")
     return str(request.param)
 
 
 def no_gc_blocks() -> None:
     """These tests run gc.collect() on the loop, which in a loaded test process can really take
     over 100 ms: a true slow callback, but not what the test is about."""
-    from loopwatch import _runtime
 
-    _runtime.activate(slow_callback_ms=10_000, stall_ms=20_000)
+    _api.activate(slow_callback_ms=10_000, stall_ms=20_000)
 
 
 def only(events: list[Any], name: str) -> Any:
@@ -80,7 +78,7 @@ def test_task_pending_at_loop_close_is_leaked(
         HERE, "CREATE:close", "test_task_pending_at_loop_close_is_leaked"
     )
     assert leak.awaiting == place(HERE, "AWAIT:leak", "sleeper")
-    assert _loops.state_of(loop) is None, "a closed loop is no longer watched"
+    assert registry().state_of(loop) is None, "a closed loop is no longer watched"
 
 
 async def waits_forever() -> None:
@@ -222,7 +220,7 @@ def test_eager_tasks_are_tracked(
         assert done.done() and done.result() == 1
         loop.create_task(sleeper(), name="eager-left", **eager)  # CREATE:eager
         await asyncio.sleep(0.01)
-        stats = _loops.tracker_of(loop).stats  # type: ignore[union-attr]
+        stats = registry().tracker_of(loop).stats  # type: ignore[union-attr]
         assert (stats.created, stats.ok) == (3, 1)
 
     run_on(factory, main())
@@ -251,7 +249,7 @@ def test_task_factory_set_before_and_after_is_still_called(factory: Factory, kin
         loop.set_task_factory(named_factory)
         loop.run_until_complete(loop.create_task(fetch()))
         assert made == ["worker", "fetch"]
-        stats = _loops.tracker_of(loop).stats  # type: ignore[union-attr]
+        stats = registry().tracker_of(loop).stats  # type: ignore[union-attr]
         assert (stats.created, stats.ok) == (2, 2)
         loopwatch.uninstall(loop)
         assert loop.get_task_factory() is named_factory
@@ -272,13 +270,13 @@ def test_counters_are_exact(tracking: str, factory: Factory, events: Recorder) -
         for t in stop:
             t.cancel()
         await asyncio.gather(*ok, *bad, *stop, return_exceptions=True)
-        stats = _loops.tracker_of(asyncio.get_running_loop()).stats  # type: ignore[union-attr]
+        stats = registry().tracker_of(asyncio.get_running_loop()).stats  # type: ignore[union-attr]
         # main itself is a task too: created, still running.
         assert (stats.created, stats.ok, stats.error, stats.cancelled) == (13, 7, 3, 2)
-        assert _loops.tracker_of(asyncio.get_running_loop()).active == 1  # type: ignore[union-attr]
+        assert registry().tracker_of(asyncio.get_running_loop()).active == 1  # type: ignore[union-attr]
 
     run_on(factory, main())
-    totals = _loops.task_totals()
+    totals = registry().task_totals()
     # Runner's close runs shutdown_asyncgens and shutdown_default_executor as tasks too.
     assert (totals.created, totals.ok, totals.error, totals.cancelled) == (15, 10, 3, 2)
 
@@ -300,7 +298,7 @@ def test_finished_tasks_leave_nothing_behind(
     """20,000 tasks churned: the tracking table is empty again (1,000,000 is a benchmark)."""
 
     async def main() -> int:
-        tracker = _loops.tracker_of(asyncio.get_running_loop())
+        tracker = registry().tracker_of(asyncio.get_running_loop())
         assert tracker is not None
         start = tracker.active
         for _ in range(20):
@@ -318,9 +316,7 @@ def test_state_per_live_task_is_small(kind: str, step_timing: bool, budget: int)
     step-timing proxy (about 170 measured) or without (a mark, about 115)."""
     import tracemalloc
 
-    from loopwatch import _runtime
-
-    _runtime.activate(log="off", step_timing=step_timing)
+    _api.activate(log="off", step_timing=step_timing)
 
     import uvloop
 
@@ -389,7 +385,7 @@ def test_sync_watch_around_asyncio_run(kind: str) -> None:
     assert [e.event for e in scope.events] == ["loopwatch.slow_callback", "loopwatch.task_leaked"]
     assert scope.events[0].location == place(HERE, "BLOCK:sync-scope", "main")  # type: ignore[attr-defined]
     assert scope.events[1].created_at == place(HERE, "CREATE:sync-scope", "main")  # type: ignore[attr-defined]
-    assert not _loops.global_enabled()
+    assert not _api.global_enabled()
 
 
 def test_watch_rejects_bad_settings() -> None:
@@ -447,7 +443,7 @@ def test_tasks_the_loop_makes_for_itself_are_placed_in_the_loop(
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        tracker = _loops.tracker_of(asyncio.get_running_loop())
+        tracker = registry().tracker_of(asyncio.get_running_loop())
         entry = tracker.entry_of(task)  # type: ignore[union-attr,arg-type]
         mark = tracker.mark_of(task)  # type: ignore[union-attr,arg-type]
         assert entry is not None and mark is not None

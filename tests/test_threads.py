@@ -20,7 +20,7 @@ import pytest
 from conftest import Recorder, place
 
 import loopwatch
-from loopwatch import _runtime
+from loopwatch import _api
 
 HERE = __file__
 Factory = Callable[[], asyncio.AbstractEventLoop]
@@ -46,9 +46,9 @@ def in_thread(target: Callable[[], Any], name: str = "worker") -> list[BaseExcep
 def test_block_and_stall_are_emitted_from_the_watchdog_thread(
     factory: Factory, kind: str, events: Recorder
 ) -> None:
-    _runtime.activate(slow_callback_ms=50, stall_ms=150)
+    _api.activate(slow_callback_ms=50, stall_ms=150)
     threads: list[int] = []
-    _runtime.activate().dispatcher.add_sink(lambda e: threads.append(threading.get_ident()))
+    _api.activate().dispatcher.add_sink(lambda e: threads.append(threading.get_ident()))
 
     def block() -> None:
         time.sleep(0.3)  # BLOCK:watchdog
@@ -67,7 +67,7 @@ def test_block_and_stall_are_emitted_from_the_watchdog_thread(
     assert {e.location for e in found} == {place(HERE, "BLOCK:watchdog", "block")}
     assert {e.loop for e in found} == {kind}
     # The stall is seen while the loop is blocked: only the watchdog thread can say it then.
-    assert threads[0] == _runtime.activate().watchdog.worker.ident
+    assert threads[0] == _api.activate().watchdog.worker.ident
 
 
 def test_orphans_found_by_the_garbage_collector_in_other_threads(
@@ -75,7 +75,7 @@ def test_orphans_found_by_the_garbage_collector_in_other_threads(
 ) -> None:
     """gc.collect() in four threads at once, each destroying pending tasks: every orphan is
     reported once, from the thread that collected it, and no thread sees an error."""
-    _runtime.activate(slow_callback_ms=10_000, stall_ms=20_000)  # gc may truly take long here
+    _api.activate(slow_callback_ms=10_000, stall_ms=20_000)  # gc may truly take long here
     per_thread, threads = 25, 4
     loop = factory()
     gc.disable()
@@ -91,9 +91,7 @@ def test_orphans_found_by_the_garbage_collector_in_other_threads(
 
         loop.run_until_complete(make(per_thread * threads))
         seen: list[str] = []
-        _runtime.activate().dispatcher.add_sink(
-            lambda e: seen.append(threading.current_thread().name)
-        )
+        _api.activate().dispatcher.add_sink(lambda e: seen.append(threading.current_thread().name))
         barrier = threading.Barrier(threads)
 
         def collect() -> None:
@@ -114,7 +112,7 @@ def test_orphans_found_by_the_garbage_collector_in_other_threads(
         f"orphan-{i}" for i in range(per_thread * threads)
     )
     assert seen and set(seen) <= {f"gc-{i}" for i in range(threads)}
-    assert _runtime.activate().dispatcher.counts["loopwatch.task_orphaned"] == len(orphans)
+    assert _api.activate().dispatcher.counts["loopwatch.task_orphaned"] == len(orphans)
 
 
 def test_never_awaited_coroutines_dropped_in_many_threads_are_counted_exactly(
@@ -144,7 +142,7 @@ def test_never_awaited_coroutines_dropped_in_many_threads_are_counted_exactly(
     found = events.named("loopwatch.coroutine_never_awaited")
     assert len(found) == per_thread * threads
     assert {e.location for e in found} == {place(HERE, "DROP:threads", "drop")}
-    assert _runtime.activate().dispatcher.counts["loopwatch.coroutine_never_awaited"] == len(found)
+    assert _api.activate().dispatcher.counts["loopwatch.coroutine_never_awaited"] == len(found)
 
 
 def test_call_soon_threadsafe_callbacks_are_watched(

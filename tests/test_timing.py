@@ -15,7 +15,7 @@ import pytest
 from conftest import Recorder, place, run_on
 
 import loopwatch
-from loopwatch import _runtime, _timing
+from loopwatch import _api, _timing
 
 pytestmark = pytest.mark.serial
 
@@ -112,7 +112,7 @@ def test_eager_tasks_are_timed(factory: Factory, kind: str, events: Recorder) ->
 
 
 def test_label_cap_counts_the_rest_under_other(factory: Factory, events: Recorder) -> None:
-    _runtime.activate(coroutine_labels=3)
+    _api.activate(coroutine_labels=3)
     namespace: dict[str, Any] = {"asyncio": asyncio}
     for i in range(6):
         exec(f"async def co{i}():\n    await asyncio.sleep(0)\n", namespace)
@@ -143,7 +143,7 @@ async def named_timed() -> None:
 
 def test_timed_records_calls_and_keeps_the_exception(factory: Factory, events: Recorder) -> None:
     """@timed works without its own task, even with step timing off; a raise is unchanged."""
-    _runtime.activate(step_timing=False)
+    _api.activate(step_timing=False)
 
     async def main() -> None:
         assert await plain_timed(21) == 42
@@ -257,7 +257,7 @@ def test_every_slow_step_counts_the_last_one_too(factory: Factory, events: Recor
 
 
 def test_step_timing_off_keeps_wall_time_and_counts(factory: Factory, events: Recorder) -> None:
-    _runtime.activate(step_timing=False)
+    _api.activate(step_timing=False)
 
     async def main() -> Any:
         task = asyncio.create_task(yields(3))

@@ -443,7 +443,7 @@ import loopwatch
 
 {use}
 import asyncio
-from loopwatch import _loops
+from loopwatch import _api
 from prometheus_client import REGISTRY, generate_latest
 
 
@@ -452,7 +452,7 @@ async def main():
 
 
 asyncio.run(main())
-print("global", _loops.global_enabled())
+print("global", _api.global_enabled())
 print([line for line in generate_latest(REGISTRY).decode().splitlines()
        if line.startswith("loopwatch_tasks_created_total")])
 """

@@ -202,18 +202,22 @@ def _check_watched(
         # that fails.
         from loopwatch import _loops, _runtime, _timing
 
+        runtime = _runtime.current()
+        # The registry of watched loops: the runtime's (or, in a --ref before it had one, the
+        # module's functions).
+        registry: Any = getattr(runtime, "loops", None) or _loops
+
         if (_timing.ACCEL is not None) != compiled:
             raise RuntimeError(
                 "expected the compiled hot paths (loopwatch._accel) to be in use"
                 if compiled
                 else "expected the pure-Python hot paths (LOOPWATCH_ACCEL=0)"
             )
-        state = _loops.state_of(loop)
-        runtime = _runtime.current()
+        state = registry.state_of(loop)
         worker = runtime.watchdog.worker if runtime is not None else None
         if state is None or not state.running or worker is None or not worker.running:
             raise RuntimeError("the variant is not watching its loop")
-        tracker = _loops.tracker_of(loop)
+        tracker = registry.tracker_of(loop)
         # The factory the loop really calls: past loopwatch's hook of get_task_factory, which
         # answers with the program's own.
         factory = _loops._factory_of(loop)

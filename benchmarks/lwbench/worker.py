@@ -147,9 +147,11 @@ def _tracked(loop: asyncio.AbstractEventLoop) -> dict[str, int] | None:
     if "loopwatch" not in sys.modules:
         return None
     import loopwatch
-    from loopwatch import _loops
+    from loopwatch import _loops, _runtime
 
-    tracker = _loops.tracker_of(loop)
+    # The runtime's registry of watched loops (or, in a --ref before it had one, the module's).
+    registry: Any = getattr(_runtime.current(), "loops", None) or _loops
+    tracker = registry.tracker_of(loop)
     if tracker is None:
         return None
     return {"entries": tracker.active, "rows": len(loopwatch.coroutine_stats())}

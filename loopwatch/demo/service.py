@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s", stream=sys.stdout)
     if args.uvloop:
-        import uvloop
+        import uvloop  # an optional package (the uvloop extra)
 
         uvloop.run(serve(args.pause))
     else:

@@ -12,9 +12,11 @@ import threading
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from .. import _runtime
 from .._config import Settings
 from .._dispatch import Exporter
 from .._events import Event
+from .._import_hooks import when_imported
 from .logging import LoggingExporter
 
 if TYPE_CHECKING:
@@ -30,11 +32,11 @@ def from_settings(settings: Settings) -> list[Exporter]:
     if mode == "off":
         return []
     if mode == "json":
-        from .structlog import JsonExporter
+        from .structlog import JsonExporter  # (deferred: loaded only when asked for)
 
         exporter = JsonExporter(settings.log_file)
     elif mode == "structlog":
-        from .structlog import StructlogExporter
+        from .structlog import StructlogExporter  # (deferred: as above)
 
         exporter = StructlogExporter(full_stack=full)
     elif mode == "logging":
@@ -42,7 +44,7 @@ def from_settings(settings: Settings) -> list[Exporter]:
     else:
         exporter = AutoExporter(full_stack=full)
     if settings.log_fold_ms > 0:
-        from ._fold import Fold
+        from ._fold import Fold  # (deferred: loaded only when folding is on)
 
         exporter = Fold(exporter, settings.log_fold_ms / 1000.0)
     return [exporter]
@@ -69,7 +71,7 @@ class AutoExporter:
             self._logging(event)
             return
         if self._structlog is None:
-            from .structlog import StructlogExporter
+            from .structlog import StructlogExporter  # (deferred: only once structlog is set up)
 
             self._structlog = StructlogExporter(full_stack=self.full_stack)
         self._structlog(event)
@@ -96,14 +98,11 @@ def publish_metrics(runtime: Runtime) -> None:
         if _hooked:
             return
         _hooked = True
-    from .._import_hooks import when_imported
 
     when_imported("prometheus_client", _on_prometheus_client)
 
 
 def _on_prometheus_client(_: ModuleType) -> None:
-    from .. import _runtime
-
     runtime = _runtime.current()
     if runtime is not None:
         _attach(runtime)

@@ -50,11 +50,12 @@ from prometheus_client.utils import floatToGoString as _go_float
 from .. import _metrics, _runtime
 from .._config import Settings, report
 from .._dispatch import _describe
-from .._metrics import EVENT_COUNTERS, HistogramSnapshot, Snapshot
+from .._metrics import Snapshot
+from .._stats import HistogramSnapshot
 from .._threads import Worker, discard, hidden_call
 
 if TYPE_CHECKING:
-    from aiohttp import web
+    from aiohttp import web  # an optional package: only for its aiohttp handler
 
     from .._runtime import Runtime
 
@@ -103,12 +104,8 @@ def _base(name: str) -> str:
 def snapshot(runtime: Runtime | None = None) -> Snapshot:
     """This process's values now (since it started, or since it was forked), for ``runtime``
     (the active one by default; a closing one still has its last values to write)."""
-    current = _runtime.current()
-    runtime = runtime or current
-    snap = _metrics.collect()
-    if runtime is not None and runtime is not current:
-        counts = runtime.dispatcher.counts
-        snap.events = {metric: counts.get(name, 0) for name, metric in EVENT_COUNTERS.items()}
+    runtime = runtime or _runtime.current()
+    snap = _metrics.collect(runtime)
     inherited = runtime.inherited if runtime is not None else None
     return snap if inherited is None else _since(snap, inherited)
 
@@ -431,7 +428,7 @@ def aiohttp_metrics_handler(
 
     Without ``registry``: as :func:`metrics_app`. Rendering runs in a worker thread.
     """
-    from aiohttp import web
+    from aiohttp import web  # an optional package: only for its aiohttp handler
 
     async def handler(request: web.Request) -> web.Response:
         body, headers = await asyncio.to_thread(
