@@ -77,6 +77,7 @@ static double g_duration[MAX_BUCKETS], g_latency[MAX_BUCKETS];
 static Py_ssize_t g_nduration = -1, g_nlatency = -1;
 static PyObject *g_loop_kwnames; /* ("loop",) */
 
+static PyObject *s_cancel_arrived, *s_cancel_ended;
 static PyObject *s_proxy_ended, *s_half, *s_threshold, *s_on_slow, *s_throw, *s_close, *s_name,
     *s_qualname, *s_cr_frame, *s_cr_code, *s_cr_await, *s_cr_running, *s_cr_suspended,
     *s_cr_origin, *s_row, *s_loop;
@@ -546,6 +547,7 @@ typedef struct {
     long long steps, slow_steps;
     int lasti;
     char leaked, ended, timing;
+    char cancelled; /* a CancelledError was thrown in: the owner hears of the end */
     PyObject *weakreflist; /* what get_coro() returns may be weakly referenced */
 } TimedObject;
 
@@ -694,6 +696,26 @@ account(TimedObject *self, CountsObject *sink, PyObject *exc)
     Py_DECREF(row);
 }
 
+/* Tell the owner (a TaskTracker) one of the two things it hears about cancellations:
+   cancel_arrived(proxy) or cancel_ended(proxy, exc or None). Called with no exception set;
+   leaves none set (the tracker says its own failures). */
+static void
+tell_owner(TimedObject *self, PyObject *name, PyObject *exc)
+{
+    PyObject *owner = self->owner;
+    if (owner == NULL || owner == Py_None) {
+        return;
+    }
+    Py_INCREF(owner);
+    PyObject *args[3] = {owner, (PyObject *)self, exc != NULL ? exc : Py_None};
+    PyObject *r = PyObject_VectorcallMethod(name, args, name == s_cancel_ended ? 3 : 2, NULL);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(owner);
+    }
+    Py_XDECREF(r);
+    Py_DECREF(owner);
+}
+
 static void
 ended(TimedObject *self, PyObject *exc)
 {
@@ -701,6 +723,10 @@ ended(TimedObject *self, PyObject *exc)
         return;
     }
     self->ended = 1;
+    if (self->cancelled && self->sink != NULL) {
+        /* (Without a sink, proxy_ended hears of the end, and it tells cancel_ended itself.) */
+        tell_owner(self, s_cancel_ended, exc);
+    }
     if (self->sink != NULL) {
         Py_INCREF(self->sink);
         account(self, (CountsObject *)self->sink, exc);
@@ -854,6 +880,15 @@ Timed_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < nargs; i++) {
         stack[i + 1] = args[i];
     }
+    if (g_cancelled != NULL &&
+        (PyObject_TypeCheck(args[0], (PyTypeObject *)g_cancelled) ||
+         (PyType_Check(args[0]) &&
+          PyType_IsSubtype((PyTypeObject *)args[0], (PyTypeObject *)g_cancelled)))) {
+        /* The task's cancellation arrives: rare, and told before the coroutine sees it (the
+           place it is suspended at is the place the cancellation reached). */
+        self->cancelled = 1;
+        tell_owner(self, s_cancel_arrived, NULL);
+    }
     if (!self->timing) {
         PyObject *result = PyObject_VectorcallMethod(s_throw, stack, (size_t)nargs + 1, NULL);
         self->steps++;
@@ -1005,7 +1040,7 @@ timed_new(PyTypeObject *type, PyObject *coro, PyObject *cfg, PyObject *owner, Py
     self->busy = self->max_step = self->watch = 0.0;
     self->steps = self->slow_steps = 0;
     self->lasti = 0;
-    self->leaked = self->ended = 0;
+    self->leaked = self->ended = self->cancelled = 0;
     self->timing = 1;
     self->weakreflist = NULL;
     PyObject_GC_Track(self);
@@ -2562,6 +2597,8 @@ PyMODINIT_FUNC
 PyInit__accel(void)
 {
     INTERN(s_proxy_ended, "proxy_ended");
+    INTERN(s_cancel_arrived, "cancel_arrived");
+    INTERN(s_cancel_ended, "cancel_ended");
     INTERN(s_half, "half");
     INTERN(s_threshold, "threshold");
     INTERN(s_on_slow, "on_slow");

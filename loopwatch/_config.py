@@ -44,6 +44,7 @@ class Settings:
     step_timing: bool = True
     summary: bool = False
     coroutine_labels: int = 50
+    cancel_grace_ms: float = 5000.0
 
     @property
     def slow_callback_s(self) -> float:
@@ -52,6 +53,10 @@ class Settings:
     @property
     def stall_s(self) -> float:
         return self.stall_ms / 1000.0
+
+    @property
+    def cancel_grace_s(self) -> float:
+        return self.cancel_grace_ms / 1000.0
 
     def replace(self, **overrides: Any) -> Settings:
         """Return a copy with keyword overrides, each validated as the environment would be.
@@ -278,6 +283,14 @@ SPECS: Final[dict[str, Spec]] = {
             "Repeats of an event at the same place within this time are folded into one line "
             "saying how many (`folded`), so a flood does not flood the log; metrics still count "
             "every event. 0 logs every event.",
+        ),
+        Spec(
+            "cancel_grace_ms",
+            _positive_ms,
+            "a number of milliseconds above 0",
+            "A task still pending this long after its cancellation arrived is reported while it "
+            "still is (`loopwatch.cancel_ignored`): the cancellation was caught and ignored, and "
+            "whoever waits for the task (a shutdown, `asyncio.run`) waits for ever.",
         ),
     )
 }

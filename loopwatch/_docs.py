@@ -57,6 +57,20 @@ FIELD_DOCS: dict[str, str] = {
     "exception": "`Type: message` (the message is left out with `LOOPWATCH_EXCEPTION_MESSAGES=0`)",
     "raised_at": "`path:line in function`: the innermost frame of the traceback",
     "defined_at": "`path:line in function`: where the coroutine function is defined",
+    "await_chain": (
+        "the task's chain of suspended coroutines, as places, outermost first, ending at "
+        "`awaiting`: `worker` -> `fetch` -> the line it waits at"
+    ),
+    "ended": (
+        "how the task ended instead of being cancelled: `returned`, or the exception it raised "
+        "(`Type: message`)"
+    ),
+    "since_cancel_s": (
+        "seconds since the cancellation arrived (at least `LOOPWATCH_CANCEL_GRACE_MS`)"
+    ),
+    "cancelled_at": (
+        "`path:line in function`: the line the task was suspended at when its cancellation arrived"
+    ),
 }
 
 # Where a field means something more precise for one event: "event name:field".
@@ -65,6 +79,11 @@ EVENT_FIELD_DOCS: dict[str, str] = {
     "loopwatch.slow_callback:coroutine": FIELD_DOCS["coroutine"] + "; null if no task was running",
     "loopwatch.loop_stalled:task": FIELD_DOCS["task"] + "; null if no task was running",
     "loopwatch.loop_stalled:coroutine": FIELD_DOCS["coroutine"] + "; null if no task was running",
+    "loopwatch.cancel_swallowed:location": (
+        "`path:line in function`: the line the task was suspended at when its cancellation "
+        "arrived (the `await` whose `except` swallowed it); null when no step-timing proxy saw it "
+        "arrive (pure Python with `LOOPWATCH_STEP_TIMING=0`)"
+    ),
     "loopwatch.coroutine_never_awaited:location": (
         "`path:line in function`: where the coroutine was created when `LOOPWATCH_CREATION_STACK` "
         "is above 1, otherwise where it was dropped (for `fetch()` with no `await`, the same line)"

@@ -93,6 +93,9 @@ class TaskLeaked(Event):
     # Set when the task was made by asyncio or uvloop itself (``created_at`` is then None): what
     # made it, such as "asyncio: async generator finalizer".
     created_by: str | None = None
+    # The task's chain of coroutines, suspended: their places, outermost first, ending at
+    # ``awaiting``.
+    await_chain: tuple[str, ...] = ()
 
     @property
     def place(self) -> str | None:
@@ -146,6 +149,48 @@ class CoroutineNeverAwaited(Event):
         return self.location
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelSwallowed(Event):
+    """A cancelled task ended without ``CancelledError`` while its ``cancelling()`` count was
+    still above 0: the cancellation was swallowed (``asyncio.timeout`` and ``TaskGroup`` then
+    misbehave, and a shutdown that waits for the task sees it finish as if nothing happened)."""
+
+    event: ClassVar[str] = "loopwatch.cancel_swallowed"
+    task: str
+    coroutine: str
+    created_at: str | None
+    # The line the task was suspended at when the cancellation arrived.
+    location: str | None
+    # How the task ended instead: "returned", or the exception it raised.
+    ended: str = "returned"
+    created_by: str | None = None
+
+    @property
+    def place(self) -> str | None:
+        return self.location
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelIgnored(Event):
+    """A task still pending ``CANCEL_GRACE_MS`` after its cancellation arrived (reported while it
+    still is, once per task)."""
+
+    event: ClassVar[str] = "loopwatch.cancel_ignored"
+    task: str
+    coroutine: str
+    created_at: str | None
+    awaiting: str | None
+    await_chain: tuple[str, ...]
+    since_cancel_s: float
+    # The line the task was suspended at when the cancellation arrived.
+    cancelled_at: str | None = None
+    created_by: str | None = None
+
+    @property
+    def place(self) -> str | None:
+        return self.awaiting or self.created_at
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     SlowCallback,
     LoopStalled,
@@ -153,5 +198,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     TaskOrphaned,
     TaskExceptionUnretrieved,
     CoroutineNeverAwaited,
+    CancelSwallowed,
+    CancelIgnored,
 )
 EVENT_NAMES: tuple[str, ...] = tuple(t.event for t in EVENT_TYPES)

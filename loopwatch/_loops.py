@@ -144,6 +144,7 @@ class Loops:
                     say=dispatcher.say,
                     table=self.table,
                 )
+                state.tasks.wake_by = self.watchdog.wake_by
                 state.configure(settings)  # now that it has a tracker, pass it the timing settings
             self._hook_loop_class(type(loop))
             self._states[loop] = state

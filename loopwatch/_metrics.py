@@ -24,6 +24,8 @@ EVENT_COUNTERS: dict[str, str] = {
     "loopwatch.task_orphaned": "loopwatch_tasks_orphaned_total",
     "loopwatch.task_exception_unretrieved": "loopwatch_task_exceptions_unretrieved_total",
     "loopwatch.coroutine_never_awaited": "loopwatch_coroutines_never_awaited_total",
+    "loopwatch.cancel_swallowed": "loopwatch_cancels_swallowed_total",
+    "loopwatch.cancel_ignored": "loopwatch_cancels_ignored_total",
 }
 
 

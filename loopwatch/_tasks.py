@@ -7,18 +7,26 @@ small object that carries what is kept about the task: the task's proxy
 (:class:`~loopwatch._timing.Timed`), or, in pure Python with step timing off, a :class:`TaskMark`
 that is the task's done callback. The common case of all this is compiled (``_accel.Factory``,
 which walks the interpreter's own frames without making a frame object: about 0.4 us per task in
-all); this module is the rest, and the whole of it without the compiled module. The creation site is kept as ``(code object, instruction offset)``,
-never a frame (a frame would keep the creator's locals alive), and turned into
-``path:line in function`` only when an event needs it. There is no table of live tasks: pending
-tasks are asyncio's own (``asyncio.all_tasks``), and what is kept about each goes when the task
-goes. A task without a proxy that ended with an exception carries its creation site as an
-attribute until the exception is retrieved or the task destroyed.
+all); this module is the rest, and the whole of it without the compiled module. The creation site
+is kept as ``(code object, instruction offset)``, never a frame (a frame would keep the creator's
+locals alive), and turned into ``path:line in function`` only when an event needs it. There is no
+table of live tasks: pending tasks are asyncio's own (``asyncio.all_tasks``), and what is kept
+about each goes when the task goes. A task without a proxy that ended with an exception carries its
+creation site as an attribute until the exception is retrieved or the task destroyed.
 
 Orphans and unretrieved exceptions are what asyncio itself reports, from the task's finalizer, to
 ``loop.call_exception_handler``: loopwatch hooks that method, turns the report into an event with
 the creation site, and hands it on unchanged. Leaks are judged when a loop stops for good (just
 before ``asyncio.run`` / ``Runner`` cancel what is left, or at ``loop.close()``) and at the end of
 a ``watch()`` scope.
+
+Cancellations: a task's proxy tells the tracker when a ``CancelledError`` is thrown into its
+coroutine (where it was suspended, and when) and, for such a task only, when the coroutine ends.
+One that ends without ``CancelledError`` while ``task.cancelling()`` is still above 0 swallowed
+its cancellation (``cancel_swallowed``: ``asyncio.timeout``, ``TaskGroup`` and the like withdraw
+theirs with ``uncancel()``, so they are never reported). One still pending ``cancel_grace`` after
+its cancellation arrived is reported by the watchdog's thread, while it hangs
+(``cancel_ignored``).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from types import CodeType, CoroutineType, FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -39,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 from . import _places
 from ._config import report
 from ._events import (
+    CancelIgnored,
+    CancelSwallowed,
     CoroutineNeverAwaited,
     Event,
     TaskExceptionUnretrieved,
@@ -336,6 +347,54 @@ class TaskMark:
 
 
 Mark = Any  # a proxy (Timed) or a TaskMark
+_current_task = asyncio.current_task
+
+
+_TG_EXIT = getattr(getattr(asyncio, "TaskGroup", None), "__aexit__", None)
+_TG_EXIT_CODE = getattr(_TG_EXIT, "__code__", None)
+
+
+def _task_group_exiting(chain: list[Any]) -> Any:
+    """The TaskGroup whose ``__aexit__`` a cancellation arriving now reaches (its parent task
+    waits there for the group's tasks), or None.
+
+    Two things a TaskGroup does there are its design, not a swallowed cancellation: when a task
+    of the group fails meanwhile, the group raises its errors instead of the cancellation; and
+    when its own cancellation of the parent (``_parent_cancel_requested``: a task of the group
+    failed while the parent waited) arrives there, Python 3.11 and 3.12 leave the parent's
+    ``cancelling()`` at 1 for good (their ``__aexit__`` calls ``uncancel()`` before that wait, not
+    after; 3.13 calls it after, and the count goes back to 0).
+    """
+    if not chain or _TG_EXIT_CODE is None:
+        return None
+    innermost = chain[-1]
+    if getattr(innermost, "cr_code", None) is not _TG_EXIT_CODE:
+        return None
+    frame = getattr(innermost, "cr_frame", None)
+    return frame.f_locals.get("self") if frame is not None else None
+
+
+class _Cancel:
+    """A cancellation delivered to a task still running: the task (weakly), the line it was
+    suspended at when the cancellation arrived, when, whether it was reported ignored, and how
+    many of its cancellations were a TaskGroup's own that Python never withdraws (see
+    ``_task_group_own``)."""
+
+    __slots__ = ("excused", "in_group_exit", "place", "reported", "since", "task")
+    excused: int
+    in_group_exit: bool
+
+    def __init__(
+        self,
+        task: weakref.ref[asyncio.Task[Any]],
+        place: str | None,
+        since: float,
+        reported: bool,
+    ) -> None:
+        self.task = task
+        self.place = place
+        self.since = since
+        self.reported = reported
 
 
 class TaskTracker:
@@ -379,6 +438,13 @@ class TaskTracker:
         self._depth = max(creation_stack, 1)
         self._boundary: FrameType | None = None
         self._compiled: Any = None
+        # Cancellations delivered to tasks still running (id of the proxy -> _Cancel): written on
+        # the loop's thread when a CancelledError is thrown into a coroutine (rare), read by the
+        # watchdog's thread for the ones ignored. ``wake_by(deadline)`` (set by the registry)
+        # makes the watchdog look by then.
+        self._cancels: dict[int, _Cancel] = {}
+        self.cancel_grace = 5.0  # set by LoopState.configure
+        self.wake_by: Callable[[float], None] | None = None
         self.factory: Callable[..., asyncio.Task[Any]] = self._make_factory()
         if ACCEL is not None:
             counts: Any = self.stats  # the compiled TaskCounts: its proxies add into these rows
@@ -537,6 +603,8 @@ class TaskTracker:
         """A task's coroutine ended, as its proxy saw it: count it and time it.
 
         Once per task: ``Row.add`` inlined (a Python call less), about 0.4 us in all."""
+        if self._cancels and id(proxy) in self._cancels:
+            self.cancel_ended(proxy, exc)
         wall = monotonic() - proxy.born
         stats = self.stats
         stats.gone += 1
@@ -595,12 +663,152 @@ class TaskTracker:
         else:
             stats.ok += 1
             outcome = "ok"
+            if task.cancelling():  # no proxy saw its cancellation arrive: no place for it
+                self._swallowed(task, task.get_coro(), mark, None, None)
         label = mark._label
         if label is not None:
             row = self.rows.get(label)
             if row is None:
                 row = self.table.row(self.rows, label)
             row.add(wall, outcome, None)
+
+    # -- cancellations: swallowed, ignored -------------------------------------------------------
+    #
+    # A proxy tells its tracker when a CancelledError is thrown into its coroutine (the task's
+    # cancellation arriving: ``cancel_arrived``) and, for such a proxy only, when the coroutine
+    # ends (``cancel_ended``). Nothing is added to any other task's path.
+
+    def cancel_arrived(self, proxy: Timed) -> None:
+        """A CancelledError is about to be thrown into the coroutine of ``proxy``, by its task."""
+        try:
+            task = _current_task()
+            if task is None:
+                return
+            now = monotonic()
+            chain, _ = await_chain(proxy._coro)
+            awaiting, _, _ = suspended_chain(proxy._coro)
+            key = id(proxy)
+            previous = self._cancels.get(key)
+            if previous is not None and previous.task() is not task:
+                previous = None  # (a record of a proxy gone, whose id this one reuses)
+            record = self._cancels[key] = _Cancel(
+                weakref.ref(task),
+                awaiting,
+                now,
+                previous is not None and previous.reported,
+            )
+            record.excused = previous.excused if previous is not None else 0
+            record.in_group_exit = previous is not None and previous.in_group_exit
+            group = _task_group_exiting(chain)
+            if group is not None:
+                record.in_group_exit = True
+                if getattr(group, "_parent_cancel_requested", False):
+                    record.excused += 1
+            wake_by = self.wake_by
+            if wake_by is not None:
+                wake_by(now + self.cancel_grace)
+        except Exception as exc:  # noqa: BLE001 - never the program's
+            self.say(f"loopwatch: reading a cancellation failed ({type(exc).__name__}: {exc})")
+
+    def cancel_ended(self, proxy: Timed, exc: BaseException | None) -> None:
+        """The coroutine of a proxy that had a cancellation thrown in ended (``exc`` None, or a
+        ``StopIteration``, for a return)."""
+        try:
+            record = self._cancels.pop(id(proxy), None)
+            if exc is not None and isinstance(exc, _CancelledError):
+                return
+            task = _current_task()
+            if task is None:
+                return
+            if record is not None and record.task() is not task:
+                record = None  # (a record of a proxy gone, whose id this one reuses)
+            if task.cancelling() <= (record.excused if record is not None else 0):
+                return  # withdrawn (uncancel(): asyncio.timeout, TaskGroup)
+            if (
+                record is not None
+                and record.in_group_exit
+                and isinstance(exc, BaseExceptionGroup)
+            ):
+                return  # a TaskGroup's errors take the place of the cancellation, by design
+            ended = "returned" if exc is None or type(exc) is StopIteration else None
+            self._swallowed(
+                task, proxy._coro, proxy, record.place if record else None, ended or exc
+            )
+        except Exception as error:  # noqa: BLE001 - never the program's
+            self.say(f"loopwatch: reading a cancellation failed ({type(error).__name__}: {error})")
+
+    def _swallowed(
+        self,
+        task: asyncio.Task[Any],
+        coro: Any,
+        mark: Mark | None,
+        location: str | None,
+        ended: str | BaseException | None,
+    ) -> None:
+        site = mark_site(mark) if mark is not None else None
+        if ended is None:
+            ended = "returned"
+        elif not isinstance(ended, str):
+            ended = describe_exception(ended) if self.exception_messages else type(ended).__name__
+        self.emit(
+            CancelSwallowed(
+                task=task.get_name(),
+                coroutine=coroutine_name(coro),
+                created_at=site_place(site),
+                location=location,
+                ended=ended,
+                created_by=mark._by if mark is not None else None,
+                origin=origin_of(site, coro),
+            )
+        )
+
+    def overdue_cancels(self, now: float, keep: Any) -> float:
+        """From the watchdog's thread: report each task still pending ``cancel_grace`` after its
+        cancellation arrived (once per task); return when to look again. Every object of the
+        program's touched goes into ``keep`` (the pulse's box), let go of on the loop's thread."""
+        due_next = float("inf")
+        if not self._cancels:
+            return due_next
+        grace = self.cancel_grace
+        for key, record in list(self._cancels.items()):
+            task = record.task()
+            if task is None or task.done():
+                # Gone, or ended unseen. (Only these are dropped here: the loop's thread reads
+                # a live task's record when it ends.)
+                if self._cancels.get(key) is record:
+                    self._cancels.pop(key, None)
+                if task is not None:
+                    keep.append(task)
+                continue
+            keep.append(task)
+            if task.cancelling() <= record.excused:
+                continue  # the cancellation was withdrawn (uncancel()): nothing is ignored
+            if record.reported:
+                continue
+            due = record.since + grace
+            if now < due:
+                due_next = min(due_next, due)
+                continue
+            record.reported = True
+            coro = task.get_coro()
+            keep.append(coro)
+            mark = self.mark_of(task)
+            site = mark_site(mark) if mark is not None else None
+            awaiting, _, chain = suspended_chain(coro, keep)
+            self.emit(
+                CancelIgnored(
+                    task=task.get_name(),
+                    coroutine=coroutine_name(coro),
+                    created_at=site_place(site),
+                    awaiting=awaiting,
+                    await_chain=chain,
+                    since_cancel_s=round(now - record.since, 3),
+                    cancelled_at=record.place,
+                    created_by=mark._by if mark is not None else None,
+                    origin=origin_of(site, coro),
+                )
+            )
+        return due_next
 
     def mark_of(self, task: asyncio.Task[Any]) -> Mark | None:
         """What this tracker keeps about ``task`` (its proxy or its mark), while it is pending."""
@@ -693,7 +901,7 @@ class TaskTracker:
             coro = task.get_coro()
             if is_runner_task(coro):
                 continue  # a test runner's own task, cancelled by design when it closes
-            awaiting, awaits = suspended_at(task)
+            awaiting, awaits, chain = suspended_chain(coro)
             site = mark_site(mark) if mark is not None else None
             if mark is not None:
                 mark._leaked = True
@@ -709,6 +917,7 @@ class TaskTracker:
                     awaits=awaits,
                     created_stack=site_stack(site) if site and self.depth > 1 else (),
                     created_by=mark._by if mark is not None else None,
+                    await_chain=chain,
                     origin=origin_of(site, coro),
                 )
             )
@@ -775,14 +984,24 @@ def raised_at(tb: TracebackType | None) -> str | None:
 
 
 def suspended_at(task: asyncio.Task[Any]) -> tuple[str | None, str | None]:
-    """Where a pending task is suspended (``path:line in function``) and what it awaits there.
+    """Where a pending task is suspended (``path:line in function``) and what it awaits there."""
+    awaiting, awaits, _ = suspended_chain(task.get_coro())
+    return awaiting, awaits
 
-    Follows the chain of awaits from the task's coroutine inward; the place is the innermost frame
-    of the program's own code, and what it awaits is the next thing down the chain (``sleep``,
-    ``Event.wait``, ``Future``...).
+
+def suspended_chain(coro: Any, keep: Any = None) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """Where a suspended coroutine waits, what it awaits there, and the chain of places to it.
+
+    Follows the chain of awaits from the coroutine inward; the place is the innermost frame of
+    the program's own code, and what it awaits is the next thing down the chain (``sleep``,
+    ``Event.wait``, ``Future``...). The chain is the place of each coroutine from the outermost
+    to that one. From another thread than the loop's, ``keep`` (the pulse's box) takes every
+    object of the program's touched here, to be let go of on the loop's thread.
     """
-    chain, awaitable = await_chain(task.get_coro())
+    chain, awaitable = await_chain(coro)
     frames = chain_frames(chain)
+    if keep is not None:
+        keep.append((chain, awaitable, frames))
     pick = None
     for i in range(len(frames) - 1, -1, -1):
         if _places.is_own_code(frames[i].f_code.co_filename):
@@ -791,8 +1010,7 @@ def suspended_at(task: asyncio.Task[Any]) -> tuple[str | None, str | None]:
     if pick is None:
         pick = len(frames) - 1
     if pick < 0:
-        return None, None
-    frame = frames[pick]
+        return None, None, ()
     if pick + 1 < len(chain):
         nxt = chain[pick + 1]
         awaits = getattr(nxt, "__qualname__", None) or type(nxt).__qualname__
@@ -800,7 +1018,8 @@ def suspended_at(task: asyncio.Task[Any]) -> tuple[str | None, str | None]:
         awaits = type(awaitable).__qualname__
     else:
         awaits = None
-    return _places.frame_place(frame), awaits
+    places = tuple(_places.frame_place(f) for f in frames[: pick + 1])
+    return places[-1], awaits, places
 
 
 # -- process-wide hooks: asyncio.run's final cancellation, and never-awaited coroutines ----------

@@ -176,6 +176,9 @@ class PyTimed:
         return result
 
     def throw(self, *args: Any) -> Any:
+        owner = self._owner
+        if owner is not None and args and _is_cancellation(args[0]):
+            owner.cancel_arrived(self)  # the task's cancellation arrives (see TaskTracker)
         start = _perf()
         try:
             result = self._coro.throw(*args)
@@ -293,6 +296,13 @@ class PyTimed:
 
     def __repr__(self) -> str:
         return repr(self._coro)
+
+
+def _is_cancellation(exc: Any) -> bool:
+    """A ``CancelledError``, as an instance or a class (``throw`` takes either)."""
+    return isinstance(exc, asyncio.CancelledError) or (
+        isinstance(exc, type) and issubclass(exc, asyncio.CancelledError)
+    )
 
 
 _OWN_CODES = frozenset(f.__code__ for f in (PyTimed.__next__, PyTimed.send, PyTimed.throw))

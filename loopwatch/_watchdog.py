@@ -331,6 +331,7 @@ class LoopState:
             tracker.timing = settings.step_timing
             tracker.exception_messages = settings.exception_messages
             tracker.depth = settings.creation_stack
+            tracker.cancel_grace = settings.cancel_grace_s
             watch = tracker.step_watch
             watch.threshold = self.threshold
             watch.half = self.threshold / 2.0
@@ -488,6 +489,13 @@ class LoopState:
             alarm.disarm()
 
     # -- the watchdog's side (runs in the watchdog thread) --------------------------------
+
+    def check_hangs(self, now: float) -> float:
+        """Look for tasks that ignore their cancellation; return when to look again."""
+        tracker = self.tasks
+        if tracker is None or not self.active:
+            return INF
+        return tracker.overdue_cancels(now, self.pulse.box)
 
     def check(self, now: float) -> float:
         """Look at the loop once; return when to look again."""
@@ -741,6 +749,8 @@ class Watchdog:
         self._retired: list[Alarm] = []
         self._say = say
         self._wake_r, self._wake_w = _pipe()
+        # When the thread will look again by itself (what it sleeps until, in select).
+        self.sleep_until = 0.0
         self.worker = Worker("watchdog", self._run, self.wake, failure="block detection is off")
 
     @property
@@ -773,6 +783,13 @@ class Watchdog:
     def wake(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe already means "wake up"
             os.write(self._wake_w, b"x")
+
+    def wake_by(self, deadline: float) -> None:
+        """Make the thread look by ``deadline`` (a write to its pipe only if it would sleep past
+        it: at most once per deadline, however many tasks are cancelled meanwhile)."""
+        if deadline < self.sleep_until:
+            self.sleep_until = deadline
+            self.wake()
 
     def stop(self) -> None:
         with self._lock:
@@ -824,7 +841,7 @@ class Watchdog:
             fds = [self._wake_r]
             for state in states:
                 try:
-                    deadline = min(deadline, state.check(now))
+                    deadline = min(deadline, state.check(now), state.check_hangs(now))
                 except Exception as exc:  # noqa: BLE001 - one loop's failure stays with that loop
                     self._say(
                         f"loopwatch: watching a loop failed ({type(exc).__name__}: {exc}); "
@@ -837,6 +854,7 @@ class Watchdog:
                     continue
                 if state.alarm is not None:
                     fds.append(state.alarm.fd)
+            self.sleep_until = deadline
             timeout = max(0.0, deadline - monotonic())
             try:
                 ready, _, _ = select.select(fds, [], [], timeout)

@@ -62,4 +62,6 @@ def test_event_classes_carry_their_contract_names() -> None:
         "loopwatch.task_orphaned",
         "loopwatch.task_exception_unretrieved",
         "loopwatch.coroutine_never_awaited",
+        "loopwatch.cancel_swallowed",
+        "loopwatch.cancel_ignored",
     )

@@ -145,6 +145,8 @@ def test_exact_values_after_a_known_scenario(factory: Factory) -> None:
         "loopwatch_tasks_orphaned_total": 0.0,
         "loopwatch_task_exceptions_unretrieved_total": 0.0,
         "loopwatch_coroutines_never_awaited_total": 1.0,
+        "loopwatch_cancels_swallowed_total": 0.0,
+        "loopwatch_cancels_ignored_total": 0.0,
     }
     # Task counts are process totals (they never go back): compare with the scrape before.
     assert [

@@ -77,6 +77,10 @@ COUNTERS: Final[dict[str, str]] = {
     "retrieved (loopwatch.task_exception_unretrieved events).",
     "loopwatch_coroutines_never_awaited_total": "Coroutines created and dropped without being "
     "awaited (loopwatch.coroutine_never_awaited events).",
+    "loopwatch_cancels_swallowed_total": "Cancelled tasks that ended without CancelledError while "
+    "still being cancelled (loopwatch.cancel_swallowed events).",
+    "loopwatch_cancels_ignored_total": "Tasks still pending LOOPWATCH_CANCEL_GRACE_MS after their "
+    "cancellation arrived (loopwatch.cancel_ignored events).",
 }
 LAG = "loopwatch_loop_lag_seconds"
 TASKS_CREATED = "loopwatch_tasks_created_total"
