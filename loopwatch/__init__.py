@@ -22,11 +22,14 @@ if TYPE_CHECKING:
         metrics_url,
         new_event_loop,
         new_uvloop_event_loop,
+        snapshot,
         uninstall,
     )
     from ._config import Settings
     from ._dispatch import Exporter
     from ._events import (
+        CancelIgnored,
+        CancelSwallowed,
         CoroutineNeverAwaited,
         Event,
         LoopStalled,
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
     from .exporters.prometheus import MetricsCollector, aiohttp_metrics_handler, metrics_app
 
 __all__ = [
+    "CancelIgnored",
+    "CancelSwallowed",
     "CoroutineNeverAwaited",
     "CoroutineStats",
     "Event",
@@ -63,6 +68,7 @@ __all__ = [
     "metrics_url",
     "new_event_loop",
     "new_uvloop_event_loop",
+    "snapshot",
     "timed",
     "uninstall",
     "watch",
@@ -72,6 +78,8 @@ __version__ = "0.1.0"
 
 # name -> module that defines it
 _LAZY = {
+    "CancelIgnored": "._events",
+    "CancelSwallowed": "._events",
     "CoroutineNeverAwaited": "._events",
     "CoroutineStats": "._timing",
     "coroutine_stats": "._api",
@@ -93,6 +101,7 @@ _LAZY = {
     "metrics_url": "._api",
     "new_event_loop": "._api",
     "new_uvloop_event_loop": "._api",
+    "snapshot": "._api",
     "uninstall": "._api",
     "watch": "._scope",
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from . import _config, _metrics, _runtime
+from . import _config, _live, _metrics, _runtime
 from ._loops import stock_loop_class
 from ._runtime import Runtime
 from ._timing import CoroutineStats
@@ -120,6 +120,11 @@ def metrics_url() -> str | None:
     """The URL of the metrics endpoint loopwatch serves (``LOOPWATCH_METRICS_PORT``), or None."""
     endpoint = getattr(getattr(_runtime.current(), "metrics", None), "endpoint", None)
     return None if endpoint is None else str(endpoint.url)
+
+
+def snapshot() -> dict[str, Any]:
+    """Every watched loop and every task now, as plain data (what ``GET /tasks`` serves)."""
+    return _live.snapshot(_runtime.current())
 
 
 def coroutine_stats() -> list[CoroutineStats]:

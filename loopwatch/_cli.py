@@ -1,4 +1,5 @@
-"""The ``loopwatch`` command: ``loopwatch run [OPTIONS] -- COMMAND`` and ``loopwatch demo``."""
+"""The ``loopwatch`` command: ``loopwatch run [OPTIONS] -- COMMAND``, ``loopwatch demo``, and the
+live view of a running process, ``loopwatch tasks TARGET`` and ``loopwatch top TARGET``."""
 
 from __future__ import annotations
 
@@ -51,6 +52,31 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--pause", type=float, default=2.0, metavar="S", help="seconds between requests (2)"
     )
+
+    target_help = (
+        "the URL of the process's metrics endpoint (LOOPWATCH_METRICS_PORT), as "
+        "http://HOST:PORT, .../metrics or .../tasks"
+    )
+    tasks = commands.add_parser(
+        "tasks",
+        help="print every task of a running process as a tree, each under the task awaiting it",
+        description="Print every task of a watched process, each under the task that awaits it.",
+    )
+    tasks.add_argument("target", metavar="TARGET", help=target_help)
+    top = commands.add_parser(
+        "top",
+        help="a live view of a running process's loops and tasks (q quits)",
+        description=(
+            "Loop health on top (blocked, lag, busy share), then the tasks sorted by busy time. "
+            "Refreshes every second; keys: b, a, s, w sort by busy, age, steps, waiting; q quits."
+        ),
+    )
+    top.add_argument("target", metavar="TARGET", help=target_help)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--sort", choices=("busy", "age", "steps", "waiting"), default="busy")
+    top.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between frames (1)"
+    )
     return parser
 
 
@@ -63,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._demo import main as demo_main  # (deferred: start-up cost of other commands)
 
         return demo_main(uvloop=args.uvloop, pause=args.pause)
+    if args.command in ("tasks", "top"):
+        from . import _view  # (deferred: start-up cost of other commands)
+
+        if args.command == "tasks":
+            return _view.tasks(args.target)
+        return _view.top(args.target, once=args.once, sort=args.sort, interval=args.interval)
     parser.print_help()
     return 2
 

@@ -724,11 +724,7 @@ class TaskTracker:
                 record = None  # (a record of a proxy gone, whose id this one reuses)
             if task.cancelling() <= (record.excused if record is not None else 0):
                 return  # withdrawn (uncancel(): asyncio.timeout, TaskGroup)
-            if (
-                record is not None
-                and record.in_group_exit
-                and isinstance(exc, BaseExceptionGroup)
-            ):
+            if record is not None and record.in_group_exit and isinstance(exc, BaseExceptionGroup):
                 return  # a TaskGroup's errors take the place of the cancellation, by design
             ended = "returned" if exc is None or type(exc) is StopIteration else None
             self._swallowed(

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "_runtime": 4,
     # 5. the read side: snapshots of a runtime
     "_metrics": 5,
+    "_live": 5,
     # 6. the exporters: events and snapshots out; never a detector
     **dict.fromkeys(
         (
@@ -59,6 +60,7 @@ LAYERS: dict[str, int] = {
             "_api",
             "_bootstrap",
             "_cli",
+            "_view",
             "_policy",
             "_scope",
             "_testing",

@@ -15,6 +15,7 @@ CONTRACT_API = {
     "new_uvloop_event_loop",
     "EventLoopPolicy",
     "metrics_url",
+    "snapshot",
 }
 
 

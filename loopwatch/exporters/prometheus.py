@@ -27,6 +27,7 @@ import contextlib
 import errno
 import functools
 import gzip
+import json
 import selectors
 import socket
 import threading
@@ -47,7 +48,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _go_float
 
-from .. import _metrics, _runtime
+from .. import _live, _metrics, _runtime
 from .._config import Settings, report
 from .._dispatch import _describe
 from .._metrics import Snapshot
@@ -468,9 +469,18 @@ class _Server(WSGIServer):
 def _wsgi_app(registry: CollectorRegistry | None) -> Callable[..., Iterable[bytes]]:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        if environ.get("PATH_INFO", "/") not in ("/metrics", "/metrics/"):
+        path = environ.get("PATH_INFO", "/")
+        if path in ("/tasks", "/tasks/") and method in ("GET", "HEAD"):
+            # The live view, from this thread: it answers while the loop is blocked.
+            body = json.dumps(_live.snapshot(_runtime.current())).encode()
+            start_response(
+                "200 OK",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
+            return [b"" if method == "HEAD" else body]
+        if path not in ("/metrics", "/metrics/"):
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-            return [b"loopwatch: the metrics are at /metrics\n"]
+            return [b"loopwatch: the metrics are at /metrics, the tasks at /tasks\n"]
         if method not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
             return [b""]

@@ -1,0 +1,69 @@
+"""What the live view costs: ``loopwatch.snapshot()`` of a loop with many pending tasks (each in a
+chain of two coroutines waiting on an event), taken from another thread while the loop runs, as
+``GET /tasks`` is. The budget (issue 17): 10,000 tasks in under 50 ms.
+
+    python benchmarks/live.py                 # 10,000 tasks, both loops, 7 snapshots each
+    python benchmarks/live.py --tasks 1000 --loops asyncio
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import threading
+import time
+
+import loopwatch
+
+
+async def fetch(ready: asyncio.Event) -> None:
+    await ready.wait()
+
+
+async def worker(ready: asyncio.Event) -> None:
+    await fetch(ready)
+
+
+async def scene(count: int, rounds: int) -> list[float]:
+    ready = asyncio.Event()
+    tasks = [asyncio.create_task(worker(ready)) for _ in range(count)]
+    await asyncio.sleep(0.05)
+    took: list[float] = []
+
+    def read() -> None:
+        start = time.perf_counter()
+        snap = loopwatch.snapshot()
+        took.append(time.perf_counter() - start)
+        assert len(snap["loops"][0]["tasks"]) == count + 1
+
+    for _ in range(rounds):
+        reader = threading.Thread(target=read)
+        reader.start()
+        while reader.is_alive():
+            await asyncio.sleep(0.001)
+    ready.set()
+    await asyncio.gather(*tasks)
+    return took
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--loops", default="asyncio,uvloop")
+    args = parser.parse_args()
+    loopwatch.install(log="off")
+    for kind in args.loops.split(","):
+        factory = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            took = runner.run(scene(args.tasks, args.rounds))
+        print(
+            f"{kind:8} snapshot of {args.tasks:,} tasks: median {statistics.median(took) * 1e3:.1f} ms "
+            f"(min {min(took) * 1e3:.1f}, max {max(took) * 1e3:.1f}; budget 50 ms for 10,000)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
