@@ -58,8 +58,9 @@ def main() -> int:
         factory = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop
         with asyncio.Runner(loop_factory=factory) as runner:
             took = runner.run(scene(args.tasks, args.rounds))
+        median = statistics.median(took) * 1e3
         print(
-            f"{kind:8} snapshot of {args.tasks:,} tasks: median {statistics.median(took) * 1e3:.1f} ms "
+            f"{kind:8} snapshot of {args.tasks:,} tasks: median {median:.1f} ms "
             f"(min {min(took) * 1e3:.1f}, max {max(took) * 1e3:.1f}; budget 50 ms for 10,000)"
         )
     return 0
