@@ -697,7 +697,7 @@ account(TimedObject *self, CountsObject *sink, PyObject *exc)
 }
 
 /* Tell the owner (a TaskTracker) one of the two things it hears about cancellations:
-   cancel_arrived(proxy) or cancel_ended(proxy, exc or None). Called with no exception set;
+   cancel_arrived(proxy, what is thrown) or cancel_ended(proxy, exc or None). Called with no exception set;
    leaves none set (the tracker says its own failures). */
 static void
 tell_owner(TimedObject *self, PyObject *name, PyObject *exc)
@@ -708,7 +708,7 @@ tell_owner(TimedObject *self, PyObject *name, PyObject *exc)
     }
     Py_INCREF(owner);
     PyObject *args[3] = {owner, (PyObject *)self, exc != NULL ? exc : Py_None};
-    PyObject *r = PyObject_VectorcallMethod(name, args, name == s_cancel_ended ? 3 : 2, NULL);
+    PyObject *r = PyObject_VectorcallMethod(name, args, 3, NULL);
     if (r == NULL) {
         PyErr_WriteUnraisable(owner);
     }
@@ -887,7 +887,7 @@ Timed_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         /* The task's cancellation arrives: rare, and told before the coroutine sees it (the
            place it is suspended at is the place the cancellation reached). */
         self->cancelled = 1;
-        tell_owner(self, s_cancel_arrived, NULL);
+        tell_owner(self, s_cancel_arrived, args[0]);
     }
     if (!self->timing) {
         PyObject *result = PyObject_VectorcallMethod(s_throw, stack, (size_t)nargs + 1, NULL);

@@ -45,6 +45,8 @@ class Settings:
     summary: bool = False
     coroutine_labels: int = 50
     cancel_grace_ms: float = 5000.0
+    task_stuck_ms: float | None = None
+    deadlock_check_ms: float = 1000.0
 
     @property
     def slow_callback_s(self) -> float:
@@ -111,6 +113,10 @@ def _positive_ms(text: str) -> float:
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(text)
     return value
+
+
+def _optional_ms(text: str) -> float | None:
+    return None if text.strip() == "" else _positive_ms(text)
 
 
 def _port(text: str) -> int | None:
@@ -292,9 +298,24 @@ SPECS: Final[dict[str, Spec]] = {
             "still is (`loopwatch.cancel_ignored`): the cancellation was caught and ignored, and "
             "whoever waits for the task (a shutdown, `asyncio.run`) waits for ever.",
         ),
+        Spec(
+            "task_stuck_ms",
+            _optional_ms,
+            "a number of milliseconds above 0 (empty: off)",
+            "A task suspended at the same `await` this long is reported "
+            "(`loopwatch.task_stuck`), once per task and place. Unset: off. For services whose "
+            "requests must finish in a known time.",
+        ),
+        Spec(
+            "deadlock_check_ms",
+            _positive_ms,
+            "a number of milliseconds above 0",
+            "How often each loop's tasks are searched, from the watchdog's thread, for a cycle of "
+            "tasks waiting on each other (`loopwatch.deadlock`).",
+        ),
     )
 }
-SPECS_OPTIONAL: Final = {"metrics_port": True, "log_file": True}
+SPECS_OPTIONAL: Final = {"metrics_port": True, "log_file": True, "task_stuck_ms": True}
 _ENV_NAMES: Final = frozenset(spec.env for spec in SPECS.values())
 
 

@@ -68,6 +68,12 @@ FIELD_DOCS: dict[str, str] = {
     "since_cancel_s": (
         "seconds since the cancellation arrived (at least `LOOPWATCH_CANCEL_GRACE_MS`)"
     ),
+    "waiting_s": "seconds the task has been suspended at that same `await` (at least that long)",
+    "cycle": (
+        "for each task of `tasks`, the `path:line in function` it is suspended at (the innermost "
+        "frame of the program's own code)"
+    ),
+    "coroutines": "for each task of `tasks`, its coroutine's qualified name",
     "cancelled_at": (
         "`path:line in function`: the line the task was suspended at when its cancellation arrived"
     ),
@@ -79,6 +85,11 @@ EVENT_FIELD_DOCS: dict[str, str] = {
     "loopwatch.slow_callback:coroutine": FIELD_DOCS["coroutine"] + "; null if no task was running",
     "loopwatch.loop_stalled:task": FIELD_DOCS["task"] + "; null if no task was running",
     "loopwatch.loop_stalled:coroutine": FIELD_DOCS["coroutine"] + "; null if no task was running",
+    "loopwatch.deadlock:tasks": (
+        "the names of the tasks in the cycle, each waiting on the next and the last on the first "
+        "(through `await task`, `gather`, `shield`, or a future another task's done-callback "
+        "completes); told from the name that sorts first"
+    ),
     "loopwatch.cancel_swallowed:location": (
         "`path:line in function`: the line the task was suspended at when its cancellation "
         "arrived (the `await` whose `except` swallowed it); null when no step-timing proxy saw it "
@@ -102,6 +113,7 @@ _TYPES = {
     "str": "string",
     "str | None": "string or null",
     "tuple[str, ...]": "list of strings",
+    "tuple[str | None, ...]": "list of strings or nulls",
 }
 
 

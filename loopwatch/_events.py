@@ -191,6 +191,39 @@ class CancelIgnored(Event):
         return self.awaiting or self.created_at
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deadlock(Event):
+    """Tasks that wait on each other in a cycle (reported while it lasts, once per cycle)."""
+
+    event: ClassVar[str] = "loopwatch.deadlock"
+    tasks: tuple[str, ...]  # the tasks' names, in cycle order: each waits on the next
+    cycle: tuple[str | None, ...]  # for each task, the place it is suspended at
+    coroutines: tuple[str, ...] = ()
+
+    @property
+    def place(self) -> str | None:
+        return next((p for p in self.cycle if p), None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskStuck(Event):
+    """With ``TASK_STUCK_MS`` set: a task suspended at the same ``await`` that long (once per task
+    and place)."""
+
+    event: ClassVar[str] = "loopwatch.task_stuck"
+    task: str
+    coroutine: str
+    created_at: str | None
+    awaiting: str | None
+    await_chain: tuple[str, ...]
+    waiting_s: float
+    created_by: str | None = None
+
+    @property
+    def place(self) -> str | None:
+        return self.awaiting or self.created_at
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     SlowCallback,
     LoopStalled,
@@ -200,5 +233,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     CoroutineNeverAwaited,
     CancelSwallowed,
     CancelIgnored,
+    Deadlock,
+    TaskStuck,
 )
 EVENT_NAMES: tuple[str, ...] = tuple(t.event for t in EVENT_TYPES)

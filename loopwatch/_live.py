@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import _places
-from ._tasks import mark_site, site_place, suspended_chain
+from ._tasks import mark_site, pending_tasks, site_place, suspended_chain
 from ._watchdog import LoopState, coroutine_name
 
 if TYPE_CHECKING:
@@ -67,7 +66,7 @@ def _loop(loop: asyncio.AbstractEventLoop, state: LoopState, now: float) -> dict
     if not state.running:
         return entry  # (a stopped loop's box is not emptied until it runs again: nothing read)
     keep = state.pulse.box
-    tasks = _pending_tasks(loop)
+    tasks = pending_tasks(loop)
     keep.append(tasks)
     current = asyncio.current_task(loop)
     reader = _Reader(state.tasks, keep, now)
@@ -86,28 +85,6 @@ def _loop(loop: asyncio.AbstractEventLoop, state: LoopState, now: float) -> dict
                 row["awaited_by"].append(rows[id(task)]["task"])
     entry["tasks"] = sorted(rows.values(), key=lambda r: (-r["busy_s"], r["id"]))
     return entry
-
-
-def _pending_tasks(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:
-    """The loop's pending tasks, as ``asyncio.all_tasks(loop)`` finds them, in a tenth of its
-    time on 3.11 to 3.13 (it iterates a ``WeakSet`` in Python, 7 us a task): here the weak set's
-    own set of references is copied in one C call (atomic under the GIL, so no retry) and each
-    reference called. Elsewhere, asyncio's own function."""
-    module = asyncio.tasks
-    weak = getattr(module, "_scheduled_tasks", None) or getattr(module, "_all_tasks", None)
-    refs = getattr(weak, "data", None)
-    if sys.version_info >= (3, 14) or not isinstance(refs, set):
-        return [t for t in asyncio.all_tasks(loop) if not t.done()]
-    eager = list(getattr(module, "_eager_tasks", ()))
-    found = [ref() for ref in list(refs)]
-    seen: set[int] = set()
-    tasks: list[asyncio.Task[Any]] = []
-    for task in (*found, *eager):
-        if task is not None and id(task) not in seen and task.get_loop() is loop:
-            seen.add(id(task))
-            if not task.done():
-                tasks.append(task)
-    return tasks
 
 
 class _Reader:

@@ -45,6 +45,7 @@ from typing import Any
 from . import _tasks, _threads
 from ._config import Settings, report
 from ._dispatch import Dispatcher
+from ._hangs import Hangs
 from ._native import ACCEL
 from ._stats import Histogram
 from ._tasks import ProcessHooks, TaskStats, TaskTracker
@@ -145,6 +146,8 @@ class Loops:
                     table=self.table,
                 )
                 state.tasks.wake_by = self.watchdog.wake_by
+                state.hangs = Hangs(dispatcher.emit)
+                state.wake_by = self.watchdog.wake_by
                 state.configure(settings)  # now that it has a tracker, pass it the timing settings
             self._hook_loop_class(type(loop))
             self._states[loop] = state

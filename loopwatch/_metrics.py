@@ -26,6 +26,8 @@ EVENT_COUNTERS: dict[str, str] = {
     "loopwatch.coroutine_never_awaited": "loopwatch_coroutines_never_awaited_total",
     "loopwatch.cancel_swallowed": "loopwatch_cancels_swallowed_total",
     "loopwatch.cancel_ignored": "loopwatch_cancels_ignored_total",
+    "loopwatch.deadlock": "loopwatch_deadlocks_total",
+    "loopwatch.task_stuck": "loopwatch_tasks_stuck_total",
 }
 
 

@@ -354,6 +354,18 @@ _TG_EXIT = getattr(getattr(asyncio, "TaskGroup", None), "__aexit__", None)
 _TG_EXIT_CODE = getattr(_TG_EXIT, "__code__", None)
 
 
+# The message of a cancellation an anyio cancel scope delivers (anyio 4: "Cancelled via cancel
+# scope 7f...", anyio 3: "Cancelled by cancel scope 7f..."). A scope delivers it again at every
+# loop iteration until the task leaves the scope, and catches it at the scope's edge: the task
+# goes on (or ends) with its cancelling() count above 0, by anyio's design, not a swallow.
+_SCOPE_MESSAGES = ("Cancelled via cancel scope ", "Cancelled by cancel scope ")
+
+
+def _from_cancel_scope(thrown: Any) -> bool:
+    args: Any = getattr(thrown, "args", None) or ()
+    return bool(args) and isinstance(args[0], str) and args[0].startswith(_SCOPE_MESSAGES)
+
+
 def _task_group_exiting(chain: list[Any]) -> Any:
     """The TaskGroup whose ``__aexit__`` a cancellation arriving now reaches (its parent task
     waits there for the group's tasks), or None.
@@ -380,9 +392,10 @@ class _Cancel:
     many of its cancellations were a TaskGroup's own that Python never withdraws (see
     ``_task_group_own``)."""
 
-    __slots__ = ("excused", "in_group_exit", "place", "reported", "since", "task")
+    __slots__ = ("excused", "in_group_exit", "place", "reported", "scoped", "since", "task")
     excused: int
     in_group_exit: bool
+    scoped: bool
 
     def __init__(
         self,
@@ -678,8 +691,9 @@ class TaskTracker:
     # cancellation arriving: ``cancel_arrived``) and, for such a proxy only, when the coroutine
     # ends (``cancel_ended``). Nothing is added to any other task's path.
 
-    def cancel_arrived(self, proxy: Timed) -> None:
-        """A CancelledError is about to be thrown into the coroutine of ``proxy``, by its task."""
+    def cancel_arrived(self, proxy: Timed, thrown: Any = None) -> None:
+        """A CancelledError (``thrown``: the instance or class) is about to be thrown into the
+        coroutine of ``proxy``, by its task."""
         try:
             task = _current_task()
             if task is None:
@@ -699,6 +713,7 @@ class TaskTracker:
             )
             record.excused = previous.excused if previous is not None else 0
             record.in_group_exit = previous is not None and previous.in_group_exit
+            record.scoped = (previous is not None and previous.scoped) or _from_cancel_scope(thrown)
             group = _task_group_exiting(chain)
             if group is not None:
                 record.in_group_exit = True
@@ -724,6 +739,8 @@ class TaskTracker:
                 record = None  # (a record of a proxy gone, whose id this one reuses)
             if task.cancelling() <= (record.excused if record is not None else 0):
                 return  # withdrawn (uncancel(): asyncio.timeout, TaskGroup)
+            if record is not None and record.scoped:
+                return  # anyio's cancel scopes end a task's cancellation their own way
             if record is not None and record.in_group_exit and isinstance(exc, BaseExceptionGroup):
                 return  # a TaskGroup's errors take the place of the cancellation, by design
             ended = "returned" if exc is None or type(exc) is StopIteration else None
@@ -777,8 +794,8 @@ class TaskTracker:
                     keep.append(task)
                 continue
             keep.append(task)
-            if task.cancelling() <= record.excused:
-                continue  # the cancellation was withdrawn (uncancel()): nothing is ignored
+            if task.cancelling() <= record.excused or record.scoped:
+                continue  # the cancellation was withdrawn (uncancel()), or is anyio's to end
             if record.reported:
                 continue
             due = record.since + grace
@@ -977,6 +994,28 @@ def raised_at(tb: TracebackType | None) -> str | None:
         if _places.is_own_code(code.co_filename):
             return _places.place(code, line)
     return _places.place(*places[-1]) if places else None
+
+
+def pending_tasks(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:
+    """The loop's pending tasks, as ``asyncio.all_tasks(loop)`` finds them, in a tenth of its
+    time on 3.11 to 3.13 (it iterates a ``WeakSet`` in Python, 7 us a task): here the weak set's
+    own set of references is copied in one C call (atomic under the GIL, so no retry) and each
+    reference called. Elsewhere, asyncio's own function."""
+    module = asyncio.tasks
+    weak = getattr(module, "_scheduled_tasks", None) or getattr(module, "_all_tasks", None)
+    refs = getattr(weak, "data", None)
+    if sys.version_info >= (3, 14) or not isinstance(refs, set):
+        return [t for t in asyncio.all_tasks(loop) if not t.done()]
+    eager = list(getattr(module, "_eager_tasks", ()))
+    found = [ref() for ref in list(refs)]
+    seen: set[int] = set()
+    tasks: list[asyncio.Task[Any]] = []
+    for task in (*found, *eager):
+        if task is not None and id(task) not in seen and task.get_loop() is loop:
+            seen.add(id(task))
+            if not task.done():
+                tasks.append(task)
+    return tasks
 
 
 def suspended_at(task: asyncio.Task[Any]) -> tuple[str | None, str | None]:

@@ -178,7 +178,7 @@ class PyTimed:
     def throw(self, *args: Any) -> Any:
         owner = self._owner
         if owner is not None and args and _is_cancellation(args[0]):
-            owner.cancel_arrived(self)  # the task's cancellation arrives (see TaskTracker)
+            owner.cancel_arrived(self, args[0])  # the task's cancellation arrives (TaskTracker)
         start = _perf()
         try:
             result = self._coro.throw(*args)

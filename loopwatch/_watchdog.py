@@ -59,6 +59,7 @@ from ._stats import Histogram
 from ._threads import Worker
 
 if TYPE_CHECKING:
+    from ._hangs import Hangs
     from ._tasks import TaskTracker
 
 INF = float("inf")
@@ -307,6 +308,8 @@ class LoopState:
         # The frame that called run_forever, while the loop runs (the loop's thread sets it).
         self.boundary: FrameType | None = None
         self.tasks: TaskTracker | None = None  # set by Loops.attach, which configures again
+        self.hangs: Hangs | None = None  # set by Loops.attach (deadlocks, stuck tasks)
+        self.wake_by: Callable[[float], None] | None = None  # the watchdog's, set with it
         self._origin_before = -1  # coroutine origin tracking depth to restore at the run's end
         self._said_failure = False
         self.configure(settings)
@@ -336,6 +339,9 @@ class LoopState:
             watch.threshold = self.threshold
             watch.half = self.threshold / 2.0
             watch.on_slow = self.step_finished
+        hangs = getattr(self, "hangs", None)  # (configure runs in __init__ before it is set)
+        if hangs is not None:
+            hangs.configure(settings.deadlock_check_ms, settings.task_stuck_ms)
 
     # -- the pulse -----------------------------------------------------------------------------
 
@@ -406,6 +412,13 @@ class LoopState:
             pulse.woke = pulse.entered = monotonic()
             pulse.idle = False
         self.running = True
+        hangs = self.hangs
+        if hangs is not None:
+            # The hang checks are due every DEADLOCK_CHECK_MS while the loop runs: the watchdog
+            # is woken only if it would sleep past the first (once, not at every run).
+            due = hangs.run_started(monotonic())
+            if self.wake_by is not None:
+                self.wake_by(due)
         if self.alarm is None:
             self._wake()  # a deadline-driven watchdog must learn the new deadline
 
@@ -491,11 +504,17 @@ class LoopState:
     # -- the watchdog's side (runs in the watchdog thread) --------------------------------
 
     def check_hangs(self, now: float) -> float:
-        """Look for tasks that ignore their cancellation; return when to look again."""
+        """Look for hangs (cancellations ignored, deadlocks, stuck tasks); return when to look
+        again."""
         tracker = self.tasks
         if tracker is None or not self.active:
             return INF
-        return tracker.overdue_cancels(now, self.pulse.box)
+        due = tracker.overdue_cancels(now, self.pulse.box)
+        loop = self._loop_ref()
+        hangs = self.hangs
+        if loop is None or hangs is None or not self.running:
+            return due
+        return min(due, hangs.check(loop, tracker, self.pulse.box, now))
 
     def check(self, now: float) -> float:
         """Look at the loop once; return when to look again."""

@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
         1,
     ),
     # 2. the detectors: they receive their sink and settings
-    **dict.fromkeys(("_pulse", "_timing", "_watchdog", "_tasks"), 2),
+    **dict.fromkeys(("_pulse", "_timing", "_watchdog", "_tasks", "_hangs"), 2),
     # 3. attaching to loops: the registry of watched loops and its hooks
     "_loops": 3,
     # 4. the runtime: the one owner of the process state

@@ -65,4 +65,6 @@ def test_event_classes_carry_their_contract_names() -> None:
         "loopwatch.coroutine_never_awaited",
         "loopwatch.cancel_swallowed",
         "loopwatch.cancel_ignored",
+        "loopwatch.deadlock",
+        "loopwatch.task_stuck",
     )

@@ -20,7 +20,7 @@ import pytest
 from conftest import Recorder, place, run_on
 
 from loopwatch import _api
-from loopwatch._events import CancelIgnored, CancelSwallowed, TaskLeaked
+from loopwatch._events import CancelIgnored, CancelSwallowed, TaskLeaked, TaskStuck
 from loopwatch._native import ACCEL
 
 HERE = __file__
@@ -230,6 +230,20 @@ async def repeated_timeouts() -> str:
     return "ok"
 
 
+async def with_anyio_scopes() -> str:
+    """anyio's cancel scopes catch their own cancellation at the scope's edge, by design."""
+    import anyio
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(anyio.sleep, 10)
+        group.start_soon(anyio.sleep, 10)
+        await anyio.sleep(0.01)
+        group.cancel_scope.cancel()
+    with anyio.move_on_after(0.01):
+        await anyio.sleep(10)
+    return "ok"
+
+
 PRECISION = {
     "asyncio.timeout": (with_timeout, "ok"),
     "wait_for": (with_wait_for, "ok"),
@@ -240,6 +254,7 @@ PRECISION = {
     "cleanup then re-raise": (with_cleanup_and_reraise, "cancelled"),
     "cancelled before it started": (cancelled_before_start, "cancelled"),
     "repeated timeouts": (repeated_timeouts, "ok"),
+    "anyio cancel scopes": (with_anyio_scopes, "ok"),
 }
 
 
@@ -479,3 +494,145 @@ def test_hang_program_findings(tmp_path: Path, name: str, kind: str) -> None:
     drop = {"time", "pid", "origin", "created_by", "since_cancel_s"}
     assert [{k: v for k, v in e.items() if k not in drop} for e in got] == want
     assert all(e["origin"] == "program" for e in got)
+
+
+# -- deadlocks and stuck tasks ----------------------------------------------------------------
+
+DEADLOCK = """
+import asyncio, json, os, sys, threading
+import loopwatch
+from loopwatch import _api
+
+found = []
+done = threading.Event()
+
+def sink(event):
+    if event.event == "loopwatch.deadlock":
+        found.append(event.as_dict())
+        if len(found) == int(sys.argv[2]):
+            done.set()
+
+_api.activate(log="off", deadlock_check_ms=50).dispatcher.add_sink(sink)
+held = {}
+
+async def first():
+    await asyncio.sleep(0.01)
+    await held["second"]  # CYCLE:first
+
+async def second():
+    await asyncio.sleep(0.01)
+    await asyncio.gather(held["first"])  # CYCLE:second
+
+async def guarded():
+    await asyncio.shield(held["inner"])  # CYCLE:shield
+
+async def inner():
+    await asyncio.sleep(0.01)
+    await held["guarded"]  # CYCLE:inner
+
+async def chain_a():
+    await held["chain_b"]  # NOCYCLE:a
+
+async def chain_b():
+    await asyncio.sleep(0.5)  # NOCYCLE:b
+
+async def main():
+    held["first"] = asyncio.create_task(first(), name="first")
+    held["second"] = asyncio.create_task(second(), name="second")
+    held["inner"] = asyncio.create_task(inner(), name="inner")
+    held["guarded"] = asyncio.create_task(guarded(), name="guarded")
+    held["chain_b"] = asyncio.create_task(chain_b(), name="chain_b")
+    held["chain_a"] = asyncio.create_task(chain_a(), name="chain_a")
+    await asyncio.sleep(0.4)  # several checks: each cycle once
+
+def watch():
+    done.wait(5)
+    import time
+    time.sleep(0.3)
+    print(json.dumps(sorted(found, key=lambda e: e["tasks"])), flush=True)
+    os._exit(0)  # (a deadlock cannot be cancelled: asyncio recurses through the cycle)
+
+threading.Thread(target=watch).start()
+factory = loopwatch.new_uvloop_event_loop if sys.argv[1] == "uvloop" else loopwatch.new_event_loop
+loop = factory()
+loop.run_until_complete(main())
+threading.Event().wait()
+"""
+
+
+def test_a_cycle_of_tasks_waiting_on_each_other_is_a_deadlock(tmp_path: Path, kind: str) -> None:
+    """Through ``await task``, ``gather`` and ``shield``: each cycle once, in wait order, with
+    the place each task waits at; a chain that is no cycle is not one."""
+    script = tmp_path / "deadlock.py"
+    script.write_text(textwrap.dedent(DEADLOCK))
+    proc = subprocess.run(
+        [sys.executable, str(script), kind, "2"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    drop = {"time", "pid"}
+    assert [{k: v for k, v in e.items() if k not in drop} for e in found] == [
+        {
+            "event": "loopwatch.deadlock",
+            "tasks": ["first", "second"],
+            "cycle": [
+                place(script, "CYCLE:first", "first"),
+                place(script, "CYCLE:second", "second"),
+            ],
+            "coroutines": ["first", "second"],
+            "origin": "program",
+        },
+        {
+            "event": "loopwatch.deadlock",
+            "tasks": ["guarded", "inner"],
+            "cycle": [
+                place(script, "CYCLE:shield", "guarded"),
+                place(script, "CYCLE:inner", "inner"),
+            ],
+            "coroutines": ["guarded", "inner"],
+            "origin": "program",
+        },
+    ]
+
+
+async def waits_long(ready: asyncio.Event) -> None:
+    await ready.wait()  # STUCK:wait
+
+
+async def keeps_going(ready: asyncio.Event) -> None:
+    while not ready.is_set():
+        await asyncio.sleep(0.01)
+
+
+async def stuck_scene(recorder: Recorder) -> None:
+    ready = asyncio.Event()
+    stuck = asyncio.create_task(waits_long(ready), name="stuck")  # STUCK:create
+    moving = asyncio.create_task(keeps_going(ready), name="moving")
+    await asyncio.sleep(0.6)
+    ready.set()
+    await asyncio.gather(stuck, moving)
+
+
+def test_a_task_stuck_at_one_await_is_reported_once(factory: Factory) -> None:
+    """With TASK_STUCK_MS: the task that waits, once, at its line; the task that keeps stepping
+    never; the main task (waiting on a sleep that long) is stuck too, by the same rule."""
+    recorder = Recorder()
+    _api.activate(log="off", task_stuck_ms=200).dispatcher.add_sink(recorder)
+    run_on(factory, stuck_scene(recorder))
+    stuck = {e.task: e for e in recorder.named("loopwatch.task_stuck")}  # type: ignore[attr-defined]
+    assert "moving" not in stuck
+    assert len(stuck) == 2, sorted(stuck)
+    event = stuck["stuck"]
+    assert isinstance(event, TaskStuck)
+    assert (event.coroutine, event.awaiting, event.await_chain, event.created_at) == (
+        "waits_long",
+        place(HERE, "STUCK:wait", "waits_long"),
+        (place(HERE, "STUCK:wait", "waits_long"),),
+        place(HERE, "STUCK:create", "stuck_scene"),
+    )
+    assert 0.2 <= event.waiting_s < 0.5
+
+
+def test_stuck_tasks_are_not_looked_for_unless_asked(factory: Factory, hangs: Recorder) -> None:
+    run_on(factory, stuck_scene(hangs))
+    assert hangs.named("loopwatch.task_stuck") == []

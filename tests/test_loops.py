@@ -274,7 +274,8 @@ def test_the_watchdog_thread_sleeps_while_the_loop_is_healthy(kind: str, events:
             return original(now)
 
         state.check = counting  # type: ignore[method-assign]
-        await asyncio.sleep(0.05)
+        # (This wait's alarm fires once, after half the threshold: well before the clear.)
+        await asyncio.sleep(0.2)
         checks.clear()
         until = time.monotonic() + 0.5
         while time.monotonic() < until:  # busy and healthy: short steps, never a wait

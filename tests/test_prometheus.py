@@ -147,6 +147,8 @@ def test_exact_values_after_a_known_scenario(factory: Factory) -> None:
         "loopwatch_coroutines_never_awaited_total": 1.0,
         "loopwatch_cancels_swallowed_total": 0.0,
         "loopwatch_cancels_ignored_total": 0.0,
+        "loopwatch_deadlocks_total": 0.0,
+        "loopwatch_tasks_stuck_total": 0.0,
     }
     # Task counts are process totals (they never go back): compare with the scrape before.
     assert [

@@ -82,6 +82,10 @@ COUNTERS: Final[dict[str, str]] = {
     "still being cancelled (loopwatch.cancel_swallowed events).",
     "loopwatch_cancels_ignored_total": "Tasks still pending LOOPWATCH_CANCEL_GRACE_MS after their "
     "cancellation arrived (loopwatch.cancel_ignored events).",
+    "loopwatch_deadlocks_total": "Cycles of tasks waiting on each other (loopwatch.deadlock "
+    "events).",
+    "loopwatch_tasks_stuck_total": "Tasks suspended at the same await for LOOPWATCH_TASK_STUCK_MS "
+    "(loopwatch.task_stuck events).",
 }
 LAG = "loopwatch_loop_lag_seconds"
 TASKS_CREATED = "loopwatch_tasks_created_total"
