@@ -17,6 +17,7 @@ from ._runtime import Runtime
 from ._timing import CoroutineStats
 from ._watchdog import LoopState
 from .exporters import from_settings, publish_metrics
+from .exporters.console import Console
 
 
 def activate(**overrides: Any) -> Runtime:
@@ -32,6 +33,8 @@ def activate(**overrides: Any) -> Runtime:
     runtime, new = _runtime.current_or_start(make)
     if new:
         publish_metrics(runtime)
+        console = runtime.console = Console(runtime)  # the live view by PID
+        runtime.loops.workers.append(console.worker)
     elif overrides:
         runtime.apply(runtime.settings.replace(**overrides))
         if "metrics_port" in overrides:

@@ -49,6 +49,7 @@ from ._hangs import Hangs
 from ._native import ACCEL
 from ._stats import Histogram
 from ._tasks import ProcessHooks, TaskStats, TaskTracker
+from ._threads import Worker
 from ._timing import Table
 from ._watchdog import LoopState, Watchdog
 
@@ -82,6 +83,9 @@ class Loops:
         # class -> {name: the class's own method before the hook}, while hooked
         self._hooked: dict[type, dict[str, Any]] = {}
         self.process_hooks = ProcessHooks(self.tracker_of, dispatcher.emit, dispatcher.say)
+        # Other threads of the runtime's that run while loops are watched (the live view by PID):
+        # started with the dispatcher's (again in a forked child, by its first loop).
+        self.workers: list[Worker] = []
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -155,6 +159,8 @@ class Loops:
                 _unhooked(loop, "set_task_factory")(loop, state.tasks.factory)
             self.process_hooks.install()
             dispatcher.start()  # (again in a forked child: its first loop starts it)
+            for worker in self.workers:
+                worker.start()
             if _threads.pending:
                 _threads.resume_paused()
             self.watchdog.add(state)

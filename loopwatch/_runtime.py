@@ -57,6 +57,7 @@ class Runtime:
         self.inherited: Snapshot | None = None
         self._at_fork: Snapshot | None = None
         self.closed = False
+        self.console: Any = None  # the live view by PID (exporters/console.py), set by _api
         self.apply(settings)
         for exporter in exporters:
             self.dispatcher.add_exporter(exporter)
@@ -96,6 +97,8 @@ class Runtime:
             metrics, self.metrics = self.metrics, None
         if metrics is not None:
             metrics.close()
+        if self.console is not None:
+            self.console.close()
         if _timing._decorated is self.table:
             _timing.record_timed_calls(None)
         self.table.clear()
@@ -134,6 +137,8 @@ class Runtime:
         self.inherited, self._at_fork = self._at_fork, None
         if self.metrics is not None:
             self.metrics.after_fork_in_child()
+        if self.console is not None:
+            self.console.after_fork_in_child()
 
 
 def _file_writer() -> Any:

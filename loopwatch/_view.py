@@ -27,11 +27,6 @@ class TargetError(Exception):
 def tasks_url(target: str) -> str:
     """``http://HOST:PORT/tasks`` for a target given as a base URL, ``.../metrics`` or
     ``.../tasks``."""
-    if target.isdigit():
-        raise TargetError(
-            f"loopwatch: reading a process by its PID ({target}) is not available yet; give the "
-            "URL of its metrics endpoint (start it with LOOPWATCH_METRICS_PORT=PORT)"
-        )
     if not target.startswith(("http://", "https://")):
         raise TargetError(f"loopwatch: {target!r} is not a URL (http://HOST:PORT)")
     base = target.rstrip("/")
@@ -41,6 +36,8 @@ def tasks_url(target: str) -> str:
 
 
 def fetch(target: str, timeout: float = 5.0) -> dict[str, Any]:
+    if target.isdigit():
+        return fetch_pid(int(target), timeout)
     url = tasks_url(target)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -52,6 +49,40 @@ def fetch(target: str, timeout: float = 5.0) -> dict[str, Any]:
     if not isinstance(data, dict) or "loops" not in data:
         raise TargetError(f"loopwatch: {url} did not answer with loopwatch's tasks")
     return data
+
+
+def fetch_pid(pid: int, timeout: float) -> dict[str, Any]:
+    """The snapshot of a process of this user's, through its socket (see exporters/console)."""
+    from .exporters import console  # (deferred: start-up cost of the other commands)
+
+    try:
+        data = console.read(pid, timeout)
+    except FileNotFoundError:
+        raise TargetError(_why_not(pid)) from None
+    except ConnectionRefusedError:
+        raise TargetError(f"loopwatch: process {pid} is not watched by loopwatch") from None
+    except PermissionError:
+        raise TargetError(
+            f"loopwatch: process {pid} is not yours: it answers only its user"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise TargetError(f"loopwatch: cannot read process {pid} ({exc})") from None
+    if not isinstance(data, dict) or "loops" not in data:
+        raise TargetError(f"loopwatch: process {pid} did not answer with loopwatch's tasks")
+    return data
+
+
+def _why_not(pid: int) -> str:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"loopwatch: there is no process {pid}"
+    except PermissionError:
+        return f"loopwatch: process {pid} is not yours: loopwatch answers only its own user"
+    return (
+        f"loopwatch: process {pid} is not watched by loopwatch (start it with LOOPWATCH=1, or "
+        "give the URL of its metrics endpoint)"
+    )
 
 
 def tasks(target: str) -> int:

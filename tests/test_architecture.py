@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
         (
             "exporters",
             "exporters._fold",
+            "exporters.console",
             "exporters._text",
             "exporters.jsonlines",
             "exporters.logging",

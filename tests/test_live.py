@@ -97,7 +97,8 @@ def test_snapshot_has_every_task_with_its_place_and_its_awaiter(factory: Factory
         place(HERE, "LIVE:stubborn", "stubborn"),
         2,
     )
-    assert all(row["age_s"] >= 0.04 for name, row in rows.items() if name != "main")
+    # (two sleeps of 20 ms; uvloop rounds its timers to the millisecond)
+    assert all(row["age_s"] >= 0.035 for name, row in rows.items() if name != "main")
 
 
 BLOCKER = """
@@ -209,11 +210,14 @@ def test_tasks_and_top_commands_read_a_running_process(tmp_path: Path, kind: str
 
 
 def test_a_target_that_is_not_there_is_one_line(tmp_path: Path) -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     pid = subprocess.run(
-        [sys.executable, "-m", "loopwatch", "tasks", "12345"], capture_output=True, text=True
+        [sys.executable, "-m", "loopwatch", "tasks", gone], capture_output=True, text=True
     )
     assert (pid.returncode, pid.stdout) == (1, "")
-    assert pid.stderr.count("\n") == 1 and "PID (12345) is not available yet" in pid.stderr
+    assert pid.stderr == f"loopwatch: there is no process {gone}\n"
     closed = subprocess.run(
         [sys.executable, "-m", "loopwatch", "top", "--once", "http://127.0.0.1:9/metrics"],
         capture_output=True,
@@ -222,3 +226,153 @@ def test_a_target_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     assert (closed.returncode, closed.stdout) == (1, "")
     assert closed.stderr.startswith("loopwatch: cannot read http://127.0.0.1:9/tasks (")
     assert closed.stderr.count("\n") == 1
+
+
+# -- by PID, with no port -----------------------------------------------------------------------
+
+SERVICE = """
+import asyncio, os, sys
+
+async def idle(event):
+    await event.wait()  # PID:idle
+
+async def main():
+    event = asyncio.Event()
+    task = asyncio.create_task(idle(event), name="idle")
+    if sys.argv[2] == "fork":
+        await asyncio.sleep(0.05)
+        if os.fork() == 0:  # the child runs a loop of its own, watched
+            async def child():
+                await asyncio.sleep(3)  # PID:child
+            asyncio.run(child())
+            os._exit(0)
+    print("ready", flush=True)
+    await asyncio.sleep(float(sys.argv[3]))
+    event.set()
+    await task
+
+if sys.argv[1] == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
+"""
+
+
+def start_service(tmp_path: Path, kind: str, mode: str, linger: float) -> tuple[Any, Path]:
+    script = tmp_path / "pid_service.py"
+    script.write_text(textwrap.dedent(SERVICE))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
+    env |= {"LOOPWATCH": "1", "LOOPWATCH_LOG": "off"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), kind, mode, str(linger)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc, script
+
+
+def loopwatch_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loopwatch", *args], capture_output=True, text=True, timeout=20
+    )
+
+
+def test_tasks_by_pid_with_no_port(tmp_path: Path, kind: str) -> None:
+    """A process run with LOOPWATCH=1 answers ``loopwatch tasks PID`` through a socket in a
+    directory of its user's alone; the socket goes when the process ends."""
+    from loopwatch.exporters import console
+
+    proc, script = start_service(tmp_path, kind, "plain", 2.0)
+    try:
+        time.sleep(0.3)
+        path = console.socket_path(proc.pid)
+        assert path is not None
+        assert (os.stat(path).st_mode & 0o777, os.stat(os.path.dirname(path)).st_mode & 0o777) == (
+            0o600,
+            0o700,
+        )
+        tree = loopwatch_cli("tasks", str(proc.pid))
+        top = loopwatch_cli("top", "--once", str(proc.pid))
+    finally:
+        proc.wait(timeout=20)
+    assert (tree.returncode, tree.stderr) == (0, "")
+    lines = tree.stdout.splitlines()
+    assert lines[0] == f"pid {proc.pid}: 1 watched loop(s)"
+    idle_at = place(script, "PID:idle", "idle")
+    assert lines[-1].startswith("`-- idle idle [pending]")
+    assert lines[-1].endswith(f" at {_short(idle_at)}")
+    assert (top.returncode, top.stdout.splitlines()[0]) == (
+        0,
+        f"loopwatch top - pid {proc.pid} - sorted by busy",
+    )
+    assert proc.returncode == 0
+    assert not os.path.exists(path), "removed at exit"
+
+
+def test_a_forked_child_answers_for_itself(tmp_path: Path) -> None:
+    from loopwatch.exporters import console
+
+    proc, script = start_service(tmp_path, "asyncio", "fork", 3.0)
+    try:
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) == 1
+        deadline = time.monotonic() + 2.0  # the child's loop starts its own socket
+        while console.socket_path(int(children[0])) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child = loopwatch_cli("tasks", children[0])
+        parent = loopwatch_cli("tasks", str(proc.pid))
+    finally:
+        proc.wait(timeout=20)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.splitlines()[0] == f"pid {children[0]}: 1 watched loop(s)"
+    assert f"at {_short(place(script, 'PID:child', 'child'))}" in child.stdout
+    assert "idle idle [pending]" not in child.stdout  # none of its parent's loops
+    assert parent.stdout.splitlines()[0] == f"pid {proc.pid}: 1 watched loop(s)"
+    assert "idle idle [pending]" in parent.stdout
+
+
+def test_a_process_without_loopwatch_or_of_another_user_answers_nothing(tmp_path: Path) -> None:
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        unwatched = loopwatch_cli("tasks", str(plain.pid))
+    finally:
+        plain.kill()
+        plain.wait()
+    assert (unwatched.returncode, unwatched.stdout) == (1, "")
+    assert unwatched.stderr == (
+        f"loopwatch: process {plain.pid} is not watched by loopwatch (start it with "
+        "LOOPWATCH=1, or give the URL of its metrics endpoint)\n"
+    )
+    if os.getuid() != 0:
+        pytest.skip("another user is played by root dropping its rights")
+    proc, _ = start_service(tmp_path, "asyncio", "plain", 2.0)
+    try:
+        time.sleep(0.3)
+        from loopwatch.exporters import console
+
+        path = console.socket_path(proc.pid)
+        assert path is not None
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import os, socket, sys\n"
+                "os.setgid(65534); os.setuid(65534)\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                "try:\n"
+                f"    s.connect({path!r})\n"
+                "except PermissionError:\n"
+                "    print('refused')\n",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    finally:
+        proc.wait(timeout=20)
+    assert other.stdout == "refused\n", other.stderr

@@ -304,7 +304,8 @@ def test_an_idle_loop_wakes_the_watchdog_at_most_once_per_wait(events: Recorder)
             return original(now)
 
         state.check = counting  # type: ignore[method-assign]
-        await asyncio.sleep(0.05)
+        # (This wait's alarm fires once, after half the threshold: well before the clear.)
+        await asyncio.sleep(0.2)
         checks.clear()
         await asyncio.sleep(0.5)  # one wait of half a second
 
