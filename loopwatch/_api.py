@@ -20,10 +20,11 @@ from .exporters import from_settings, publish_metrics
 from .exporters.console import Console
 
 
-def activate(**overrides: Any) -> Runtime:
+def activate(*, serve_pid: bool = False, **overrides: Any) -> Runtime:
     """The active runtime, created from the environment (and these keywords) if there is none.
 
     Keywords given to a later call update the settings used for loops attached from then on.
+    ``serve_pid``: also answer ``loopwatch tasks PID`` (``LOOPWATCH=1`` asks for it).
     """
 
     def make() -> Runtime:
@@ -33,8 +34,11 @@ def activate(**overrides: Any) -> Runtime:
     runtime, new = _runtime.current_or_start(make)
     if new:
         publish_metrics(runtime)
+    if serve_pid and runtime.console is None:
         console = runtime.console = Console(runtime)  # the live view by PID
         runtime.loops.workers.append(console.worker)
+        if runtime.loops.watched_loops():
+            console.worker.start()
     elif overrides:
         runtime.apply(runtime.settings.replace(**overrides))
         if "metrics_port" in overrides:
@@ -101,9 +105,9 @@ def new_uvloop_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def enable_global() -> None:
+def enable_global(*, serve_pid: bool = False) -> None:
     """Watch every loop built from now on (``LOOPWATCH=1``, ``install()`` outside a loop)."""
-    activate().loops.enable_global()
+    activate(serve_pid=serve_pid).loops.enable_global()
 
 
 def global_enabled() -> bool:

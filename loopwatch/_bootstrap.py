@@ -61,7 +61,7 @@ def _on_asyncio(_: ModuleType) -> None:
     from ._api import enable_global
 
     _config.environ_settings()  # reports bad values once, now, before the first loop
-    enable_global()
+    enable_global(serve_pid=True)  # a process run with LOOPWATCH=1 answers loopwatch tasks PID
 
 
 def _on_uvloop(_: ModuleType) -> None:

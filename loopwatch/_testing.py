@@ -190,7 +190,7 @@ def ensure_runtime() -> Runtime:
     runtime = _runtime.current()
     if runtime is not None:
         return runtime
-    overrides = {"log": "off"} if environ_settings().log == "auto" else {}
+    overrides: dict[str, Any] = {"log": "off"} if environ_settings().log == "auto" else {}
     runtime = _created_runtime = _api.activate(**overrides)
     return runtime
 
