@@ -34,15 +34,15 @@ def activate(*, serve_pid: bool = False, **overrides: Any) -> Runtime:
     runtime, new = _runtime.current_or_start(make)
     if new:
         publish_metrics(runtime)
+    elif overrides:
+        runtime.apply(runtime.settings.replace(**overrides))
+        if "metrics_port" in overrides:
+            publish_metrics(runtime)  # serve the endpoint asked for now
     if serve_pid and runtime.console is None:
         console = runtime.console = Console(runtime)  # the live view by PID
         runtime.loops.workers.append(console.worker)
         if runtime.loops.watched_loops():
             console.worker.start()
-    elif overrides:
-        runtime.apply(runtime.settings.replace(**overrides))
-        if "metrics_port" in overrides:
-            publish_metrics(runtime)  # serve the endpoint asked for now
     return runtime
 
 
