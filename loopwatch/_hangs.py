@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from ._events import Deadlock, TaskStuck
-from ._tasks import mark_site, origin_of, pending_tasks, site_place, suspended_chain
+from ._tasks import about_task, mark_site, origin_of, pending_tasks, suspended_chain
 from ._watchdog import coroutine_name
 
 INF = float("inf")
@@ -164,17 +164,12 @@ class Hangs:
             if awaiting is None or awaiting in seen[2]:
                 continue
             seen[2].add(awaiting)
-            site = mark_site(mark)
             self.emit(
                 TaskStuck(
-                    task=task.get_name(),
-                    coroutine=coroutine_name(coro),
-                    created_at=site_place(site),
                     awaiting=awaiting,
                     await_chain=chain,
                     waiting_s=round(waited, 3),
-                    created_by=getattr(mark, "_by", None),
-                    origin=origin_of(site, coro),
+                    **about_task(task, coro, mark),
                 )
             )
         self._still = current

@@ -220,6 +220,19 @@ def is_runner_task(coro: Any) -> bool:
     return code is not None and _places.is_runner_code(code)
 
 
+def about_task(task: asyncio.Task[Any], coro: Any, mark: Any) -> dict[str, Any]:
+    """The fields every task finding carries: ``task``, ``coroutine``, ``created_at``,
+    ``created_by`` and ``origin``, from the task, its coroutine and its mark (or None)."""
+    site = mark_site(mark) if mark is not None else None
+    return {
+        "task": task.get_name(),
+        "coroutine": coroutine_name(coro),
+        "created_at": site_place(site),
+        "created_by": getattr(mark, "_by", None),
+        "origin": origin_of(site, coro),
+    }
+
+
 def mark_site(mark: Any) -> Site:
     """The creation site a task's proxy or mark carries: ``(code, offset[, code, offset...])``."""
     if mark._stack is not None:
@@ -758,22 +771,11 @@ class TaskTracker:
         location: str | None,
         ended: str | BaseException | None,
     ) -> None:
-        site = mark_site(mark) if mark is not None else None
         if ended is None:
             ended = "returned"
         elif not isinstance(ended, str):
             ended = describe_exception(ended) if self.exception_messages else type(ended).__name__
-        self.emit(
-            CancelSwallowed(
-                task=task.get_name(),
-                coroutine=coroutine_name(coro),
-                created_at=site_place(site),
-                location=location,
-                ended=ended,
-                created_by=mark._by if mark is not None else None,
-                origin=origin_of(site, coro),
-            )
-        )
+        self.emit(CancelSwallowed(location=location, ended=ended, **about_task(task, coro, mark)))
 
     def overdue_cancels(self, now: float, keep: Any) -> float:
         """From the watchdog's thread: report each task still pending ``cancel_grace`` after its
@@ -805,20 +807,14 @@ class TaskTracker:
             record.reported = True
             coro = task.get_coro()
             keep.append(coro)
-            mark = self.mark_of(task)
-            site = mark_site(mark) if mark is not None else None
             awaiting, _, chain = suspended_chain(coro, keep)
             self.emit(
                 CancelIgnored(
-                    task=task.get_name(),
-                    coroutine=coroutine_name(coro),
-                    created_at=site_place(site),
                     awaiting=awaiting,
                     await_chain=chain,
                     since_cancel_s=round(now - record.since, 3),
                     cancelled_at=record.place,
-                    created_by=mark._by if mark is not None else None,
-                    origin=origin_of(site, coro),
+                    **about_task(task, coro, self.mark_of(task)),
                 )
             )
         return due_next

@@ -338,8 +338,10 @@ def test_an_ignored_cancellation_is_reported_while_the_task_hangs(
 
 
 def test_a_leaked_task_carries_its_await_chain(factory: Factory, hangs: Recorder) -> None:
+    held: list[asyncio.Task[None]] = []  # (unheld, a collection may make it an orphan first)
+
     async def leaves_one() -> None:
-        asyncio.create_task(worker(asyncio.Event()))  # IGNORE:leak
+        held.append(asyncio.create_task(worker(asyncio.Event())))  # IGNORE:leak
         await asyncio.sleep(0.01)
 
     loop = factory()
