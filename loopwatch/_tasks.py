@@ -80,9 +80,6 @@ _is_machinery = _places.is_machinery
 # ``creation_stack``, the frames around it.
 Entry = tuple[Any, ...]
 Site = tuple[Any, ...]  # the (code, offset, code, offset, ...) part of an Entry
-# Done callbacks normally copy the current context, an allocation per task; loopwatch's callback
-# reads nothing from any context, so one empty context serves every task.
-_NO_CONTEXT = contextvars.Context()
 _ORIGIN_ATTR = "_loopwatch_created_at"
 # Frames of the loop itself running callbacks (stock asyncio's handle; loopwatch's run wrapper,
 # the last frame before uvloop's compiled loop calls a callback). Registered by _loops.
@@ -528,6 +525,11 @@ class TaskTracker:
     def _make_factory(self) -> Callable[..., asyncio.Task[Any]]:
         tracker = self
         stats = self.stats
+        # Done callbacks normally copy the current context, an allocation per task; loopwatch's
+        # callback reads nothing from any context, so one empty context serves every task of
+        # this loop. One per loop, never one for the process: a context can be entered by one
+        # thread at a time, and loops on several threads run their callbacks at once.
+        no_context = contextvars.Context()
         watch = self.step_watch
         compiled = ACCEL is not None
 
@@ -605,7 +607,7 @@ class TaskTracker:
                 if task.done():
                     mark(task)  # finished eagerly, inside create_task
                 else:
-                    task.add_done_callback(mark, context=_NO_CONTEXT)
+                    task.add_done_callback(mark, context=no_context)
             return task
 
         task_factory.__loopwatch__ = True  # type: ignore[attr-defined]
