@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 4
+#define API_VERSION 5
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -1981,6 +1981,175 @@ resume_later(PyObject *Py_UNUSED(m), PyObject *fn)
     Py_RETURN_NONE;
 }
 
+/* The GIL, handed to loopwatch's threads when they wake (see _threads, "The GIL").
+ *
+ * A busy loop lets go of the GIL at every iteration (its select with a timeout of 0) and takes
+ * it back at once. A thread waiting for the GIL is woken by each release, finds it taken again,
+ * and waits again: each wake-up restarts CPython's switch interval, so the interval never forces
+ * a switch, and the thread can starve for hundreds of milliseconds while every release of the
+ * loop's thread pays a futex wake for it. So a thread of loopwatch's that wakes says so before
+ * it asks for the GIL (g_waiting: wait_readable counts itself as its poll returns; g_rung: an
+ * emitting thread rang the reporter; g_wake_due: a wake-up announced for a time), and a
+ * loop's pulse that sees it lets go of the GIL and sleeps until that thread holds it
+ * (g_woken changes), at most HANDOFF_MAX_S: the thread takes the GIL once, at once. */
+#define HANDOFF_MAX_S 0.002
+static double g_wake_due = INFINITY; /* read and written with the GIL held */
+static int g_waiting;                /* atomic: threads back from poll, not yet holding the GIL */
+static int g_rung;                   /* atomic: a thread was rung (want()) and has not said woken */
+static unsigned long g_woken;        /* atomic: bumped with the GIL held, read without it */
+
+static inline int
+handoff_wanted(double now)
+{
+    return __atomic_load_n(&g_waiting, __ATOMIC_RELAXED) > 0 ||
+           __atomic_load_n(&g_rung, __ATOMIC_RELAXED) || now >= g_wake_due;
+}
+
+static void
+handoff(void)
+{
+    g_wake_due = INFINITY; /* a wake-up announced for a time is handed the GIL once */
+    unsigned long seen = __atomic_load_n(&g_woken, __ATOMIC_ACQUIRE);
+    int came;
+    Py_BEGIN_ALLOW_THREADS
+    double until = now_s() + HANDOFF_MAX_S;
+    struct timespec pause = {0, 20000};
+    while (!(came = __atomic_load_n(&g_woken, __ATOMIC_ACQUIRE) != seen) && now_s() < until) {
+        nanosleep(&pause, NULL);
+    }
+    Py_END_ALLOW_THREADS
+    if (!came) {
+        /* Rung, and nobody came for the GIL: it was not waiting (a ring is a hint). */
+        __atomic_store_n(&g_rung, 0, __ATOMIC_RELAXED);
+    }
+}
+
+static void
+mark_woken(void)
+{
+    g_wake_due = INFINITY;
+    __atomic_add_fetch(&g_woken, 1, __ATOMIC_RELEASE);
+}
+
+static PyObject *
+wake_due(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    double t = PyFloat_AsDouble(arg);
+    if (t == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (t < g_wake_due) {
+        g_wake_due = t;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+want(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    __atomic_store_n(&g_rung, 1, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+woken(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    __atomic_store_n(&g_rung, 0, __ATOMIC_RELAXED);
+    mark_woken();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+handoff_if_due(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    if (handoff_wanted(now_s())) {
+        handoff();
+    }
+    Py_RETURN_NONE;
+}
+
+#ifdef __linux__
+#include <poll.h>
+#include <errno.h>
+/* wait_readable(fds, timeout): poll() for reading, the GIL let go of; the fds ready (a list).
+   timeout None: no limit. As poll returns, before the GIL is asked for, it counts itself in
+   g_waiting. */
+static PyObject *
+wait_readable(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *seq, *timeout_obj;
+    if (!PyArg_ParseTuple(args, "OO:wait_readable", &seq, &timeout_obj)) {
+        return NULL;
+    }
+    int ms = -1;
+    if (timeout_obj != Py_None) {
+        double t = PyFloat_AsDouble(timeout_obj);
+        if (t == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        ms = t <= 0 ? 0 : (t > 2e6 ? 2000000000 : (int)ceil(t * 1000.0));
+    }
+    PyObject *fast = PySequence_Fast(seq, "wait_readable: fds must be a sequence");
+    if (fast == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > 64) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "wait_readable: at most 64 fds");
+        return NULL;
+    }
+    struct pollfd pfd[64];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (fd == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return NULL;
+        }
+        pfd[i].fd = (int)fd;
+        pfd[i].events = POLLIN;
+        pfd[i].revents = 0;
+    }
+    Py_DECREF(fast);
+    int r, err;
+    Py_BEGIN_ALLOW_THREADS
+    r = poll(pfd, (nfds_t)n, ms);
+    err = errno;
+    __atomic_add_fetch(&g_waiting, 1, __ATOMIC_RELAXED);
+    Py_END_ALLOW_THREADS
+    __atomic_sub_fetch(&g_waiting, 1, __ATOMIC_RELAXED);
+    mark_woken();
+    if (r < 0) {
+        if (err == EINTR) {
+            return PyList_New(0);
+        }
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *ready = PyList_New(0);
+    if (ready == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n && r > 0; i++) {
+        if (pfd[i].revents & (POLLNVAL)) {
+            Py_DECREF(ready);
+            PyErr_SetString(PyExc_ValueError, "wait_readable: a file descriptor is not open");
+            return NULL;
+        }
+        if (pfd[i].revents) {
+            PyObject *fd = PyLong_FromLong(pfd[i].fd);
+            if (fd == NULL || PyList_Append(ready, fd) < 0) {
+                Py_XDECREF(fd);
+                Py_DECREF(ready);
+                return NULL;
+            }
+            Py_DECREF(fd);
+        }
+    }
+    return ready;
+}
+#endif
+
 static void
 pulse_fail(PulseObject *self)
 {
@@ -2072,6 +2241,9 @@ pulse_leave(PulseObject *self)
     }
     if (now - self->armed_at >= self->period) {
         pulse_arm(self, now);
+    }
+    if (handoff_wanted(now)) {
+        handoff();
     }
     if (g_resume_pending && !PyErr_Occurred() && run_resume() < 0) {
         return; /* the program's exception, left set: see Pulse_vectorcall */
@@ -2576,6 +2748,16 @@ static PyMethodDef module_methods[] = {
      "use_tsc(flag): time task steps with the time-stamp counter (if invariant) or the clock."},
     {"step_clock", step_clock, METH_NOARGS,
      "The clock task steps are timed with: ('tsc' or 'monotonic', seconds per unit)."},
+    {"wake_due", wake_due, METH_O,
+     "wake_due(t): one of loopwatch's threads wakes at monotonic time t (the earliest counts)."},
+    {"woken", woken, METH_NOARGS, "That thread woke and holds the GIL."},
+    {"want", want, METH_NOARGS, "A thread of loopwatch's was just woken: hand it the GIL soon."},
+#ifdef __linux__
+    {"wait_readable", wait_readable, METH_VARARGS,
+     "wait_readable(fds, timeout): poll for reading, then ask a busy loop for the GIL."},
+#endif
+    {"handoff_if_due", handoff_if_due, METH_NOARGS,
+     "From a loop's thread: if a thread of loopwatch's is due, let it take the GIL now."},
     {"resume_later", resume_later, METH_O,
      "Call fn once from the program's thread soon (a pending call, or a loop's next pulse)."},
     {NULL, NULL, 0, NULL},

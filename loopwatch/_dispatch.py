@@ -31,7 +31,7 @@ from typing import Any
 from ._config import report
 from ._events import EVENT_NAMES, Event
 from ._stats import Counter
-from ._threads import Worker, hidden_call
+from ._threads import Worker, hidden_call, wake_due, want, woken
 
 Exporter = Callable[[Event], None]
 _monotonic = time.monotonic
@@ -121,6 +121,7 @@ class Dispatcher:
         self._ring()
 
     def _ring(self) -> None:
+        want()  # the reporter wakes: the loop's next pulse hands it the GIL (_threads)
         if self._bell.locked():
             try:  # noqa: SIM105 - no context manager object made on an emitting path
                 self._bell.release()
@@ -138,7 +139,10 @@ class Dispatcher:
         while True:
             due = self._next_due()
             timeout = -1.0 if due == _INF else max(due - _monotonic(), 0.0)
+            if due != _INF:
+                wake_due(due)  # a busy loop hands this thread the GIL then (_threads)
             self._bell.acquire(True, timeout)
+            woken()
             self._drain()
             going = keep_going()
             self._flush_due(_monotonic(), everything=not going and self._final)

@@ -146,6 +146,7 @@ class SelectPulse:
                 alarm.arm(self.first_check)
             if _threads.pending:  # a fork in this process: loopwatch's threads start again
                 _threads.resume_paused()
+            _threads.handoff_if_due()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -253,6 +254,7 @@ class Heartbeat:
                 self.box.clear()
             if _threads.pending:
                 _threads.resume_paused()
+            _threads.handoff_if_due()  # a thread of loopwatch's woke: it gets the GIL now
             if self.running:
                 self._arm(now)
         except Exception as exc:  # noqa: BLE001 - the pulse never raises into the loop

@@ -37,7 +37,6 @@ import contextlib
 import gc
 import inspect
 import os
-import select
 import sys
 import threading
 import time
@@ -49,7 +48,7 @@ from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
-from . import _places
+from . import _places, _threads
 from ._alarm import Alarm, new_alarm
 from ._config import Settings
 from ._events import Event, LoopStalled, SlowCallback
@@ -876,7 +875,8 @@ class Watchdog:
             self.sleep_until = deadline
             timeout = max(0.0, deadline - monotonic())
             try:
-                ready, _, _ = select.select(fds, [], [], timeout)
+                # As select, and a busy loop hands this thread the GIL as it wakes (_threads).
+                ready = _threads.wait_readable(fds, timeout)
             except (OSError, ValueError):  # an alarm closed under us: look again
                 continue
             for fd in ready:

@@ -174,12 +174,10 @@ WATCHDOG_DIES = """
 import asyncio, sys, time
 import loopwatch._watchdog as watchdog
 
-class Broken:
-    error = OSError
-    def select(self, *args):
-        raise RuntimeError("injected")
+def broken(fds, timeout):
+    raise RuntimeError("injected")
 
-watchdog.select = Broken()
+watchdog._threads.wait_readable = broken  # the watchdog's wait
 
 async def main():
     await asyncio.sleep(0.01)

@@ -15,7 +15,6 @@ import atexit
 import contextlib
 import json
 import os
-import selectors
 import socket
 import stat
 import struct
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _live
 from .._config import report
-from .._threads import Worker, discard
+from .._threads import Worker, discard, wait_readable
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -101,17 +100,16 @@ class Console:
             report(f"loopwatch: the live view by PID is off ({type(exc).__name__}: {exc})")
             return
         try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(server, selectors.EVENT_READ)
-                selector.register(self._wake_r, selectors.EVENT_READ)
-                while keep_going():
-                    for key, _ in selector.select():
-                        if key.fileobj is self._wake_r:
-                            with contextlib.suppress(OSError):
-                                self._wake_r.recv(4096)
-                            continue
-                        if keep_going():
-                            self._answer(server)
+            fds = [server.fileno(), self._wake_r.fileno()]
+            while keep_going():
+                # As select, and a busy loop hands this thread the GIL as it wakes (_threads).
+                for fd in wait_readable(fds, None):
+                    if fd == fds[1]:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                        continue
+                    if keep_going():
+                        self._answer(server)
         finally:
             # The file goes when the runtime closes; it stays while the thread is stopped for the
             # length of a fork (it starts again on the same path after it).

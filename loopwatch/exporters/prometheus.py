@@ -28,7 +28,6 @@ import errno
 import functools
 import gzip
 import json
-import selectors
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
@@ -53,7 +52,7 @@ from .._config import Settings, report
 from .._dispatch import _describe
 from .._metrics import Snapshot
 from .._stats import HistogramSnapshot
-from .._threads import Worker, discard, hidden_call
+from .._threads import Worker, discard, hidden_call, wait_readable
 
 if TYPE_CHECKING:
     from aiohttp import web  # an optional package: only for its aiohttp handler
@@ -547,19 +546,18 @@ class Endpoint:
 
     def _serve(self, keep_going: Callable[[], bool]) -> None:
         server = self.server
-        with selectors.DefaultSelector() as selector:
-            selector.register(server, selectors.EVENT_READ)
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            while keep_going():
-                for key, _ in selector.select():
-                    if key.fileobj is self._wake_r:
-                        with contextlib.suppress(OSError):
-                            self._wake_r.recv(4096)
-                        break
-                    if not keep_going():
-                        break
-                    # Non-blocking socket: a client gone before accept costs nothing.
-                    hidden_call(lambda _: server.handle_request(), None)
+        fds = [server.fileno(), self._wake_r.fileno()]
+        while keep_going():
+            # As select, and a busy loop hands this thread the GIL as it wakes (_threads).
+            for fd in wait_readable(fds, None):
+                if fd == fds[1]:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                    break
+                if not keep_going():
+                    break
+                # Non-blocking socket: a client gone before accept costs nothing.
+                hidden_call(lambda _: server.handle_request(), None)
 
     def close(self) -> None:
         self.worker.stop(timeout=5.0)
