@@ -121,8 +121,8 @@ class Dispatcher:
         self._ring()
 
     def _ring(self) -> None:
-        want()  # the reporter wakes: the loop's next pulse hands it the GIL (_threads)
         if self._bell.locked():
+            want()  # the reporter wakes: the loop's next pulse hands it the GIL (_threads)
             try:  # noqa: SIM105 - no context manager object made on an emitting path
                 self._bell.release()
             except RuntimeError:  # another thread rang it first

@@ -30,6 +30,10 @@ FIELD_DOCS: dict[str, str] = {
     ),
     "duration_s": "how long the callback or task step held the loop, in seconds",
     "blocked_s": "how long the loop had been blocked when this was reported, in seconds",
+    "waiting_tasks": "the tasks that have waited longest (at most five, longest first; the "
+    "running task left out): what the rest of the program was doing during the stall",
+    "waiting_at": "for each of `waiting_tasks`, the place it waits at",
+
     "threshold_s": "`LOOPWATCH_SLOW_CALLBACK_MS`, in seconds",
     "task": "the task's name (`Task-7`, or the `name=` it was given)",
     "coroutine": "the coroutine's qualified name (`handle`, `Worker.run`)",
@@ -81,6 +85,8 @@ FIELD_DOCS: dict[str, str] = {
 
 # Where a field means something more precise for one event: "event name:field".
 EVENT_FIELD_DOCS: dict[str, str] = {
+    "loopwatch.loop_stalled:waiting_s": "for each of `waiting_tasks`, how long it has waited: "
+    "its age less its busy time, in seconds",
     "loopwatch.slow_callback:task": FIELD_DOCS["task"] + "; null if no task was running",
     "loopwatch.slow_callback:coroutine": FIELD_DOCS["coroutine"] + "; null if no task was running",
     "loopwatch.loop_stalled:task": FIELD_DOCS["task"] + "; null if no task was running",
@@ -114,6 +120,7 @@ _TYPES = {
     "str | None": "string or null",
     "tuple[str, ...]": "list of strings",
     "tuple[str | None, ...]": "list of strings or nulls",
+    "tuple[float, ...]": "list of numbers",
 }
 
 

@@ -72,6 +72,11 @@ class LoopStalled(Event):
     location: str | None
     stack: tuple[str, ...]
     loop: str
+    # What the rest of the program was doing: the tasks that have waited longest (at most five,
+    # longest first), the place each waits at, and for how long (age less busy time).
+    waiting_tasks: tuple[str, ...] = ()
+    waiting_at: tuple[str | None, ...] = ()
+    waiting_s: tuple[float, ...] = ()
 
     @property
     def place(self) -> str | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import time
 from typing import Any
 
@@ -80,6 +81,28 @@ class Hangs:
             self._stuck(tasks, tracker, keep, now)
         self.last_check_s = time.perf_counter() - started
         return self.next_check
+
+    def longest_waiting(
+        self, loop: asyncio.AbstractEventLoop, tracker: Any, keep: Any, now: float, count: int = 5
+    ) -> list[tuple[str, str | None, float]]:
+        """For a stall: the ``count`` tasks that have waited longest (their age less their busy
+        time, as the live view counts it), the running one left out: ``(name, awaiting, s)``."""
+        if tracker is None:
+            return []
+        tasks = pending_tasks(loop)
+        keep.append(tasks)
+        current = asyncio.current_task(loop)
+        rows: list[tuple[float, int, asyncio.Task[Any]]] = []
+        for task in tasks:
+            mark = tracker.mark_of(task) if task is not current else None
+            if mark is not None:
+                busy = float(getattr(mark, "busy", 0.0) or 0.0)
+                rows.append((now - mark.born - busy, id(task), task))
+        out = []
+        for waited, _, task in heapq.nlargest(count, rows):
+            awaiting, _, _ = suspended_chain(task.get_coro(), keep)
+            out.append((task.get_name(), awaiting, round(max(waited, 0.0), 3)))
+        return out
 
     # -- deadlocks -------------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _places, _threads
 from ._alarm import Alarm, new_alarm
-from ._config import Settings
+from ._config import Settings, report
 from ._events import Event, LoopStalled, SlowCallback
 from ._native import ACCEL
 from ._pulse import Heartbeat, SelectPulse
@@ -308,6 +308,7 @@ class LoopState:
         self.boundary: FrameType | None = None
         self.tasks: TaskTracker | None = None  # set by Loops.attach, which configures again
         self.hangs: Hangs | None = None  # set by Loops.attach (deadlocks, stuck tasks)
+        self._waiting_failed = False
         self.wake_by: Callable[[float], None] | None = None  # the watchdog's, set with it
         self._origin_before = -1  # coroutine origin tracking depth to restore at the run's end
         self._said_failure = False
@@ -663,6 +664,17 @@ class LoopState:
         )
 
     def _emit_stall(self, block: _Block, sample: _Sample, now: float) -> None:
+        waiting: list[tuple[str, str | None, float]] = []
+        loop = self._loop_ref()
+        if self.hangs is not None and loop is not None and not self._waiting_failed:
+            try:
+                waiting = self.hangs.longest_waiting(loop, self.tasks, self.pulse.box, now)
+            except Exception as exc:  # noqa: BLE001 - the stall is reported without them
+                self._waiting_failed = True
+                report(
+                    f"loopwatch: listing the waiting tasks of a stalled loop failed "
+                    f"({type(exc).__name__}: {exc}); stalls are reported without them"
+                )
         self.emit(
             LoopStalled(
                 blocked_s=round(now - block.start, 6),
@@ -672,6 +684,9 @@ class LoopState:
                 stack=sample.stack,
                 loop=self.kind,
                 origin=block.origin,
+                waiting_tasks=tuple(w[0] for w in waiting),
+                waiting_at=tuple(w[1] for w in waiting),
+                waiting_s=tuple(w[2] for w in waiting),
             )
         )
 

@@ -31,6 +31,7 @@ def test_demo_shows_each_finding_and_ends_by_itself(kind: str) -> None:
         "loopwatch.task_exception_unretrieved",
         "loopwatch.task_orphaned",
         "loopwatch.coroutine_never_awaited",
+        "loopwatch.cancel_swallowed",
         "loopwatch.task_leaked",
     ], out
     assert f"location='{SERVICE}:" in out
@@ -52,4 +53,4 @@ def test_demo_shows_each_finding_and_ends_by_itself(kind: str) -> None:
     err = proc.stderr.splitlines()
     assert f"{SERVICE}:" in err[0] and "coroutine 'audit' was never awaited" in err[0]
     summary = err[err.index(next(line for line in err if line.startswith("loopwatch: top"))) :]
-    assert summary[2].split()[:2] == ["handle", "7"]
+    assert summary[2].split()[:2] == ["handle", "8"]

@@ -209,6 +209,46 @@ def test_stall_reported_while_still_blocked(factory: Factory, kind: str, events:
     assert_block(block, kind=kind, duration=0.7, task="hanger", coroutine="hang", location=location)
 
 
+async def idle_worker(event: asyncio.Event) -> None:
+    await event.wait()  # WAIT:idle-worker
+
+
+def test_stall_lists_the_tasks_waiting_longest(
+    factory: Factory, kind: str, events: Recorder
+) -> None:
+    """loop_stalled says what the rest of the program was doing: the tasks that have waited
+    longest (age less busy time), longest first, each with the place it waits at."""
+    import loopwatch
+
+    ended: list[float] = []
+
+    main_task: list[str] = []
+
+    async def main() -> None:
+        loopwatch.install(stall_ms=300)
+        main_task.append(asyncio.current_task().get_name())  # type: ignore[union-attr]
+        event = asyncio.Event()
+        old = asyncio.create_task(idle_worker(event), name="old-worker")
+        await asyncio.sleep(0.1)
+        young = asyncio.create_task(idle_worker(event), name="young-worker")
+        await asyncio.sleep(0.02)
+        await asyncio.create_task(hang(ended), name="hanger")
+        event.set()
+        await asyncio.gather(old, young)
+
+    run_on(factory, main())
+    stall = events.wait_for(2)[0]
+    assert stall.event == "loopwatch.loop_stalled"
+    assert stall.task == "hanger"  # type: ignore[attr-defined]
+    # Oldest first: main (awaiting the hanger), then the two workers; never the running hanger.
+    assert list(stall.waiting_tasks) == [main_task[0], "old-worker", "young-worker"]  # type: ignore[attr-defined]
+    waits = place(HERE, "WAIT:idle-worker", "idle_worker")
+    assert list(stall.waiting_at[1:]) == [waits, waits]  # type: ignore[attr-defined]
+    assert stall.waiting_at[0].endswith(" in main")  # type: ignore[attr-defined]
+    _, old_s, young_s = stall.waiting_s  # type: ignore[attr-defined]
+    assert old_s >= young_s + 0.09 and young_s >= 0.3, stall.waiting_s  # type: ignore[attr-defined]
+
+
 async def just_over() -> None:
     time.sleep(0.125)  # BLOCK:just-over
 

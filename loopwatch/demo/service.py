@@ -1,4 +1,4 @@
-"""A small HTTP service with six classic asyncio mistakes, watched by loopwatch.
+"""A small HTTP service with seven classic asyncio mistakes, watched by loopwatch.
 
 Run by ``loopwatch demo`` in a child process with ``LOOPWATCH=1``: the service itself contains no
 loopwatch code at all, which is the point. A client thread sends real HTTP requests to it, one
@@ -51,6 +51,22 @@ async def audit(order: str) -> None:
     await asyncio.sleep(0.01)
 
 
+async def call_rates_api() -> bytes:
+    await asyncio.sleep(0.3)  # a slow upstream
+    return b"EUR 1.00\n"
+
+
+async def fetch_rates() -> bytes:
+    # "Retry on anything": the except clause also catches the CancelledError that the request's
+    # timeout sends, so this task runs on, and the request waits for it: 0.5 s, not 0.2.
+    for attempt in range(2):
+        try:
+            return await call_rates_api()
+        except BaseException:  # noqa: BLE001 - the mistake on show
+            log.warning("rates: attempt %d failed, retrying", attempt + 1)
+    return await call_rates_api()
+
+
 async def refresh_cache() -> None:
     while True:
         await asyncio.sleep(3600)
@@ -74,6 +90,13 @@ async def handle_path(path: bytes) -> bytes:
     if path == b"/audit":
         audit("A-17")  # type: ignore[unused-coroutine]  # forgot the await
         return b"audited\n"
+    if path == b"/rates":
+        # At most 0.2 s, says wait_for; fetch_rates swallows the cancellation it sends.
+        rates = asyncio.create_task(fetch_rates())
+        try:
+            return await asyncio.wait_for(rates, 0.2)
+        except TimeoutError:
+            return b"rates: timed out\n"
     if path == b"/cache":
         # Started and never stopped: still pending when the service shuts down.
         task = asyncio.create_task(refresh_cache())
@@ -103,6 +126,7 @@ STEPS = (
     ("/order", "a fire-and-forget task whose exception nobody retrieves"),
     ("/pay", "a task nobody holds, destroyed by the garbage collector"),
     ("/audit", "a coroutine called without await"),
+    ("/rates", "a 0.2 s timeout whose cancellation a retry loop swallows: it takes 0.5 s"),
     ("/cache", "a background task never stopped: leaked at shutdown"),
 )
 

@@ -20,7 +20,7 @@ _FIRST = (
     "task",
     "coroutine",
 )
-_SKIP = frozenset({"event", "time", "pid", "stack"})
+_SKIP = frozenset({"event", "time", "pid", "stack", "waiting_tasks", "waiting_at", "waiting_s"})
 
 
 def _value(value: Any) -> str:
@@ -56,4 +56,11 @@ def render(event: Event, *, full_stack: bool = False) -> str:
     ]
     head = " ".join([event.event] + [f"{k}={_value(data[k])}" for k in shown])
     stack = shown_stack(data.get("stack") or [], full_stack=full_stack)
-    return "\n".join([head, *(f"    {p}" for p in stack)])
+    lines = [head, *(f"    {p}" for p in stack)]
+    waiting = data.get("waiting_tasks") or []
+    if waiting:
+        # A stall's other tasks, below its stack: one line each, longest waiting first.
+        lines.append("  waiting longest:")
+        for name, at, waited in zip(waiting, data["waiting_at"], data["waiting_s"], strict=False):
+            lines.append(f"    {name} {waited:.3f} s at {at or '?'}")
+    return "\n".join(lines)
