@@ -15,11 +15,17 @@ import asyncio
 import os
 import threading
 import time
+import types
 from typing import TYPE_CHECKING, Any
 
 from . import _places
 from ._tasks import mark_site, pending_tasks, site_place, suspended_chain
 from ._watchdog import LoopState, coroutine_name
+
+_MISSING = object()
+_PyFuture = getattr(asyncio.futures, "_PyFuture", asyncio.Future)
+_Coroutine = types.CoroutineType
+_Generator = types.GeneratorType
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -95,12 +101,17 @@ class _Reader:
         self.tracker = tracker
         self.keep = keep
         self.now = now
-        self.names: dict[Any, str] = {}
-        self.places: dict[tuple[Any, int | None], str] = {}
-        self.sites: dict[tuple[Any, int], str | None] = {}
+        # Keyed by id(code): a code object's own hash is computed anew at each call (it hashes
+        # its bytecode and constants), which cost more than the rest of a task's row. The ids
+        # are stable for the snapshot's length: every code is held by a frame or mark in `keep`.
+        self.names: dict[int, str] = {}
+        self.places: dict[tuple[int, int | None], str] = {}
+        self.sites: dict[tuple[int, int], str | None] = {}
+        self.chains: dict[tuple[int, ...], tuple[str, list[str]]] = {}
+        self.frameless: set[type] = {asyncio.Future, _PyFuture}
 
     def place(self, code: Any, line: int | None) -> str:
-        key = (code, line)
+        key = (id(code), line)
         found = self.places.get(key)
         if found is None:
             found = self.places[key] = _places.place(code, line)
@@ -108,11 +119,11 @@ class _Reader:
 
     def name(self, coro: Any) -> str:
         code = getattr(coro, "cr_code", None)
-        found = self.names.get(code) if code is not None else None
+        found = self.names.get(id(code)) if code is not None else None
         if found is None:
             found = coroutine_name(coro)
             if code is not None and found == code.co_qualname:
-                self.names[code] = found  # (a name of the loop's own wrappers is not cached)
+                self.names[id(code)] = found  # (a name of the loop's own wrappers: not cached)
         return found
 
     def created_at(self, mark: Any) -> str | None:
@@ -120,44 +131,73 @@ class _Reader:
             return None
         if mark._stack is not None or mark._code is None:
             return site_place(mark_site(mark))
-        key = (mark._code, mark._lasti)
-        if key not in self.sites:
-            self.sites[key] = site_place(key)
-        return self.sites[key]
+        code = mark._code
+        key = (id(code), mark._lasti)
+        found = self.sites.get(key, _MISSING)
+        if found is _MISSING:
+            found = self.sites[key] = site_place((code, mark._lasti))
+        return found  # type: ignore[return-value]
 
     def chain(self, coro: Any) -> tuple[str | None, list[str]]:
         """Where a suspended coroutine waits (the innermost frame of the program's own code)
-        and the places of its chain of coroutines to there, outermost first."""
+        and the places of its chain of coroutines to there, outermost first. Tasks suspended at
+        the same instructions share one answer: the chain is keyed by its frames' code and
+        instruction offsets, and placed once."""
         frames = []
+        key: list[Any] = []
         awaitable = coro
         for _ in range(64):
-            frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+            kind = type(awaitable)
+            if kind is _Coroutine:
+                frame = awaitable.cr_frame
+                nxt = awaitable.cr_await
+            elif kind is _Generator:
+                frame = awaitable.gi_frame
+                nxt = awaitable.gi_yieldfrom
+            elif kind in self.frameless:
+                break  # a future (where most chains end), or another object with no frame
+            else:
+                frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+                nxt = getattr(awaitable, "cr_await", None) or getattr(
+                    awaitable, "gi_yieldfrom", None
+                )
+                if frame is None and not (hasattr(kind, "cr_frame") or hasattr(kind, "gi_frame")):
+                    self.frameless.add(kind)  # (asking again raises and catches, ~1 us)
             if frame is None:
                 break
             frames.append(frame)
-            awaitable = getattr(awaitable, "cr_await", None) or getattr(
-                awaitable, "gi_yieldfrom", None
-            )
+            key.append(id(frame.f_code))
+            key.append(frame.f_lasti)
+            awaitable = nxt
             if awaitable is None:
                 break
         if not frames:
             awaiting, _, places_ = suspended_chain(coro, self.keep)  # (an async generator)
             return awaiting, list(places_)
         self.keep.append(frames)
-        pick = len(frames) - 1
-        while pick > 0 and not _places.is_own_code(frames[pick].f_code.co_filename):
-            pick -= 1
-        if pick == 0 and not _places.is_own_code(frames[0].f_code.co_filename):
+        signature = tuple(key)
+        found = self.chains.get(signature)
+        if found is None:
             pick = len(frames) - 1
-        places = [self.place(f.f_code, f.f_lineno) for f in frames[: pick + 1]]
-        return places[-1], places
+            while pick > 0 and not _places.is_own_code(frames[pick].f_code.co_filename):
+                pick -= 1
+            if pick == 0 and not _places.is_own_code(frames[0].f_code.co_filename):
+                pick = len(frames) - 1
+            places = [self.place(f.f_code, f.f_lineno) for f in frames[: pick + 1]]
+            found = self.chains[signature] = (places[-1], places)
+        return found[0], list(found[1])
 
     def task(self, task: asyncio.Task[Any], running: bool) -> dict[str, Any]:
         coro = task.get_coro()
         tracker = self.tracker
         mark = tracker.mark_of(task) if tracker is not None else None
-        age = self.now - mark.born if mark is not None else 0.0
-        busy = float(getattr(mark, "busy", 0.0) or 0.0)
+        if mark is not None:
+            age = self.now - mark.born
+            busy = getattr(mark, "busy", 0.0)  # (a TaskMark, without a proxy, counts neither)
+            steps = getattr(mark, "steps", 0)
+        else:
+            age = busy = 0.0
+            steps = 0
         awaiting: str | None = None
         chain: list[str] = []
         if not running:
@@ -173,9 +213,9 @@ class _Reader:
             "awaiting": awaiting,
             "await_chain": chain,
             "awaited_by": [],
-            "steps": int(getattr(mark, "steps", 0) or 0),
+            "steps": steps,
             "busy_s": round(busy, 6),
-            "waiting_s": round(max(age - busy, 0.0), 6),
+            "waiting_s": round(age - busy if age > busy else 0.0, 6),
         }
 
 
