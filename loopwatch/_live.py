@@ -66,7 +66,7 @@ def _loop(loop: asyncio.AbstractEventLoop, state: LoopState, now: float) -> dict
         "blocked_s": blocked,
         "blocked_at": block.location if blocked is not None and block is not None else None,
         "lag_s": round(lag_sum / observed, 6) if observed else 0.0,
-        "busy_s": round(float(state.pulse.busy), 6),
+        "busy_s": round(state.busy_seconds(), 6),
         "tasks": [],
     }
     if not state.running:

@@ -107,6 +107,10 @@ class Loops:
             total.merge(counts, lag_sum)
         return total
 
+    def busy_total(self) -> float:
+        """Seconds the loops watched so far spent running callbacks (see LoopState.busy_seconds)."""
+        return self.retired_busy + sum(s.busy_seconds() for s in list(self._states.values()))
+
     def state_of(self, loop: asyncio.AbstractEventLoop) -> LoopState | None:
         return self._states.get(loop)
 
@@ -192,7 +196,7 @@ class Loops:
             self.table.retire(tracker.rows)
         counts, lag_sum = state.lag_histogram()
         self.retired_lag.merge(counts, lag_sum)
-        self.retired_busy += state.pulse.busy
+        self.retired_busy += state.busy_seconds()
 
     def close(self) -> None:
         """Undo everything: global mode, every loop, the class hooks, the process hooks."""

@@ -37,6 +37,7 @@ class Snapshot:
 
     events: dict[str, int] = field(default_factory=dict)  # counter name -> value
     loop_lag: HistogramSnapshot = field(default_factory=HistogramSnapshot.empty)
+    loop_busy_s: float = 0.0  # time the watched loops ran callbacks rather than waited for I/O
     tasks_created: int = 0
     tasks_active: int = 0
     tasks_finished: dict[str, int] = field(default_factory=dict)  # outcome -> count
@@ -56,6 +57,7 @@ def collect(runtime: Runtime | None) -> Snapshot:
         return snap
     loops = runtime.loops
     snap.loop_lag = HistogramSnapshot.of(loops.lag_totals())
+    snap.loop_busy_s = loops.busy_total()
     totals = loops.task_totals()
     snap.tasks_created = totals.created
     snap.tasks_active = loops.active_tasks()

@@ -309,6 +309,10 @@ class LoopState:
         self.tasks: TaskTracker | None = None  # set by Loops.attach, which configures again
         self.hangs: Hangs | None = None  # set by Loops.attach (deadlocks, stuck tasks)
         self._waiting_failed = False
+        # uvloop's busy time: the loop thread's CPU clock, read at each run's start and end.
+        self._cpu_clock: int | None = None
+        self._cpu_at_start = 0.0
+        self._cpu_busy = 0.0
         self.wake_by: Callable[[float], None] | None = None  # the watchdog's, set with it
         self._origin_before = -1  # coroutine origin tracking depth to restore at the run's end
         self._said_failure = False
@@ -408,6 +412,10 @@ class LoopState:
             loop = self._loop_ref()
             if loop is not None:
                 pulse.start(loop)
+            if self._cpu_clock is None and hasattr(time, "pthread_getcpuclockid"):
+                with contextlib.suppress(OSError):
+                    self._cpu_clock = time.pthread_getcpuclockid(self.thread_id)
+            self._cpu_at_start = time.thread_time()
         else:
             pulse.woke = pulse.entered = monotonic()
             pulse.idle = False
@@ -435,6 +443,7 @@ class LoopState:
         pulse = self.pulse
         if isinstance(pulse, Heartbeat):
             pulse.stop()
+            self._cpu_busy += max(time.thread_time() - self._cpu_at_start, 0.0)
         else:
             pulse.block_open = False
             pulse.idle = False
@@ -719,6 +728,26 @@ class LoopState:
                     origin=block.origin,
                 )
             )
+
+    def busy_seconds(self) -> float:
+        """Time this loop spent running callbacks rather than waiting for I/O, so far.
+
+        asyncio's loops: exact, from the select pulse (each iteration's wake to its next wait).
+        uvloop waits in C with no hook, so there it is the CPU time of the loop's thread while the
+        loop ran: a blocking call that sleeps (``time.sleep``, a lock) is busy for the loop but
+        uses no CPU, so this is a lower bound, exact for a loop that never sleeps in a callback."""
+        pulse = self.pulse
+        if isinstance(pulse, Heartbeat):
+            busy = self._cpu_busy
+            clock = self._cpu_clock
+            if self.running and clock is not None:
+                with contextlib.suppress(OSError):  # the thread ended meanwhile
+                    busy += max(time.clock_gettime(clock) - self._cpu_at_start, 0.0)
+            return busy
+        busy = float(getattr(pulse, "busy", 0.0))
+        if self.running and not pulse.idle:
+            busy += max(monotonic() - pulse.woke, 0.0)
+        return busy
 
     def lag_histogram(self) -> tuple[list[int], float]:
         """(per-bucket counts, sum) of this loop's lag."""

@@ -167,6 +167,34 @@ def test_exact_values_after_a_known_scenario(factory: Factory) -> None:
     assert value(after, "loopwatch_loop_lag_seconds_bucket", le="0.1") == lag_count - 1
 
 
+@pytest.mark.serial  # measures busy time to about 50 ms
+def test_loop_busy_seconds_is_the_time_the_loop_ran_callbacks(factory: Factory, kind: str) -> None:
+    """loopwatch_loop_busy_seconds_total, scraped over HTTP: a run that blocks 0.3 s in a sleep,
+    spins 0.3 s on the processor and waits 0.6 s for timers. On asyncio's loops the pulse sees
+    both blocks (0.6 s); on uvloop it is the loop thread's CPU time, so the sleep is not in it."""
+    _api.activate(log="off", slow_callback_ms=10_000)
+    loopwatch.install(metrics_port=0)
+    url = endpoint_url()
+    before = value(scrape(url), "loopwatch_loop_busy_seconds_total") or 0.0
+
+    async def main() -> None:
+        for _ in range(3):
+            time.sleep(0.1)  # busy, asleep
+            await asyncio.sleep(0.2)  # waiting for a timer
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.3:  # busy, on the processor
+            pass
+
+    run_on(factory, main())
+    busy = (value(scrape(url), "loopwatch_loop_busy_seconds_total") or 0.0) - before
+    if kind == "asyncio":
+        assert 0.6 <= busy < 0.6 + 0.1, busy
+    else:
+        # CPU time: the spin is in it (less whatever the machine's other load preempted), the
+        # sleeps are not.
+        assert 0.15 <= busy < 0.3 + 0.1, busy
+
+
 def test_lag_buckets_are_made_for_loop_latencies(events: Recorder) -> None:
     """From 1 ms to 10 s, 0.1 s (the default threshold) kept as an edge, then +Inf."""
     loopwatch.install(metrics_port=0)
@@ -821,6 +849,10 @@ tests:
         values: '0+100x30'
       - series: 'loopwatch_loop_lag_seconds_bucket{job="api",instance="b",le="+Inf"}'
         values: '0+100x30'
+      - series: 'loopwatch_loop_busy_seconds_total{job="api",instance="a"}'
+        values: '0+57x30'
+      - series: 'loopwatch_loop_busy_seconds_total{job="api",instance="b"}'
+        values: '0+30x30'
       - series: 'loopwatch_tasks_leaked_total{job="api",instance="a"}'
         values: '0 0 2 2 2'
       - series: 'loopwatch_tasks_orphaned_total{job="api",instance="a"}'
@@ -849,6 +881,16 @@ tests:
               description: >-
                 99th percentile loop lag is 235ms on a (api): callbacks that were due waited
                 that long.
+      - eval_time: 20m
+        alertname: LoopwatchLoopSaturated
+        exp_alerts:
+          - exp_labels: {severity: warning, job: api, instance: a}
+            exp_annotations:
+              summary: Event loop of a is saturated
+              description: >-
+                The event loop of a (api) ran callbacks 95% of the time for 10 minutes. Spread
+                the load over more processes, or find what holds it in
+                loopwatch_task_busy_seconds by coroutine.
       - eval_time: 4m
         alertname: LoopwatchTasksLeaked
         exp_alerts:
@@ -863,15 +905,16 @@ tests:
 
 
 def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path: Path) -> None:
-    """``promtool check rules``, then ``promtool test rules``: a stall, lag past 0.1 s and
-    leaked tasks fire for instance ``a``; the healthy instance ``b`` fires nothing."""
+    """``promtool check rules``, then ``promtool test rules``: a stall, lag past 0.1 s, a loop
+    busy 95% of the time and leaked tasks fire for instance ``a``; the healthy instance ``b``
+    (busy half the time) fires nothing."""
     promtool = need("promtool")
     rules = DOCS / "alerts.yml"
     checked = subprocess.run(
         [promtool, "check", "rules", str(rules)], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 6 rules found" in checked.stdout
+    assert "SUCCESS: 7 rules found" in checked.stdout
     tests = tmp_path / "alerts_test.yml"
     tests.write_text(ALERT_TESTS.replace("ALERTS", str(rules)))
     tested = subprocess.run(

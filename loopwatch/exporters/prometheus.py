@@ -87,6 +87,7 @@ COUNTERS: Final[dict[str, str]] = {
     "(loopwatch.task_stuck events).",
 }
 LAG = "loopwatch_loop_lag_seconds"
+LOOP_BUSY = "loopwatch_loop_busy_seconds_total"
 TASKS_CREATED = "loopwatch_tasks_created_total"
 TASKS_ACTIVE = "loopwatch_tasks_active"
 TASKS_FINISHED = "loopwatch_tasks_finished_total"
@@ -96,6 +97,9 @@ OUTCOMES: Final = ("ok", "error", "cancelled")
 HELP: Final[dict[str, str]] = {
     **COUNTERS,
     LAG: "How late the event loop ran a callback that was due (heartbeat lateness).",
+    LOOP_BUSY: "Time the watched event loops spent running callbacks rather than waiting for "
+    "I/O; its rate() is the loops' utilization (exact on asyncio, the loop thread's CPU time "
+    "on uvloop).",
     TASKS_CREATED: "Tasks created on watched loops.",
     TASKS_ACTIVE: "Tasks alive and not done on watched loops.",
     TASKS_FINISHED: "Tasks that ended, by outcome (ok, error, cancelled).",
@@ -130,6 +134,7 @@ def _since(now: Snapshot, then: Snapshot) -> Snapshot:
     return Snapshot(
         events={k: max(v - then.events.get(k, 0), 0) for k, v in now.events.items()},
         loop_lag=hist(now.loop_lag, then.loop_lag),
+        loop_busy_s=max(now.loop_busy_s - then.loop_busy_s, 0.0),
         tasks_created=max(now.tasks_created - then.tasks_created, 0),
         tasks_active=now.tasks_active,
         tasks_finished={
@@ -158,6 +163,7 @@ def families(snap: Snapshot | None) -> list[Metric]:
             counter.add_metric([], float(snap.events.get(name, 0)))
         out.append(counter)
     lag = HistogramMetricFamily(LAG, HELP[LAG])
+    loop_busy = CounterMetricFamily(_base(LOOP_BUSY), HELP[LOOP_BUSY])
     created = CounterMetricFamily(_base(TASKS_CREATED), HELP[TASKS_CREATED])
     active = GaugeMetricFamily(TASKS_ACTIVE, HELP[TASKS_ACTIVE])
     finished = CounterMetricFamily(_base(TASKS_FINISHED), HELP[TASKS_FINISHED], labels=["outcome"])
@@ -165,6 +171,7 @@ def families(snap: Snapshot | None) -> list[Metric]:
     busy = HistogramMetricFamily(TASK_BUSY, HELP[TASK_BUSY], labels=["coroutine"])
     if snap is not None:
         lag.add_metric([], _le(snap.loop_lag), snap.loop_lag.sum)
+        loop_busy.add_metric([], snap.loop_busy_s)
         created.add_metric([], float(snap.tasks_created))
         active.add_metric([], float(snap.tasks_active))
         for outcome in OUTCOMES:
@@ -172,7 +179,7 @@ def families(snap: Snapshot | None) -> list[Metric]:
         for family, table in ((duration, snap.task_duration), (busy, snap.task_busy)):
             for label, histogram in sorted(table.items()):
                 family.add_metric([label], _le(histogram), histogram.sum)
-    return [*out, lag, created, active, finished, duration, busy]
+    return [*out, lag, loop_busy, created, active, finished, duration, busy]
 
 
 class MetricsCollector(Collector):
@@ -212,6 +219,7 @@ def _series(snap: Snapshot) -> Iterator[tuple[_Series, float]]:
     and histogram buckets per process (buckets not cumulative), the gauge summed over live ones."""
     for name in COUNTERS:
         yield ("counter", _base(name), name, (), (), ""), snap.events.get(name, 0)
+    yield ("counter", _base(LOOP_BUSY), LOOP_BUSY, (), (), ""), snap.loop_busy_s
     yield ("counter", _base(TASKS_CREATED), TASKS_CREATED, (), (), ""), snap.tasks_created
     yield ("gauge", TASKS_ACTIVE, TASKS_ACTIVE, (), (), "livesum"), snap.tasks_active
     for outcome in OUTCOMES:
