@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ._testing import IsolatedAsyncioTestCase
     from ._timing import CoroutineStats, timed
     from .exporters.prometheus import MetricsCollector, aiohttp_metrics_handler, metrics_app
+    from .integrations import label_request
 
 __all__ = [
     "CancelIgnored",
@@ -68,6 +69,7 @@ __all__ = [
     "aiohttp_metrics_handler",
     "coroutine_stats",
     "install",
+    "label_request",
     "metrics_app",
     "metrics_url",
     "new_event_loop",
@@ -103,6 +105,7 @@ _LAZY = {
     "TaskOrphaned": "._events",
     "aiohttp_metrics_handler": ".exporters.prometheus",
     "install": "._api",
+    "label_request": ".integrations",
     "metrics_app": ".exporters.prometheus",
     "metrics_url": "._api",
     "new_event_loop": "._api",

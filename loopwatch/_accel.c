@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 5
+#define API_VERSION 7
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -545,6 +545,7 @@ typedef struct {
     PyObject *by;    /* what made the task, when asyncio or uvloop did (no creation site) */
     double born, busy, max_step, watch;
     long long steps, slow_steps;
+    uint64_t step_at; /* the stamp the step under way began at, 0 between steps */
     int lasti;
     char leaked, ended, timing;
     char cancelled; /* a CancelledError was thrown in: the owner hears of the end */
@@ -766,6 +767,7 @@ is_return(PyObject *exc)
 static inline void
 step_done(TimedObject *self, uint64_t start, PySendResult status)
 {
+    self->step_at = 0;
     double took = since(start);
     self->busy += took;
     /* The watchdog hears of a long step (long_step) while `steps` still numbers this step: it
@@ -823,7 +825,7 @@ Timed_am_send(PyObject *op, PyObject *arg, PyObject **presult)
         }
         return status;
     }
-    uint64_t start = stamp();
+    uint64_t start = self->step_at = stamp();
     PySendResult status = send_to(self->coro, arg, presult);
     step_done(self, start, status);
     return status;
@@ -897,7 +899,7 @@ Timed_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         }
         return result;
     }
-    uint64_t start = stamp();
+    uint64_t start = self->step_at = stamp();
     PyObject *result = PyObject_VectorcallMethod(s_throw, stack, (size_t)nargs + 1, NULL);
     step_done(self, start, result != NULL ? PYGEN_NEXT : PYGEN_ERROR);
     return result;
@@ -1039,6 +1041,7 @@ timed_new(PyTypeObject *type, PyObject *coro, PyObject *cfg, PyObject *owner, Py
     self->born = now_s();
     self->busy = self->max_step = self->watch = 0.0;
     self->steps = self->slow_steps = 0;
+    self->step_at = 0;
     self->lasti = 0;
     self->leaked = self->ended = self->cancelled = 0;
     self->timing = 1;
@@ -1123,7 +1126,17 @@ static PyMethodDef Timed_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* busy, with the step under way counted to now: what a request held the loop is the difference of
+   two reads made inside the task (at the request's start and end), each inside a step. */
+static PyObject *
+get_busy_now(PyObject *op, void *Py_UNUSED(closure))
+{
+    TimedObject *self = (TimedObject *)op;
+    return PyFloat_FromDouble(self->busy + (self->step_at ? since(self->step_at) : 0.0));
+}
+
 static PyGetSetDef Timed_getset[] = {
+    {"busy_now", get_busy_now, NULL, NULL, NULL},
     {"__name__", get_name, NULL, NULL, NULL},
     {"__qualname__", get_qualname, NULL, NULL, NULL},
     {"__wrapped__", get_wrapped, NULL, NULL, NULL},
@@ -2510,6 +2523,31 @@ thread_frame(PyObject *Py_UNUSED(m), PyObject *ident)
     return frame;
 }
 
+/* thread_context(ident): the contextvars.Context the thread with this ident runs in now (a
+   running task's own context), or None. For Python 3.11, whose tasks do not give their context
+   (Task.get_context() is 3.12+): read from the watchdog's thread while a task step blocks. The
+   thread state's `context` field is public (cpython/pystate.h); the Context is immutable once
+   made, so the reference taken here reads one whole state. */
+static PyObject *
+thread_context(PyObject *Py_UNUSED(m), PyObject *ident_obj)
+{
+    unsigned long ident = PyLong_AsUnsignedLong(ident_obj);
+    if (ident == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyInterpreterState *interp = PyInterpreterState_Get();
+    for (PyThreadState *t = PyInterpreterState_ThreadHead(interp); t != NULL;
+         t = PyThreadState_Next(t)) {
+        if (t->thread_id == ident) {
+            if (t->context != NULL) {
+                return Py_NewRef(t->context);
+            }
+            break;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 /* ======================================================================================= */
 /* the module                                                                              */
 
@@ -2739,6 +2777,8 @@ static PyMethodDef module_methods[] = {
      "latency_bounds)"},
     {"set_driver", set_driver, METH_O, "The code of loopwatch's run wrapper (a driver frame)."},
     {"thread_frame", thread_frame, METH_O, "The innermost frame of the thread with this ident."},
+    {"thread_context", thread_context, METH_O,
+     "The contextvars.Context the thread with this ident runs in now, or None."},
     {"set_task_type", set_task_type, METH_O, "The task class the factory makes tasks of."},
     {"forget_kinds", forget_kinds, METH_NOARGS,
      "Empty the cache in front of the machinery dictionary (when it is emptied)."},

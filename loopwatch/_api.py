@@ -18,6 +18,7 @@ from ._timing import CoroutineStats
 from ._watchdog import LoopState
 from .exporters import from_settings, publish_metrics
 from .exporters.console import Console
+from .integrations._hooks import hook_frameworks, unhook_frameworks
 
 
 def activate(*, serve_pid: bool = False, **overrides: Any) -> Runtime:
@@ -69,6 +70,7 @@ def install(loop: asyncio.AbstractEventLoop | None = None, **settings: Any) -> N
         loops.attach(loop, runtime.settings)
         return
     loops.enable_global()
+    _hook_routes(runtime)
     for known in loops.watched_loops():
         state = loops.state_of(known)
         if state is not None:
@@ -83,6 +85,7 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> None:
             runtime.loops.detach(loop)
         return
     _runtime.stop_current()
+    unhook_frameworks()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -107,7 +110,17 @@ def new_uvloop_event_loop() -> asyncio.AbstractEventLoop:
 
 def enable_global(*, serve_pid: bool = False) -> None:
     """Watch every loop built from now on (``LOOPWATCH=1``, ``install()`` outside a loop)."""
-    activate(serve_pid=serve_pid).loops.enable_global()
+    runtime = activate(serve_pid=serve_pid)
+    runtime.loops.enable_global()
+    _hook_routes(runtime)
+
+
+def _hook_routes(runtime: Runtime) -> None:
+    """Label requests by route in the frameworks the program imports (LOOPWATCH_ROUTES)."""
+    if runtime.settings.routes:
+        hook_frameworks()
+    else:
+        unhook_frameworks()
 
 
 def global_enabled() -> bool:

@@ -43,6 +43,7 @@ class Settings:
     exception_messages: bool = True
     step_timing: bool = True
     summary: bool = False
+    routes: bool = True
     coroutine_labels: int = 50
     cancel_grace_ms: float = 5000.0
     task_stuck_ms: float | None = None
@@ -266,6 +267,14 @@ SPECS: Final[dict[str, Spec]] = {
             "1 or 0 (also true/false, yes/no, on/off)",
             "At exit, print to standard error a table of the coroutines that held the loop "
             "longest (busy time), with counts, steps and wall time.",
+        ),
+        Spec(
+            "routes",
+            _bool,
+            "1 or 0 (also true/false, yes/no, on/off)",
+            "With `LOOPWATCH=1` (or `install()` outside a loop), label each request's task of a "
+            "Starlette/FastAPI or aiohttp service by its route template: findings carry `route`, "
+            "and `loopwatch_request_busy_seconds{route}` counts each request's busy time.",
         ),
         Spec(
             "coroutine_labels",

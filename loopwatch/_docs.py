@@ -33,7 +33,6 @@ FIELD_DOCS: dict[str, str] = {
     "waiting_tasks": "the tasks that have waited longest (at most five, longest first; the "
     "running task left out): what the rest of the program was doing during the stall",
     "waiting_at": "for each of `waiting_tasks`, the place it waits at",
-
     "threshold_s": "`LOOPWATCH_SLOW_CALLBACK_MS`, in seconds",
     "task": "the task's name (`Task-7`, or the `name=` it was given)",
     "coroutine": "the coroutine's qualified name (`handle`, `Worker.run`)",

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+_LAST = frozenset({"origin", "route", "context"})
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
@@ -26,14 +28,24 @@ class Event:
     time: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
     origin: str = "program"
+    # Which request: the route template of the task's request, and the task's context (its
+    # structlog keys, its OpenTelemetry trace_id/span_id). Only in findings about a task that
+    # has them; left out of as_dict() otherwise.
+    route: str | None = None
+    context: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        """The name under ``event`` and every field, in declaration order; lists are copied."""
+        """The name under ``event`` and every field, in declaration order; lists are copied.
+        ``route`` and ``context`` come just before ``origin``, and only when set."""
         out: dict[str, Any] = {"event": self.event}
         for f in fields(self):
-            if f.name != "origin":
+            if f.name not in _LAST:
                 value = getattr(self, f.name)
                 out[f.name] = list(value) if isinstance(value, tuple) else value
+        if self.route is not None:
+            out["route"] = self.route
+        if self.context:
+            out["context"] = dict(self.context)
         out["origin"] = self.origin  # last: what a reader of a line needs least often
         return out
 

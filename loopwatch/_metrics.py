@@ -44,6 +44,8 @@ class Snapshot:
     # coroutine label -> histogram; filled by the timing table (capped label set, "other")
     task_duration: dict[str, HistogramSnapshot] = field(default_factory=dict)
     task_busy: dict[str, HistogramSnapshot] = field(default_factory=dict)
+    # route label -> histogram of the busy time of each request's task (capped label set)
+    request_busy: dict[str, HistogramSnapshot] = field(default_factory=dict)
 
 
 def collect(runtime: Runtime | None) -> Snapshot:
@@ -63,4 +65,5 @@ def collect(runtime: Runtime | None) -> Snapshot:
     snap.tasks_active = loops.active_tasks()
     snap.tasks_finished = {"ok": totals.ok, "error": totals.error, "cancelled": totals.cancelled}
     snap.task_duration, snap.task_busy = runtime.table.histograms()
+    snap.request_busy = runtime.requests.histograms()
     return snap

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import _config, _threads, _timing
+from . import _config, _context, _threads, _timing
 from ._config import Settings
 from ._dispatch import Dispatcher, Exporter
 from ._loops import Loops
@@ -46,6 +46,7 @@ class Runtime:
         self.dispatcher = Dispatcher()
         self.watchdog = Watchdog(self.dispatcher.say)
         self.table = Table(settings.coroutine_labels)
+        self.requests = _context.RequestTable(settings.coroutine_labels)  # busy time by route
         self.loops = Loops(settings, self.dispatcher, self.watchdog, self.table)
         # The read side's snapshot (``_metrics.collect``), taken just before a fork: a child's
         # counters then count only its own (``inherited``).
@@ -78,6 +79,7 @@ class Runtime:
         """Make new settings the runtime's (thresholds of loops attached later, label cap)."""
         self.settings = settings
         self.table.cap = settings.coroutine_labels
+        self.requests.cap = settings.coroutine_labels
 
     def say(self, line: str) -> None:
         self.dispatcher.say(line)
@@ -102,6 +104,8 @@ class Runtime:
         if _timing._decorated is self.table:
             _timing.record_timed_calls(None)
         self.table.clear()
+        self.requests.clear()
+        _context.clear()
         _threads.discard(self.watchdog.worker)
         _threads.discard(self.dispatcher.worker)
 

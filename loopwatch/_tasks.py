@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _places
 from ._config import report
+from ._context import context_of, route_of
 from ._events import (
     CancelIgnored,
     CancelSwallowed,
@@ -227,6 +228,8 @@ def about_task(task: asyncio.Task[Any], coro: Any, mark: Any) -> dict[str, Any]:
         "created_at": site_place(site),
         "created_by": getattr(mark, "_by", None),
         "origin": origin_of(site, coro),
+        "route": route_of(task),
+        "context": context_of(task),
     }
 
 
@@ -866,6 +869,8 @@ class TaskTracker:
                         created_at=site_place(orphan_site),
                         created_by=mark._by if mark is not None else None,
                         origin=origin_of(orphan_site, coro),
+                        route=route_of(task),
+                        context=context_of(task),
                     )
                 )
         elif message == _UNRETRIEVED:
@@ -893,6 +898,8 @@ class TaskTracker:
                         raised_at=raised_at(exc.__traceback__),
                         created_by=by,
                         origin=origin_of(site, coro, exc.__traceback__),
+                        route=route_of(task),
+                        context=context_of(task),
                     )
                 )
 
@@ -930,6 +937,8 @@ class TaskTracker:
                     created_by=mark._by if mark is not None else None,
                     await_chain=chain,
                     origin=origin_of(site, coro),
+                    route=route_of(task),
+                    context=context_of(task),
                 )
             )
         return count

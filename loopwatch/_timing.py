@@ -188,6 +188,12 @@ class PyTimed:
         self._step_done(start)
         return result
 
+    @property
+    def busy_now(self) -> float:
+        """``busy`` (the pure-Python proxy does not keep when the step under way began: its
+        requests' busy time leaves out the parts of their first and last steps)."""
+        return self.busy
+
     def _step_done(self, start: float) -> None:
         took = _perf() - start
         self.busy += took

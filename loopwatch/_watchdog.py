@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from . import _places, _threads
 from ._alarm import Alarm, new_alarm
 from ._config import Settings, report
+from ._context import about
 from ._events import Event, LoopStalled, SlowCallback
 from ._native import ACCEL
 from ._pulse import Heartbeat, SelectPulse
@@ -240,6 +241,8 @@ class _Sample:
     stack: tuple[str, ...]
     origin: str = "program"
     self_timed: bool = False
+    route: str | None = None
+    context: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -258,6 +261,8 @@ class _Block:
     location: str | None
     stack: tuple[str, ...]
     origin: str = "program"
+    route: str | None = None
+    context: dict[str, Any] | None = None
     stalled: bool = False
     # A task step whose proxy times it and tells step_finished of any step of half the
     # threshold or more: only that report (with the exact duration) can say it was slow.
@@ -497,6 +502,7 @@ class LoopState:
                     stack=(),
                     loop=self.kind,
                     origin=origin_of_codes(chain_codes(task.get_coro())),
+                    **about(task, threading.get_ident()),
                 )
             )
 
@@ -587,6 +593,8 @@ class LoopState:
                     stack=sample.stack,
                     origin=sample.origin,
                     self_timed=sample.self_timed,
+                    route=sample.route,
+                    context=sample.context,
                 )
                 self.block = block
                 pulse.block_open = True
@@ -670,6 +678,7 @@ class LoopState:
             stack=tuple(_places.frame_place(f) for f in frames),
             origin=origin_of_frames(_callback_frames(frames, entry)),
             self_timed=self_timed,
+            **about(task, tid),
         )
 
     def _emit_stall(self, block: _Block, sample: _Sample, now: float) -> None:
@@ -693,6 +702,8 @@ class LoopState:
                 stack=sample.stack,
                 loop=self.kind,
                 origin=block.origin,
+                route=block.route,
+                context=block.context,
                 waiting_tasks=tuple(w[0] for w in waiting),
                 waiting_at=tuple(w[1] for w in waiting),
                 waiting_s=tuple(w[2] for w in waiting),
@@ -726,6 +737,8 @@ class LoopState:
                     stack=block.stack,
                     loop=self.kind,
                     origin=block.origin,
+                    route=block.route,
+                    context=block.context,
                 )
             )
 

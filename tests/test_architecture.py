@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(
         (
             "_config",
+            "_context",
             "_events",
             "_stats",
             "_native",
@@ -68,6 +69,8 @@ LAYERS: dict[str, int] = {
             "pytest_plugin",
             "demo",
             "demo.service",
+            "integrations",
+            "integrations._hooks",
         ),
         7,
     ),

@@ -33,7 +33,7 @@ def test_no_private_module_is_reexported_by_accident() -> None:
     # Not identifiers: the names pytest's assertion rewriting adds to the modules of a
     # distribution that has a pytest11 entry point (loopwatch's plugin), e.g. '@py_builtins'.
     public = {n for n in vars(loopwatch) if n.isidentifier() and not n.startswith("_")}
-    submodules = {"exporters", "demo", "pytest_plugin"}  # public submodules, once imported
+    submodules = {"exporters", "demo", "integrations", "pytest_plugin"}  # public submodules
     assert public - set(loopwatch.__all__) <= submodules | {"TYPE_CHECKING"}
     assert dir(loopwatch) == loopwatch.__all__
 

@@ -96,6 +96,35 @@ def test_loopwatch_1_watches_however_the_loop_is_run(tmp_path: Path, how: str) -
     assert isinstance(event["pid"], int) and event["pid"] != os.getpid()
 
 
+@pytest.mark.parametrize("log", ["json", "structlog"])
+def test_a_program_that_imports_structlog_first_is_watched(tmp_path: Path, log: str) -> None:
+    """structlog imports asyncio while it is itself being imported: loopwatch starts then, and
+    must not touch the half-made structlog (its exporters make their loggers at the first
+    event). Once said 'hooking asyncio failed ... it is not watched' and watched nothing."""
+    program = write(
+        tmp_path,
+        "app.py",
+        "import structlog\n" + BLOCKING_PROGRAM.replace("{run}", RUNS["asyncio.run"]),
+    )
+    events = tmp_path / "events.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(program)],
+        env=env_with(LOOPWATCH="1", LOOPWATCH_LOG=log, LOOPWATCH_LOG_FILE=str(events)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3 and "program output" in proc.stdout
+    assert "loopwatch:" not in proc.stderr, proc.stderr
+    if log == "json":
+        found = read_events(events)
+        assert [(e["event"], e["task"]) for e in found] == [
+            ("loopwatch.slow_callback", "handler-task")
+        ]
+    else:  # structlog's default configuration prints to standard output
+        assert "loopwatch.slow_callback" in proc.stdout and "handler-task" in proc.stdout
+
+
 def test_unset_loads_nothing_and_starts_no_thread(tmp_path: Path) -> None:
     probe = write(
         tmp_path,

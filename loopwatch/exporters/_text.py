@@ -24,6 +24,9 @@ _SKIP = frozenset({"event", "time", "pid", "stack", "waiting_tasks", "waiting_at
 
 
 def _value(value: Any) -> str:
+    if isinstance(value, dict):
+        text = ",".join(f"{k}:{v}" for k, v in value.items())
+        return repr(text) if " " in text else text
     if isinstance(value, list | tuple):
         return ",".join(str(v) for v in value)
     if isinstance(value, float):

@@ -93,6 +93,7 @@ TASKS_ACTIVE = "loopwatch_tasks_active"
 TASKS_FINISHED = "loopwatch_tasks_finished_total"
 TASK_DURATION = "loopwatch_task_duration_seconds"
 TASK_BUSY = "loopwatch_task_busy_seconds"
+REQUEST_BUSY = "loopwatch_request_busy_seconds"
 OUTCOMES: Final = ("ok", "error", "cancelled")
 HELP: Final[dict[str, str]] = {
     **COUNTERS,
@@ -105,6 +106,8 @@ HELP: Final[dict[str, str]] = {
     TASKS_FINISHED: "Tasks that ended, by outcome (ok, error, cancelled).",
     TASK_DURATION: "Wall time of tasks from creation to end, per coroutine.",
     TASK_BUSY: "Time tasks held the event loop (the sum of their steps), per coroutine.",
+    REQUEST_BUSY: "Time each request's task held the event loop (the sum of its steps), per "
+    "route template.",
 }
 
 
@@ -142,6 +145,7 @@ def _since(now: Snapshot, then: Snapshot) -> Snapshot:
         },
         task_duration={k: hist(h, then.task_duration.get(k)) for k, h in now.task_duration.items()},
         task_busy={k: hist(h, then.task_busy.get(k)) for k, h in now.task_busy.items()},
+        request_busy={k: hist(h, then.request_busy.get(k)) for k, h in now.request_busy.items()},
     )
 
 
@@ -169,6 +173,7 @@ def families(snap: Snapshot | None) -> list[Metric]:
     finished = CounterMetricFamily(_base(TASKS_FINISHED), HELP[TASKS_FINISHED], labels=["outcome"])
     duration = HistogramMetricFamily(TASK_DURATION, HELP[TASK_DURATION], labels=["coroutine"])
     busy = HistogramMetricFamily(TASK_BUSY, HELP[TASK_BUSY], labels=["coroutine"])
+    requests = HistogramMetricFamily(REQUEST_BUSY, HELP[REQUEST_BUSY], labels=["route"])
     if snap is not None:
         lag.add_metric([], _le(snap.loop_lag), snap.loop_lag.sum)
         loop_busy.add_metric([], snap.loop_busy_s)
@@ -176,10 +181,15 @@ def families(snap: Snapshot | None) -> list[Metric]:
         active.add_metric([], float(snap.tasks_active))
         for outcome in OUTCOMES:
             finished.add_metric([outcome], float(snap.tasks_finished.get(outcome, 0)))
-        for family, table in ((duration, snap.task_duration), (busy, snap.task_busy)):
+        tables = (
+            (duration, snap.task_duration),
+            (busy, snap.task_busy),
+            (requests, snap.request_busy),
+        )
+        for family, table in tables:
             for label, histogram in sorted(table.items()):
                 family.add_metric([label], _le(histogram), histogram.sum)
-    return [*out, lag, loop_busy, created, active, finished, duration, busy]
+    return [*out, lag, loop_busy, created, active, finished, duration, busy, requests]
 
 
 class MetricsCollector(Collector):
@@ -229,6 +239,7 @@ def _series(snap: Snapshot) -> Iterator[tuple[_Series, float]]:
         (LAG, (), {(): snap.loop_lag}),
         (TASK_DURATION, ("coroutine",), {(k,): h for k, h in snap.task_duration.items()}),
         (TASK_BUSY, ("coroutine",), {(k,): h for k, h in snap.task_busy.items()}),
+        (REQUEST_BUSY, ("route",), {(k,): h for k, h in snap.request_busy.items()}),
     ]
     for name, labels, table in tables:
         for label_values, histogram in table.items():

@@ -12,14 +12,16 @@ ways in, and neither touches ``structlog.configure``:
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from structlog.typing import EventDict, WrappedLogger
 
 from .._events import Event
 from ._text import shown_stack
 from .jsonlines import JsonLines
+
+if TYPE_CHECKING:
+    from structlog.typing import EventDict, WrappedLogger
 
 LOGGER_NAME = "loopwatch"
 
@@ -46,11 +48,16 @@ class StructlogExporter:
 
     def __init__(self, *, full_stack: bool = False) -> None:
         self.full_stack = full_stack
-        # A lazy proxy: it follows the program's configuration, even one made later.
-        self._logger = structlog.get_logger(LOGGER_NAME)
+        self._logger: Any = None
 
     def __call__(self, event: Event) -> None:
-        self._logger.warning(event.event, **structlog_fields(event, full_stack=self.full_stack))
+        logger = self._logger
+        if logger is None:
+            # A lazy proxy: it follows the program's configuration, even one made later. Made
+            # at the first event, on the reporter's thread: loopwatch may start while the
+            # program is still importing structlog (which imports asyncio).
+            logger = self._logger = structlog.get_logger(LOGGER_NAME)
+        logger.warning(event.event, **structlog_fields(event, full_stack=self.full_stack))
 
 
 def _event_first(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -79,16 +86,21 @@ class JsonExporter(JsonLines):
 
     def __init__(self, path: str | None = None) -> None:
         super().__init__(path)
+        self._logger: Any = None
+
+    def _bound(self) -> Any:
+        # Made at the first event (see StructlogExporter): structlog may be half imported now.
         renderer = structlog.processors.JSONRenderer(
             serializer=json.dumps, default=str, separators=(",", ":")
         )
         self._logger = structlog.BoundLogger(
             _Lines(self), processors=[_event_first, renderer], context={}
         )
+        return self._logger
 
     def __call__(self, event: Event) -> None:
         data = event.as_dict()
-        self._logger.warning(data.pop("event"), **data)
+        (self._logger or self._bound()).warning(data.pop("event"), **data)
 
     def write_line(self, line: str) -> None:
         with self._lock:

@@ -1,0 +1,149 @@
+"""Which request a finding belongs to: the route a task serves, and the context it runs in.
+
+- **Route.** A task serving a request is labelled by its route template (``GET /users/{id}``)
+  by the framework hooks (``loopwatch.integrations``) or by hand (:func:`loopwatch.set_route`).
+  The label is kept by weak reference to the task, so it never keeps a task alive, and it goes
+  with the task.
+- **Context.** The keys the task bound with ``structlog.contextvars`` and the ``trace_id`` and
+  ``span_id`` of the OpenTelemetry span current in it, read from the task's own
+  ``contextvars.Context``. A context is immutable once made (each ``ContextVar.set`` makes a
+  new mapping), so reading it from the watchdog's thread, while the task runs, reads a whole
+  state, never a half-written one, and changes nothing of the program's.
+
+Nothing here imports structlog or OpenTelemetry: their variables are recognised by name, and
+OpenTelemetry's span only when the program has imported OpenTelemetry itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import weakref
+from typing import Any
+
+from ._native import ACCEL
+from ._stats import Histogram, HistogramSnapshot
+
+# task -> route template. Weak keys: the label goes with its task (a process-wide map, as
+# asyncio's own registry of tasks is; emptied by uninstall()).
+_routes: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = weakref.WeakKeyDictionary()
+
+_STRUCTLOG_PREFIX = "structlog_"  # structlog.contextvars names each bound key's variable so
+_OTEL_VAR = "current_context"  # opentelemetry.context.contextvars_context's variable
+_UNBOUND = Ellipsis  # structlog's value for a key that was unbound
+_thread_context = getattr(ACCEL, "thread_context", None) if sys.version_info < (3, 12) else None
+
+
+def set_route(task: asyncio.Task[Any], route: str | None) -> None:
+    """Label ``task`` with ``route`` (None: take the label off)."""
+    if route is None:
+        _routes.pop(task, None)
+    else:
+        _routes[task] = route
+
+
+def route_of(task: asyncio.Task[Any] | None) -> str | None:
+    if task is None:
+        return None
+    try:
+        return _routes.get(task)
+    except TypeError:  # a task-like object that cannot be weakly referenced
+        return None
+
+
+def clear() -> None:
+    _routes.clear()
+
+
+def _task_context(task: asyncio.Task[Any]) -> Any:
+    get = getattr(task, "get_context", None)  # 3.12+
+    if get is not None:
+        return get()
+    return getattr(task, "_context", None)
+
+
+def context_of(task: asyncio.Task[Any] | None, thread: int | None = None) -> dict[str, Any] | None:
+    """The task's structlog keys and OpenTelemetry span ids, or None when it has neither.
+
+    ``thread``: the ident of the thread running the task right now (a block). Python 3.11's tasks
+    do not give their context; the context the thread runs in is the task's, read through the
+    compiled module. Elsewhere on 3.11 (a task that is not running, or pure Python) there is
+    none."""
+    if task is None:
+        return None
+    ctx = _task_context(task)
+    if ctx is None and thread is not None and _thread_context is not None:
+        ctx = _thread_context(thread)
+    if ctx is None:
+        return None
+    out: dict[str, Any] = {}
+    otel = None
+    for var, value in list(ctx.items()):
+        name = var.name
+        if name.startswith(_STRUCTLOG_PREFIX):
+            if value is not _UNBOUND:
+                out[name[len(_STRUCTLOG_PREFIX) :]] = _plain(value)
+        elif name == _OTEL_VAR:
+            otel = value
+    if otel is not None and "opentelemetry.trace" in sys.modules:
+        out.update(_span_ids(otel))
+    return out or None
+
+
+def _span_ids(otel_context: Any) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of the span current in an OpenTelemetry context (a mapping)."""
+    trace = sys.modules["opentelemetry.trace"]
+    try:
+        span = trace.get_current_span(otel_context)
+        span_context = span.get_span_context()
+    except Exception:  # noqa: BLE001 - another version's API: no ids rather than a failure
+        return {}
+    if not getattr(span_context, "is_valid", False):
+        return {}
+    return {
+        "trace_id": format(span_context.trace_id, "032x"),
+        "span_id": format(span_context.span_id, "016x"),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A bound value as an event holds it: plain data, never the program's object itself."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def about(task: asyncio.Task[Any] | None, thread: int | None = None) -> dict[str, Any]:
+    """The ``route`` and ``context`` fields of a finding about ``task`` (running in ``thread``)."""
+    return {"route": route_of(task), "context": context_of(task, thread)}
+
+
+class RequestTable:
+    """``loopwatch_request_busy_seconds``: the busy time of each request's task, by route.
+
+    At most ``cap`` routes have a series of their own (as coroutine labels do): the others share
+    ``other``. Written on the loops' threads, read by a scrape: each observation is a few
+    stores into a list the GIL keeps whole."""
+
+    OTHER = "other"
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.rows: dict[str, Histogram] = {}
+
+    def observe(self, route: str, busy: float) -> None:
+        rows = self.rows
+        histogram = rows.get(route)
+        if histogram is None:
+            if len(rows) >= self.cap:
+                route = self.OTHER
+                histogram = rows.get(route)
+            if histogram is None:
+                histogram = rows.setdefault(route, Histogram())
+        histogram.observe(busy)
+
+    def histograms(self) -> dict[str, HistogramSnapshot]:
+        return {route: HistogramSnapshot.of(h) for route, h in list(self.rows.items())}
+
+    def clear(self) -> None:
+        self.rows.clear()

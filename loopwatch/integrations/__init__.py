@@ -1,0 +1,85 @@
+"""Routes, with no code change: each request's task is labelled by its route template.
+
+With ``LOOPWATCH=1`` (or ``install()`` outside a loop), loopwatch hooks the routers of the
+frameworks a service imports, when it imports them:
+
+- Starlette (and FastAPI, whose routes are Starlette's): ``Route.matches`` and
+  ``Router.not_found`` of ``starlette.routing``;
+- aiohttp: ``UrlDispatcher.resolve`` of ``aiohttp.web_urldispatcher``.
+
+Each hook runs once per request, at routing time, and is gone from the stack before the
+request's handler runs: a handler's traceback has no frame of loopwatch's. A request is labelled
+``METHOD /template`` (``GET /users/{user_id}``), never with its raw path; a request no route
+matched is labelled ``METHOD <unmatched>``.
+
+Then the findings of that task carry ``route``, and when the task ends its busy time (the sum of
+its steps) goes to ``loopwatch_request_busy_seconds{route}``. Servers run each request in a task
+of its own (uvicorn, aiohttp 3.8 and later), so a task's busy time is its request's.
+
+By hand (another framework, or a service that starts loopwatch with ``install(loop)``):
+:func:`label_request` from a middleware, in the request's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .. import _context, _runtime
+from .._timing import Timed
+
+
+class _RequestDone:
+    """The done callback of a labelled request's task: its busy time, by route."""
+
+    __slots__ = ("proxy",)
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+
+    def __call__(self, task: asyncio.Task[Any]) -> None:
+        busy = getattr(self.proxy, "busy", None)
+        if busy is not None:
+            request_ended(task, busy)
+
+
+def request_ended(task: asyncio.Task[Any] | None, busy: float) -> None:
+    """A labelled request's busy time, to ``loopwatch_request_busy_seconds{route}``."""
+    runtime = _runtime.current()
+    route = _context.route_of(task)
+    if runtime is not None and route is not None:
+        runtime.requests.observe(route, float(busy))
+
+
+def label_request(route: str, task: asyncio.Task[Any] | None = None, *, timed: bool = True) -> None:
+    """Label the task serving a request (the current task by default) with its route template.
+
+    Its findings then carry ``route``, and its busy time goes to
+    ``loopwatch_request_busy_seconds{route}`` when it ends. Call it once routing is done, with the
+    template, never the raw path (``"GET /users/{id}"``): each distinct value is a series of its
+    own (at most ``LOOPWATCH_COROUTINE_LABELS``; the rest share ``other``). Labelling the same
+    task again changes its route; outside a watched loop's task it does nothing. ``timed=False``:
+    the caller reports the busy time itself (:func:`request_ended`)."""
+    if task is None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop
+            return
+        if task is None:
+            return
+    first = _context.route_of(task) is None
+    _context.set_route(task, route)
+    if first and timed:
+        proxy = getattr(task, "_coro", None)  # the step-timing proxy, if the task has one
+        if type(proxy) is Timed and getattr(proxy, "_owner", None) is not None:
+            task.add_done_callback(_RequestDone(proxy))
+
+
+def route_of(task: asyncio.Task[Any] | None = None) -> str | None:
+    """The route a task (the current one by default) is labelled with, or None."""
+    if task is None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            return None
+    return _context.route_of(task)

@@ -1,0 +1,251 @@
+"""The framework hooks of ``loopwatch.integrations``: set when the framework is imported, undone
+by ``uninstall()``. Each hook calls the framework's own function and looks at what it returned:
+no frame of loopwatch's is on the stack while a request's handler runs. A hook that fails is put
+back to the framework's own and said once; the request goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from types import ModuleType
+from typing import Any
+
+from .. import _config, _import_hooks
+from .._native import ACCEL
+from .._timing import PyTimed, StepWatch
+from . import label_request, request_ended, route_of
+
+# (owner, attribute, the framework's own): what uninstall puts back.
+_patched: list[tuple[Any, str, Any]] = []
+_watching = False
+_current_task = asyncio.current_task
+
+
+def hook_frameworks() -> None:
+    """Hook Starlette's and aiohttp's routers now if imported, else when they are."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    _import_hooks.when_imported("starlette.routing", _hook_starlette)
+    _import_hooks.when_imported("fastapi.routing", _hook_fastapi)
+    _import_hooks.when_imported("aiohttp.web_urldispatcher", _hook_aiohttp)
+    _import_hooks.when_imported("aiohttp.web_app", _hook_aiohttp_app)
+
+
+def unhook_frameworks() -> None:
+    """Put every framework function back (uninstall)."""
+    global _watching
+    _watching = False
+    while _patched:
+        owner, name, original = _patched.pop()
+        if vars(owner).get(name) is not original:
+            setattr(owner, name, original)
+
+
+def _patch(owner: Any, name: str, hook: Any, original: Any) -> None:
+    hook.__wrapped__ = original
+    hook.__loopwatch__ = True
+    _patched.append((owner, name, original))
+    setattr(owner, name, hook)
+
+
+def _failed(what: str, exc: BaseException) -> None:
+    unhook_frameworks()
+    _config.report(
+        f"loopwatch: labelling {what} requests by route failed ({type(exc).__name__}: {exc}); "
+        "routes are off"
+    )
+
+
+def _label(route: str, *, first_only: bool = False) -> None:
+    try:
+        task = _current_task()
+    except RuntimeError:
+        return
+    if task is None or (first_only and route_of(task) is not None):
+        return
+    label_request(route, task)
+
+
+# -- Starlette (and FastAPI) ---------------------------------------------------------------
+
+
+def _hook_starlette(module: ModuleType) -> None:
+    if not _watching:
+        return
+    route_cls = getattr(module, "Route", None)
+    router_cls = getattr(module, "Router", None)
+    match_enum = getattr(module, "Match", None)
+    if route_cls is None or router_cls is None or match_enum is None:
+        return
+    none, full = match_enum.NONE, match_enum.FULL
+    matches = route_cls.__dict__.get("matches")
+    not_found = router_cls.__dict__.get("not_found")
+    if matches is None or getattr(matches, "__loopwatch__", False) or not_found is None:
+        return
+
+    def route_matches(self: Any, scope: Any) -> Any:
+        result = matches(self, scope)
+        try:
+            if result[0] is not none and scope.get("type") == "http":
+                # A route inside a Mount: the mount's part of the path comes first.
+                prefix = scope.get("root_path", "")[len(scope.get("app_root_path", "")) :]
+                route = f"{scope.get('method', '')} {prefix}{self.path}"
+                # A partial match (the method differs) counts only if no full one comes.
+                _label(route, first_only=result[0] is not full)
+        except Exception as exc:  # noqa: BLE001 - never into the request
+            _failed("Starlette", exc)
+        return result
+
+    def router_not_found(self: Any, scope: Any, receive: Any, send: Any) -> Any:
+        try:
+            if scope.get("type") == "http":
+                _label(f"{scope.get('method', '')} <unmatched>", first_only=True)
+        except Exception as exc:  # noqa: BLE001
+            _failed("Starlette", exc)
+        return not_found(self, scope, receive, send)  # its coroutine: awaited by the router
+
+    _patch(route_cls, "matches", route_matches, matches)
+    _patch(router_cls, "not_found", router_not_found, not_found)
+
+
+# FastAPI 0.16x resolves routes of included routers without Route.matches, and says which
+# route it selected, template and all, through fastapi.routing._route_selected (for its own
+# telemetry). A Mount's part comes first, so it is kept per task until the route that follows.
+_mount_prefix: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = weakref.WeakKeyDictionary()
+
+
+def _hook_fastapi(module: ModuleType) -> None:
+    if not _watching:
+        return
+    selected = module.__dict__.get("_route_selected")
+    if selected is None or getattr(selected, "__loopwatch__", False):
+        return
+
+    def route_selected(*, scope: Any, path: str | None, mount: bool = False) -> None:
+        try:
+            if path is not None and scope.get("type") == "http":
+                task = _current_task()
+                if task is not None:
+                    prefix = _mount_prefix.get(task, "")
+                    if mount:
+                        _mount_prefix[task] = prefix + path.removesuffix("/{path}")
+                    else:
+                        _mount_prefix.pop(task, None)
+                        label_request(f"{scope.get('method', '')} {prefix}{path}", task)
+        except Exception as exc:  # noqa: BLE001 - never into the request
+            _failed("FastAPI", exc)
+        return selected(scope=scope, path=path, mount=mount)  # type: ignore[no-any-return]
+
+    _patch(module, "_route_selected", route_selected, selected)
+
+
+# -- aiohttp -------------------------------------------------------------------------------
+
+
+def _hook_aiohttp(module: ModuleType) -> None:
+    if not _watching:
+        return
+    dispatcher_cls = getattr(module, "UrlDispatcher", None)
+    resolve = dispatcher_cls.__dict__.get("resolve") if dispatcher_cls is not None else None
+    if resolve is None or getattr(resolve, "__loopwatch__", False):
+        return
+
+    def dispatcher_resolve(self: Any, request: Any) -> Any:
+        return _Resolved(resolve(self, request), request)
+
+    _patch(dispatcher_cls, "resolve", dispatcher_resolve, resolve)
+
+
+def _hook_aiohttp_app(module: ModuleType) -> None:
+    # aiohttp 3.12+ on Python 3.12+ runs each request in a task made with asyncio.Task(...,
+    # eager_start=True), which no task factory sees: its busy time is the request handler's,
+    # timed by a step-timing proxy around the coroutine of Application._handle (routing,
+    # middlewares and handler), a C object with no frame of its own.
+    if not _watching:
+        return
+    app_cls = getattr(module, "Application", None)
+    handle = app_cls.__dict__.get("_handle") if app_cls is not None else None
+    if handle is None or getattr(handle, "__loopwatch__", False):
+        return
+
+    def application_handle(self: Any, request: Any) -> Any:
+        coro = handle(self, request)
+        try:
+            return _time_handler(coro)
+        except Exception as exc:  # noqa: BLE001 - the handler runs untimed
+            _failed("aiohttp", exc)
+            return coro
+
+    _patch(app_cls, "_handle", application_handle, handle)
+
+
+class _Resolved:
+    """``await UrlDispatcher.resolve(request)``: the framework's own coroutine, awaited
+    through, and the task labelled with the route it found. Its one frame is on the stack while
+    the router resolves, never while the handler runs."""
+
+    __slots__ = ("_coro", "_request")
+
+    def __init__(self, coro: Any, request: Any) -> None:
+        self._coro = coro
+        self._request = request
+
+    def __await__(self) -> Any:
+        match_info = yield from self._coro.__await__()
+        try:
+            _label_aiohttp(self._request, match_info)
+        except Exception as exc:  # noqa: BLE001 - never into the request
+            _failed("aiohttp", exc)
+        return match_info
+
+
+class _HandlerEnd:
+    """The owner of a request handler's step-timing proxy: when the handler ends, its busy time
+    goes to its task's route (the proxy calls ``proxy_ended`` in the task, at its last step)."""
+
+    __slots__ = ()
+
+    def proxy_ended(self, proxy: Any, _exc: BaseException) -> None:
+        try:
+            task = _current_task()
+        except RuntimeError:
+            return
+        request_ended(task, proxy.busy)
+
+    def cancel_arrived(self, proxy: Any, exc: BaseException) -> None:
+        pass  # (the task's own proxy judges its cancellations)
+
+    def cancel_ended(self, proxy: Any, exc: BaseException | None) -> None:
+        pass
+
+
+_HANDLER_END = _HandlerEnd()
+_WATCH = StepWatch()
+
+
+def _time_handler(coro: Any) -> Any:
+    if ACCEL is not None:
+        return ACCEL.Timed(coro, _WATCH, _HANDLER_END)
+    proxy = PyTimed(coro, _WATCH)
+    proxy._owner = _HANDLER_END
+    return proxy
+
+
+def _label_aiohttp(request: Any, match_info: Any) -> None:
+    method = getattr(request, "method", "")
+    route = getattr(match_info, "route", None)
+    resource = getattr(route, "resource", None)
+    canonical = getattr(resource, "canonical", None) if resource is not None else None
+    if canonical is None or getattr(match_info, "http_exception", None) is not None:
+        route = f"{method} <unmatched>"
+    else:
+        route = f"{method} {canonical}"
+    try:
+        task = _current_task()
+    except RuntimeError:
+        return
+    if task is not None:
+        # Busy time: the handler's proxy reports it (see _time_handler), not the task's end.
+        label_request(route, task, timed=False)

@@ -1,0 +1,288 @@
+"""Which request a finding belongs to (issue 18), with no code change: real services under
+``LOOPWATCH=1``, Starlette and FastAPI through uvicorn and aiohttp's own server, on both loops,
+driven by a real HTTP client. A block in a request handler carries the route template of its
+request, the structlog keys and the OpenTelemetry span ids bound in it; each request's busy time
+is in ``loopwatch_request_busy_seconds{route}``; a handler's traceback has no loopwatch frame."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+APP = """
+import sys, time
+import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+trace.set_tracer_provider(TracerProvider())
+tracer = trace.get_tracer("shop")
+SPANS = {}
+
+
+def hold(user_id):
+    structlog.contextvars.bind_contextvars(request_id="req-" + str(user_id))
+    with tracer.start_as_current_span("get-user") as span:
+        ids = span.get_span_context()
+        SPANS[str(user_id)] = (format(ids.trace_id, "032x"), format(ids.span_id, "016x"))
+        print("SPAN", user_id, *SPANS[str(user_id)], flush=True)
+        time.sleep(0.25)  # BLOCK:handler
+
+
+def fail():
+    raise RuntimeError("the handler failed")  # RAISE:handler
+"""
+
+STARLETTE = (
+    APP
+    + """
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+
+async def user(request):
+    hold(request.path_params["user_id"])
+    return PlainTextResponse("user")
+
+
+async def broken(request):
+    fail()
+
+
+async def health(request):
+    return PlainTextResponse("ok")
+
+
+app = Starlette(routes=[
+    Route("/users/{user_id}", user),
+    Route("/broken", broken),
+    Mount("/api", routes=[Route("/health", health)]),
+])
+"""
+)
+
+FASTAPI = (
+    APP
+    + """
+from fastapi import FastAPI, APIRouter
+
+app = FastAPI()
+api = APIRouter()
+
+
+@app.get("/users/{user_id}")
+async def user(user_id: int):
+    hold(user_id)
+    return "user"
+
+
+@app.get("/broken")
+async def broken():
+    fail()
+
+
+@api.get("/health")
+async def health():
+    return "ok"
+
+
+app.include_router(api, prefix="/api")
+"""
+)
+
+AIOHTTP = (
+    APP
+    + """
+import asyncio
+from aiohttp import web
+
+
+async def user(request):
+    hold(request.match_info["user_id"])
+    return web.Response(text="user")
+
+
+async def broken(request):
+    fail()
+
+
+async def health(request):
+    return web.Response(text="ok")
+
+
+async def main(port):
+    app = web.Application()
+    app.router.add_get("/users/{user_id}", user)
+    app.router.add_get("/broken", broken)
+    sub = web.Application()
+    sub.router.add_get("/health", health)
+    app.add_subapp("/api", sub)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    if sys.argv[2] == "uvloop":
+        import uvloop
+        uvloop.run(main(int(sys.argv[1])))
+    else:
+        asyncio.run(main(int(sys.argv[1])))
+"""
+)
+
+SOURCES = {"starlette": STARLETTE, "fastapi": FASTAPI, "aiohttp": AIOHTTP}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(url: str, proc: subprocess.Popen[str], deadline: float = 20.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"the service exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer in {deadline} s")
+
+
+def line_of(source: str, marker: str) -> int:
+    return next(i for i, line in enumerate(source.splitlines(), 1) if marker in line)
+
+
+def busy_by_route(text: str) -> dict[str, tuple[float, float]]:
+    """``route -> (count, sum)`` of loopwatch_request_busy_seconds."""
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "loopwatch_request_busy_seconds":
+            continue
+        for sample in family.samples:
+            row = out.setdefault(sample.labels["route"], [0.0, 0.0])
+            if sample.name.endswith("_count"):
+                row[0] = sample.value
+            elif sample.name.endswith("_sum"):
+                row[1] = sample.value
+    return {route: (row[0], row[1]) for route, row in out.items()}
+
+
+def run_service(tmp_path: Path, framework: str, kind: str, **settings: str) -> dict[str, Any]:
+    source = SOURCES[framework]
+    app = tmp_path / "shop.py"
+    app.write_text(textwrap.dedent(source))
+    port, metrics_port = free_port(), free_port()
+    log = tmp_path / "events.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
+    env.update(
+        LOOPWATCH="1",
+        LOOPWATCH_LOG="json",
+        LOOPWATCH_LOG_FILE=str(log),
+        LOOPWATCH_METRICS_PORT=str(metrics_port),
+        LOOPWATCH_STALL_MS="10000",
+        PYTHONPATH=str(tmp_path),
+        **settings,
+    )
+    if framework == "aiohttp":
+        command = [sys.executable, str(app), str(port), kind]
+    else:
+        loop = "uvloop" if kind == "uvloop" else "asyncio"
+        command = [sys.executable, "-m", "uvicorn", "shop:app", "--port", str(port)]
+        command += ["--loop", loop, "--log-level", "warning"]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(base + "/api/health", proc)
+        statuses = {
+            path: httpx.get(base + path, timeout=10.0).status_code
+            for path in ("/users/7", "/users/8", "/api/health", "/no/such/page", "/broken")
+        }
+        time.sleep(0.3)  # the last task's end, then a scrape
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10.0).text
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    spans = {
+        w[1]: (w[2], w[3]) for w in (line.split() for line in out.splitlines()) if w[:1] == ["SPAN"]
+    }
+    return {
+        "statuses": statuses,
+        "metrics": metrics,
+        "events": events,
+        "spans": spans,
+        "stderr": err,
+        "app": str(app),
+        "source": textwrap.dedent(source),
+    }
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi", "aiohttp"])
+def test_a_block_in_a_request_carries_its_route_and_context(
+    tmp_path: Path, framework: str, kind: str
+) -> None:
+    run = run_service(tmp_path, framework, kind)
+    assert run["statuses"] == {
+        "/users/7": 200,
+        "/users/8": 200,
+        "/api/health": 200,
+        "/no/such/page": 404,
+        "/broken": 500,
+    }, run["stderr"]
+    blocks = [e for e in run["events"] if e["event"] == "loopwatch.slow_callback"]
+    place = f"{run['app']}:{line_of(run['source'], 'BLOCK:handler')} in hold"
+    assert [e["location"] for e in blocks] == [place, place], run["events"]
+    # The route template, never the raw path; the structlog key and the span of each request.
+    assert [e["route"] for e in blocks] == ["GET /users/{user_id}"] * 2
+    for block, user_id in zip(blocks, ("7", "8"), strict=True):
+        trace_id, span_id = run["spans"][user_id]
+        assert block["context"] == {
+            "request_id": f"req-{user_id}",
+            "trace_id": trace_id,
+            "span_id": span_id,
+        }
+    # Busy time per request, by route: the two blocked requests held the loop 0.25 s each.
+    busy = busy_by_route(run["metrics"])
+    assert set(busy) == {
+        "GET /users/{user_id}",
+        "GET /api/health",
+        "GET <unmatched>",
+        "GET /broken",
+    }, busy
+    count, total = busy["GET /users/{user_id}"]
+    assert count == 2.0 and 0.5 <= total < 0.5 + 0.1, busy
+    # /api/health: the readiness probe's request, then the test's.
+    assert busy["GET /api/health"][0] == 2.0 and busy["GET <unmatched>"][0] == 1.0
+    # The failed handler's traceback, as the server logs it, has no frame of loopwatch's.
+    raised = f'{run["app"]}", line {line_of(run["source"], "RAISE:handler")}'
+    assert raised in run["stderr"], run["stderr"]
+    assert "loopwatch" not in run["stderr"], run["stderr"]
+
+
+def test_routes_off_labels_nothing(tmp_path: Path, kind: str) -> None:
+    """``LOOPWATCH_ROUTES=0``: no route on findings, no request series, the framework untouched."""
+    run = run_service(tmp_path, "starlette", kind, LOOPWATCH_ROUTES="0")
+    blocks = [e for e in run["events"] if e["event"] == "loopwatch.slow_callback"]
+    assert len(blocks) == 2 and all("route" not in e for e in blocks)
+    assert busy_by_route(run["metrics"]) == {}
