@@ -23,6 +23,17 @@ FIELD_DOCS: dict[str, str] = {
         "libraries only, with no frame of the program's own code; last in a JSON line, and shown "
         "in a text line only when `library`"
     ),
+    "route": (
+        "in a finding about a task serving a request: its route template (`GET /users/{id}`), "
+        "from the framework's router (Starlette, FastAPI, aiohttp, with `LOOPWATCH=1`) or "
+        "`loopwatch.label_request`; left out of a JSON line when there is none"
+    ),
+    "context": (
+        "in a finding about a task: the keys it bound with `structlog.contextvars`, and "
+        "`trace_id` and `span_id` of the OpenTelemetry span current in it (an object; left out "
+        "when empty). A block's is the context of the task that was running; on Python 3.11 "
+        "only a running task's context can be read (with the compiled module)"
+    ),
     "created_by": (
         "what made the task when asyncio or uvloop did (then `created_at` is null): "
         "`asyncio.streams: StreamReaderProtocol.connection_made`, `asyncio: async generator "
@@ -120,6 +131,7 @@ _TYPES = {
     "tuple[str, ...]": "list of strings",
     "tuple[str | None, ...]": "list of strings or nulls",
     "tuple[float, ...]": "list of numbers",
+    "dict[str, Any] | None": "object or null",
 }
 
 
