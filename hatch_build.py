@@ -23,6 +23,7 @@ seen with ``pip install -v .``, ``pip wheel -v .`` and ``python -m build``; it i
 quiet install that fell back to pure Python looks like any other.
 
 Extra compiler flags can be passed in the ``CFLAGS`` and ``LDFLAGS`` environment variables.
+``LOOPWATCH_REQUIRE_ACCEL=1`` (the release's wheel builds) makes a failed compile fail the build.
 
 Run as a script, ``python hatch_build.py ROOT`` compiles ``ROOT/loopwatch/_accel.c`` in place for
 that interpreter, with no hatchling needed (``benchmarks/bench.py --ref`` builds its snapshot of
@@ -86,6 +87,10 @@ class AccelBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         relative = _module_path()
         target = build_in_place(self.root)
         if target is None:
+            if os.environ.get("LOOPWATCH_REQUIRE_ACCEL", "").strip() == "1":
+                # A release build of the compiled wheels (cibuildwheel): a pure wheel here would
+                # ship under a platform tag, so fail instead (the warning above says why).
+                raise RuntimeError("loopwatch: LOOPWATCH_REQUIRE_ACCEL=1 and _accel was not built")
             return
 
         if version == "editable":
