@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 7
+#define API_VERSION 8
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -543,6 +543,7 @@ typedef struct {
     PyObject *code;  /* creation site: code object, or NULL */
     PyObject *stack; /* deeper creation stack (code, offset, ...), or NULL */
     PyObject *by;    /* what made the task, when asyncio or uvloop did (no creation site) */
+    PyObject *route; /* the route template of the request the task serves, or NULL */
     double born, busy, max_step, watch;
     long long steps, slow_steps;
     uint64_t step_at; /* the stamp the step under way began at, 0 between steps */
@@ -717,6 +718,47 @@ tell_owner(TimedObject *self, PyObject *name, PyObject *exc)
     Py_DECREF(owner);
 }
 
+/* g_request_end(route, busy): called when a task labelled with a route ends (the request's busy
+   time, by route: integrations.request_busy). Set by set_request_end; an error is unraisable. */
+static PyObject *g_request_end;
+
+static PyObject *
+set_request_end(PyObject *Py_UNUSED(m), PyObject *fn)
+{
+    Py_XSETREF(g_request_end, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
+static void
+request_end(TimedObject *self)
+{
+    PyObject *route = self->route, *fn = g_request_end;
+    if (route == NULL || route == Py_None || fn == NULL) {
+        return;
+    }
+    PyObject *exc = take_exception();
+    PyObject *busy = PyFloat_FromDouble(self->busy);
+    if (busy != NULL) {
+        Py_INCREF(fn);
+        Py_INCREF(route);
+        PyObject *args[2] = {route, busy};
+        PyObject *r = PyObject_Vectorcall(fn, args, 2, NULL);
+        if (r == NULL) {
+            PyErr_WriteUnraisable(fn);
+        }
+        Py_XDECREF(r);
+        Py_DECREF(route);
+        Py_DECREF(fn);
+        Py_DECREF(busy);
+    }
+    else {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    if (exc != NULL) {
+        put_exception(exc);
+    }
+}
+
 static void
 ended(TimedObject *self, PyObject *exc)
 {
@@ -724,6 +766,9 @@ ended(TimedObject *self, PyObject *exc)
         return;
     }
     self->ended = 1;
+    if (self->route != NULL) {
+        request_end(self);
+    }
     if (self->cancelled && self->sink != NULL) {
         /* (Without a sink, proxy_ended hears of the end, and it tells cancel_ended itself.) */
         tell_owner(self, s_cancel_ended, exc);
@@ -1038,6 +1083,7 @@ timed_new(PyTypeObject *type, PyObject *coro, PyObject *cfg, PyObject *owner, Py
     self->code = NULL;
     self->stack = NULL;
     self->by = NULL;
+    self->route = NULL;
     self->born = now_s();
     self->busy = self->max_step = self->watch = 0.0;
     self->steps = self->slow_steps = 0;
@@ -1086,6 +1132,7 @@ Timed_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->code);
     Py_VISIT(self->stack);
     Py_VISIT(self->by);
+    Py_VISIT(self->route);
     return 0;
 }
 
@@ -1101,6 +1148,7 @@ Timed_clear(PyObject *op)
     Py_CLEAR(self->code);
     Py_CLEAR(self->stack);
     Py_CLEAR(self->by);
+    Py_CLEAR(self->route);
     return 0;
 }
 
@@ -1159,6 +1207,7 @@ static PyMemberDef Timed_members[] = {
     {"_code", T_OBJECT, offsetof(TimedObject, code), 0, NULL},
     {"_stack", T_OBJECT, offsetof(TimedObject, stack), 0, NULL},
     {"_by", T_OBJECT, offsetof(TimedObject, by), 0, NULL},
+    {"_route", T_OBJECT, offsetof(TimedObject, route), 0, NULL},
     {"_lasti", T_INT, offsetof(TimedObject, lasti), 0, NULL},
     {"_leaked", T_BOOL, offsetof(TimedObject, leaked), 0, NULL},
     {"_timing", T_BOOL, offsetof(TimedObject, timing), 0, NULL},
@@ -2798,6 +2847,8 @@ static PyMethodDef module_methods[] = {
 #endif
     {"handoff_if_due", handoff_if_due, METH_NOARGS,
      "From a loop's thread: if a thread of loopwatch's is due, let it take the GIL now."},
+    {"set_request_end", set_request_end, METH_O,
+     "set_request_end(fn): fn(route, busy) when a task labelled with a route (_route) ends."},
     {"resume_later", resume_later, METH_O,
      "Call fn once from the program's thread soon (a pending call, or a loop's next pulse)."},
     {NULL, NULL, 0, NULL},

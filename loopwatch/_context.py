@@ -34,8 +34,19 @@ _UNBOUND = Ellipsis  # structlog's value for a key that was unbound
 _thread_context = getattr(ACCEL, "thread_context", None) if sys.version_info < (3, 12) else None
 
 
-def set_route(task: asyncio.Task[Any], route: str | None) -> None:
-    """Label ``task`` with ``route`` (None: take the label off)."""
+# The step-timing proxy types (set by _timing): a task driven by one keeps its route on it
+# (``_route``), which costs a slot store instead of a weak map's entry, and is told to the
+# request table when the task ends, by the proxy itself.
+proxy_types: tuple[type, ...] = ()
+
+
+def set_route(task: asyncio.Task[Any], route: str | None, *, on_proxy: bool = True) -> None:
+    """Label ``task`` with ``route`` (None: take the label off). ``on_proxy``: on the task's
+    step-timing proxy if it has one (its busy time then goes to the route when it ends)."""
+    proxy: Any = getattr(task, "_coro", None)
+    if on_proxy and type(proxy) in proxy_types and proxy._owner is not None:
+        proxy._route = route
+        return
     if route is None:
         _routes.pop(task, None)
     else:
@@ -45,6 +56,11 @@ def set_route(task: asyncio.Task[Any], route: str | None) -> None:
 def route_of(task: asyncio.Task[Any] | None) -> str | None:
     if task is None:
         return None
+    proxy = getattr(task, "_coro", None)
+    if type(proxy) in proxy_types:
+        route: str | None = getattr(proxy, "_route", None)
+        if route is not None:
+            return route
     try:
         return _routes.get(task)
     except TypeError:  # a task-like object that cannot be weakly referenced

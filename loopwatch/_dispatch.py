@@ -136,6 +136,12 @@ class Dispatcher:
             self.worker.start()
 
     def _run(self, keep_going: Callable[[], bool]) -> None:
+        for exporter in self._exporters:
+            # An exporter's set-up that touches files or sockets (a log file opened, so a bad
+            # path is said at start): here, on this thread, never on a loop's.
+            prepare = getattr(getattr(exporter, "inner", exporter), "prepare", None)
+            if prepare is not None:
+                self._call(exporter, None, call=prepare)
         while True:
             due = self._next_due()
             timeout = -1.0 if due == _INF else max(due - _monotonic(), 0.0)
@@ -165,9 +171,12 @@ class Dispatcher:
             finally:
                 self._handled += 1
 
-    def _call(self, exporter: Exporter, event: Any) -> None:
+    def _call(self, exporter: Exporter, event: Any, call: Any = None) -> None:
         try:
-            hidden_call(exporter, event)
+            if call is not None:
+                hidden_call(lambda _: call(), None)
+            else:
+                hidden_call(exporter, event)
         except Exception as exc:  # noqa: BLE001 - see the module docstring
             self.remove_exporter(exporter)
             name = getattr(exporter, "name", None) or type(exporter).__name__

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import collections.abc
+import contextlib
 import functools
 import inspect
 import threading
@@ -36,7 +37,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from . import _places
+from . import _context, _places
 from ._native import ACCEL
 from ._stats import LATENCY_BUCKETS, HistogramSnapshot
 
@@ -96,6 +97,8 @@ class PyStepWatch:
 
 
 StepWatch: Any = PyStepWatch if ACCEL is None else ACCEL.StepWatch
+# request_end(route, busy): a task labelled with a route ended (set by loopwatch.integrations).
+request_end: Callable[[str, float], None] | None = None
 _NO_WATCH = StepWatch()
 
 
@@ -118,6 +121,7 @@ class PyTimed:
         "_lasti",
         "_leaked",
         "_owner",
+        "_route",
         "_stack",
         "_watch",
         "born",
@@ -216,6 +220,11 @@ class PyTimed:
         self.steps += 1
         if type(exc) is not StopIteration:
             _strip_own_frame(exc)
+        route = getattr(self, "_route", None)
+        if route is not None and request_end is not None:
+            # A request's task: its busy time, by route (never into the program, as compiled).
+            with contextlib.suppress(Exception):
+                request_end(route, self.busy)
         owner = self._owner
         if owner is not None:
             self._owner = None  # ended: told once (see _ended)
@@ -315,6 +324,7 @@ _OWN_CODES = frozenset(f.__code__ for f in (PyTimed.__next__, PyTimed.send, PyTi
 # The proxy in use: the compiled one when there is one. It has the same attributes, adds no
 # frame to tracebacks, and reports its end itself (see the module docstring).
 Timed: Any = PyTimed if ACCEL is None else ACCEL.Timed
+_context.proxy_types = (PyTimed,) if ACCEL is None else (ACCEL.Timed, PyTimed)
 collections.abc.Coroutine.register(Timed)
 
 

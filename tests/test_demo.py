@@ -22,7 +22,7 @@ def test_demo_shows_each_finding_and_ends_by_itself(kind: str) -> None:
     out = proc.stdout
     assert f"({kind} loop)" in out
     findings = [
-        line.split()[1] for line in out.splitlines() if line.startswith("loopwatch loopwatch.")
+        line.split()[0] for line in out.splitlines() if line.startswith("loopwatch.")
     ]
     assert findings == [
         "loopwatch.slow_callback",

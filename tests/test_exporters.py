@@ -106,3 +106,40 @@ def test_log_json_through_install_writes_the_file(
     data = json.loads(line)
     assert data["location"] == place(HERE, "BLOCK:exporters", "blocks")
     assert data["loop"] == kind
+
+
+def test_a_log_file_that_cannot_be_written_is_said_at_start(tmp_path: Path) -> None:
+    """LOOPWATCH_LOG_FILE in a missing directory: one line when loopwatch starts (before any
+    finding), and the findings go to standard error instead of being lost; the program's own
+    output and exit code are unchanged."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "missing" / "events.jsonl"
+    program = (
+        "import asyncio, sys, time\n"
+        "async def main():\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    print('before the block', flush=True)\n"
+        "    time.sleep(0.15)  # BLOCK\n"
+        "asyncio.run(main())\n"
+        "sys.exit(3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
+    env.update(LOOPWATCH="1", LOOPWATCH_LOG="json", LOOPWATCH_LOG_FILE=str(path))
+    proc = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 3 and proc.stdout == "before the block\n"
+    lines = proc.stderr.splitlines()
+    assert lines[0] == (
+        f"loopwatch: LOOPWATCH_LOG_FILE={path} cannot be written (FileNotFoundError: No such file "
+        "or directory); expected a file this process can append to; findings go to standard "
+        "error instead"
+    )
+    events = [json.loads(line) for line in lines[1:]]
+    assert [(e["event"], e["location"]) for e in events] == [
+        ("loopwatch.slow_callback", "<string>:5 in main")
+    ]
+    assert not path.parent.exists()

@@ -157,3 +157,25 @@ def test_the_example_tests_fail_with_their_lines(tmp_path: Path) -> None:
         f"loopwatch.slow_callback at {blocked}",
         f"loopwatch.task_leaked at {leaked}",
     ], proc.stdout
+
+
+def test_the_readme_pytest_example_runs_clean_with_only_what_it_installs() -> None:
+    """As the README runs it, from the repository root, with only pytest and pytest-asyncio:
+    no warning about the project's own options (pytest-timeout's `timeout` is not installed)."""
+    root = PITFALLS.parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--loopwatch", "-p", "no:cacheprovider"]
+        + ["-p", "no:timeout", "-p", "no:xdist", "docs/examples/test_checkout.py"],
+        cwd=root,
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stdout
+    assert (
+        "configfile: pytest.ini" in proc.stdout
+        and "rootdir: " + str(root / "docs" / "examples") in proc.stdout
+    ), proc.stdout
+    assert "Warning" not in proc.stdout + proc.stderr, proc.stdout
+    assert "2 failed" in proc.stdout

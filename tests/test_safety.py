@@ -66,9 +66,19 @@ def test_the_metrics_endpoint_binds_to_loopback_by_default() -> None:
             assert probe.connect_ex((addr, port)) != 0, addr
 
 
-def test_the_metrics_endpoint_binds_elsewhere_only_when_told() -> None:
+def test_the_metrics_endpoint_binds_elsewhere_only_when_told(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """And says so once: the endpoint is reachable from other hosts."""
     loopwatch.install(metrics_port=0, metrics_addr="0.0.0.0", log="off")
-    assert bound_address()[0] == "0.0.0.0"
+    host, port = bound_address()
+    assert host == "0.0.0.0"
+    said = [line for line in capsys.readouterr().err.splitlines() if "other hosts" in line]
+    assert said == [
+        f"loopwatch: the metrics endpoint on 0.0.0.0:{port} can be reached from other hosts "
+        "(metrics and /tasks, no authentication); LOOPWATCH_METRICS_ADDR=127.0.0.1 keeps it on "
+        "this host"
+    ]
 
 
 def test_the_zero_code_endpoint_binds_to_loopback(tmp_path: Path) -> None:

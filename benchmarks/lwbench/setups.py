@@ -49,6 +49,22 @@ def _watched_factories(**settings: str) -> dict[str, Callable[[], LoopFactory]]:
     return {kind: _watched(kind, settings) for kind in LOOP_KINDS}
 
 
+def _with_routes(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
+    """The watched loop, and the framework routers hooked as ``LOOPWATCH=1`` hooks them (each
+    request's task labelled by its route, its busy time per route)."""
+
+    def setup() -> LoopFactory:
+        factory = make()
+        from loopwatch import _api
+        from loopwatch.integrations._hooks import hook_frameworks
+
+        _api.activate()
+        hook_frameworks()
+        return factory
+
+    return setup
+
+
 def _with_timer(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
     """Control: the plain loop plus a self re-arming 10 ms timer (loopwatch's heartbeat on uvloop,
     and on asyncio's loops before the select pulse)."""

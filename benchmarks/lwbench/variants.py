@@ -35,6 +35,7 @@ from .setups import (
     _uninstall,
     _uvloop_loop,
     _watched_factories,
+    _with_routes,
     _with_task_factory,
     _with_thread,
     _with_timer,
@@ -108,6 +109,14 @@ VARIANTS: dict[str, Variant] = {
             " each task's coroutine)",
             slow_reports=_loopwatch_reports("slow"),
             stall_reports=_loopwatch_reports("stall"),
+        ),
+        Variant(
+            "routes",
+            {kind: _with_routes(make) for kind, make in _watched_factories().items()},
+            _check_watched(tasks=True, step_timing=True),
+            _uninstall,
+            "default settings with the framework routers hooked, as LOOPWATCH=1 does: each "
+            "request's task labelled by its route template, its busy time per route",
         ),
         Variant(
             "everything",

@@ -2,6 +2,7 @@
 
 How docs/assets/demo.png was made (Pillow is not a dependency of loopwatch; install it apart):
 
+    # from a clone in a neutral directory (/srv/loopwatch), so no machine's own paths show:
     tmux new -d -s demo -x 110 -y 44 && tmux send-keys -t demo 'clear; bash scripts/demo' Enter
     # when the demo has printed "index rebuilt":
     tmux capture-pane -t demo -p > docs/assets/demo.txt
@@ -19,7 +20,7 @@ BACKGROUND, TEXT, FINDING, RULE = "#1e1e1e", "#d4d4d4", "#f0b354", "#6cb6ff"
 
 def colour(line: str) -> str:
     # The capture has no colours of its own; the demo's findings and step titles are picked out.
-    if line.startswith("loopwatch "):
+    if line.startswith("loopwatch."):
         return FINDING
     if line.startswith("--- "):
         return RULE

@@ -63,7 +63,7 @@ async def fetch_rates() -> bytes:
         try:
             return await call_rates_api()
         except BaseException:  # noqa: BLE001 - the mistake on show
-            log.warning("rates: attempt %d failed, retrying", attempt + 1)
+            log.warning("demo rates: attempt %d failed, retrying", attempt + 1)
     return await call_rates_api()
 
 
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds between requests")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s", stream=sys.stdout)
+    # Messages only: loopwatch's start with their event's name (loopwatch.slow_callback ...).
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if args.uvloop:
         import uvloop  # an optional package (the uvloop extra)
 

@@ -8,6 +8,7 @@ import sys
 import threading
 from typing import IO
 
+from .._config import report
 from .._events import Event
 
 
@@ -29,6 +30,23 @@ class JsonLines:
             fd = os.open(self.path, flags, 0o644)
             self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
         return self._file
+
+    def prepare(self) -> None:
+        """Open the file now (the reporter's thread, as it starts), so that a path that cannot be
+        written is said at start, not when the first finding is lost: the lines then go to
+        standard error."""
+        if self.path is None:
+            return
+        with self._lock:
+            try:
+                self._stream()
+            except OSError as exc:
+                report(
+                    f"loopwatch: LOOPWATCH_LOG_FILE={self.path} cannot be written "
+                    f"({type(exc).__name__}: {exc.strerror or exc}); expected a file this process "
+                    "can append to; findings go to standard error instead"
+                )
+                self.path = None
 
     def __call__(self, event: Event) -> None:
         line = json.dumps(event.as_dict(), default=str, separators=(",", ":")) + "\n"

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import functools
 import gzip
+import ipaddress
 import json
 import socket
 import threading
@@ -616,7 +617,23 @@ def serve(settings: Settings, registry: CollectorRegistry | None = None) -> Endp
         return None
     if port == 0:
         report(f"loopwatch: metrics at {endpoint.url}")  # a port picked by the system: say which
+    if not _loopback(addr):
+        # Not only this host: the endpoint (metrics and GET /tasks: task names, coroutines,
+        # places in the code) can be read by anyone who reaches this address. Said once.
+        report(
+            f"loopwatch: the metrics endpoint on {addr}:{endpoint.address[1]} can be reached from "
+            "other hosts (metrics and /tasks, no authentication); LOOPWATCH_METRICS_ADDR="
+            "127.0.0.1 keeps it on this host"
+        )
     return endpoint
+
+
+def _loopback(addr: str) -> bool:
+    """Whether ``addr`` can be reached from this host only."""
+    try:
+        return ipaddress.ip_address(addr.strip("[]")).is_loopback
+    except ValueError:
+        return addr == "localhost"
 
 
 class Publisher:

@@ -25,30 +25,27 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .. import _context, _runtime
-from .._timing import Timed
+from .. import _context, _runtime, _timing
+from .._native import ACCEL
 
 
-class _RequestDone:
-    """The done callback of a labelled request's task: its busy time, by route."""
-
-    __slots__ = ("proxy",)
-
-    def __init__(self, proxy: Any) -> None:
-        self.proxy = proxy
-
-    def __call__(self, task: asyncio.Task[Any]) -> None:
-        busy = getattr(self.proxy, "busy", None)
-        if busy is not None:
-            request_ended(task, busy)
+def request_busy(route: str, busy: float) -> None:
+    """A labelled request's task ended (its proxy calls this): its busy time, by route."""
+    runtime = _runtime._current
+    if runtime is not None:
+        runtime.requests.observe(route, busy)
 
 
 def request_ended(task: asyncio.Task[Any] | None, busy: float) -> None:
-    """A labelled request's busy time, to ``loopwatch_request_busy_seconds{route}``."""
-    runtime = _runtime.current()
+    """A labelled request ended, timed by its caller: its busy time, to its task's route."""
     route = _context.route_of(task)
-    if runtime is not None and route is not None:
-        runtime.requests.observe(route, float(busy))
+    if route is not None:
+        request_busy(route, busy)
+
+
+if ACCEL is not None:
+    ACCEL.set_request_end(request_busy)
+_timing.request_end = request_busy
 
 
 def label_request(route: str, task: asyncio.Task[Any] | None = None, *, timed: bool = True) -> None:
@@ -67,12 +64,7 @@ def label_request(route: str, task: asyncio.Task[Any] | None = None, *, timed: b
             return
         if task is None:
             return
-    first = _context.route_of(task) is None
-    _context.set_route(task, route)
-    if first and timed:
-        proxy = getattr(task, "_coro", None)  # the step-timing proxy, if the task has one
-        if type(proxy) is Timed and getattr(proxy, "_owner", None) is not None:
-            task.add_done_callback(_RequestDone(proxy))
+    _context.set_route(task, route, on_proxy=timed)
 
 
 def route_of(task: asyncio.Task[Any] | None = None) -> str | None:

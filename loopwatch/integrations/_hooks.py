@@ -10,7 +10,7 @@ import weakref
 from types import ModuleType
 from typing import Any
 
-from .. import _config, _import_hooks
+from .. import _config, _context, _import_hooks
 from .._native import ACCEL
 from .._timing import PyTimed, StepWatch
 from . import label_request, request_ended, route_of
@@ -19,6 +19,7 @@ from . import label_request, request_ended, route_of
 _patched: list[tuple[Any, str, Any]] = []
 _watching = False
 _current_task = asyncio.current_task
+_proxy_types = _context.proxy_types
 
 
 def hook_frameworks() -> None:
@@ -76,27 +77,34 @@ def _hook_starlette(module: ModuleType) -> None:
         return
     route_cls = getattr(module, "Route", None)
     router_cls = getattr(module, "Router", None)
-    match_enum = getattr(module, "Match", None)
-    if route_cls is None or router_cls is None or match_enum is None:
+    if route_cls is None or router_cls is None:
         return
-    none, full = match_enum.NONE, match_enum.FULL
-    matches = route_cls.__dict__.get("matches")
+    handle = route_cls.__dict__.get("handle")
     not_found = router_cls.__dict__.get("not_found")
-    if matches is None or getattr(matches, "__loopwatch__", False) or not_found is None:
+    if handle is None or getattr(handle, "__loopwatch__", False) or not_found is None:
         return
 
-    def route_matches(self: Any, scope: Any) -> Any:
-        result = matches(self, scope)
+    # Route.handle is called once per request, on the route the router chose (a partial match
+    # too: the 405 it answers). A plain function that labels the task and returns the route's
+    # own coroutine, which the router awaits: no frame of loopwatch's is left on the stack.
+    def route_handle(self: Any, scope: Any, receive: Any, send: Any) -> Any:
+        # Once per request: kept to a few lookups and stores (the request's cost, measured by
+        # benchmarks/bench.py --variants default,routes).
         try:
-            if result[0] is not none and scope.get("type") == "http":
+            if scope.get("type") == "http":
                 # A route inside a Mount: the mount's part of the path comes first.
-                prefix = scope.get("root_path", "")[len(scope.get("app_root_path", "")) :]
+                root = scope.get("root_path")
+                prefix = root[len(scope.get("app_root_path", "")) :] if root else ""
                 route = f"{scope.get('method', '')} {prefix}{self.path}"
-                # A partial match (the method differs) counts only if no full one comes.
-                _label(route, first_only=result[0] is not full)
+                task = _current_task()
+                proxy: Any = getattr(task, "_coro", None)
+                if type(proxy) in _proxy_types and proxy._owner is not None:
+                    proxy._route = route  # the proxy tells its busy time when the task ends
+                elif task is not None:
+                    label_request(route, task)
         except Exception as exc:  # noqa: BLE001 - never into the request
             _failed("Starlette", exc)
-        return result
+        return handle(self, scope, receive, send)
 
     def router_not_found(self: Any, scope: Any, receive: Any, send: Any) -> Any:
         try:
@@ -106,7 +114,7 @@ def _hook_starlette(module: ModuleType) -> None:
             _failed("Starlette", exc)
         return not_found(self, scope, receive, send)  # its coroutine: awaited by the router
 
-    _patch(route_cls, "matches", route_matches, matches)
+    _patch(route_cls, "handle", route_handle, handle)
     _patch(router_cls, "not_found", router_not_found, not_found)
 
 
