@@ -2121,6 +2121,17 @@ woken(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* After a fork, in the child: none of the parent's threads exist, so none waits for the GIL (a
+   count left above 0 would hand the GIL to nobody at every iteration, 2 ms each). */
+static PyObject *
+reset_handoff(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    __atomic_store_n(&g_waiting, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_rung, 0, __ATOMIC_RELAXED);
+    g_wake_due = INFINITY;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 handoff_if_due(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
@@ -2841,6 +2852,8 @@ static PyMethodDef module_methods[] = {
      "wake_due(t): one of loopwatch's threads wakes at monotonic time t (the earliest counts)."},
     {"woken", woken, METH_NOARGS, "That thread woke and holds the GIL."},
     {"want", want, METH_NOARGS, "A thread of loopwatch's was just woken: hand it the GIL soon."},
+    {"reset_handoff", reset_handoff, METH_NOARGS,
+     "After a fork, in the child: no thread of loopwatch's waits for the GIL."},
 #ifdef __linux__
     {"wait_readable", wait_readable, METH_VARARGS,
      "wait_readable(fds, timeout): poll for reading, then ask a busy loop for the GIL."},

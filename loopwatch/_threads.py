@@ -319,6 +319,7 @@ def forget_all() -> None:
     _presence.clear()
     for worker in _all:
         worker.forget()
+    reset_handoff()  # none of them waits for the GIL here
 
 
 def discard(worker: Worker) -> None:
@@ -439,17 +440,24 @@ def _wait_readable_py(fds: list[int], timeout: float | None) -> list[int]:
     return ready
 
 
+def _reset_handoff_py() -> None:
+    global _wake_at
+    _wake_at = _INF
+
+
 if ACCEL is not None and hasattr(ACCEL, "wait_readable"):
     wait_readable: Callable[[list[int], float | None], list[int]] = ACCEL.wait_readable
     want: Callable[[], None] = ACCEL.want
     wake_due: Callable[[float], None] = ACCEL.wake_due
     woken: Callable[[], None] = ACCEL.woken
     handoff_if_due: Callable[[], None] = ACCEL.handoff_if_due
+    reset_handoff: Callable[[], None] = ACCEL.reset_handoff
 else:
-    wait_readable, want, wake_due, woken, handoff_if_due = (
+    wait_readable, want, wake_due, woken, handoff_if_due, reset_handoff = (
         _wait_readable_py,
         _want_py,
         _wake_due_py,
         _woken_py,
         _handoff_if_due_py,
+        _reset_handoff_py,
     )
