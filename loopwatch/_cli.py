@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     target_help = (
-        "the URL of the process's metrics endpoint (LOOPWATCH_METRICS_PORT), as "
-        "http://HOST:PORT, .../metrics or .../tasks"
+        "the PID of a process of yours run with LOOPWATCH=1 (no port needed), or the URL of a "
+        "process's metrics endpoint (LOOPWATCH_METRICS_PORT), as http://HOST:PORT, .../metrics "
+        "or .../tasks"
     )
     tasks = commands.add_parser(
         "tasks",
@@ -68,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a live view of a running process's loops and tasks (q quits)",
         description=(
             "Loop health on top (blocked, lag, busy share), then the tasks sorted by busy time. "
-            "Refreshes every second; keys: b, a, s, w sort by busy, age, steps, waiting; q quits."
+            "Refreshes every second; keys: b, a, s, w sort by busy, age, steps, waiting; q quits. "
+            "In a terminal it is drawn with Rich when Rich is installed (pip install "
+            "'loopwatch[top]'), else as plain text."
         ),
     )
     top.add_argument("target", metavar="TARGET", help=target_help)
@@ -76,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--sort", choices=("busy", "age", "steps", "waiting"), default="busy")
     top.add_argument(
         "--interval", type=float, default=1.0, metavar="S", help="seconds between frames (1)"
+    )
+    top.add_argument(
+        "--plain", action="store_true", help="plain text frames, even where Rich is installed"
     )
     return parser
 
@@ -92,9 +98,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("tasks", "top"):
         from . import _view  # (deferred: start-up cost of other commands)
 
-        if args.command == "tasks":
-            return _view.tasks(args.target)
-        return _view.top(args.target, once=args.once, sort=args.sort, interval=args.interval)
+        try:
+            if args.command == "tasks":
+                return _view.tasks(args.target)
+            return _view.top(
+                args.target,
+                once=args.once,
+                sort=args.sort,
+                interval=args.interval,
+                plain=args.plain,
+            )
+        except KeyboardInterrupt:  # Ctrl-C quits the view as q does, without a traceback
+            return 130
     parser.print_help()
     return 2
 

@@ -21,9 +21,7 @@ def test_demo_shows_each_finding_and_ends_by_itself(kind: str) -> None:
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"({kind} loop)" in out
-    findings = [
-        line.split()[0] for line in out.splitlines() if line.startswith("loopwatch.")
-    ]
+    findings = [line.split()[0] for line in out.splitlines() if line.startswith("loopwatch.")]
     assert findings == [
         "loopwatch.slow_callback",
         "loopwatch.loop_stalled",

@@ -285,7 +285,8 @@ def test_tasks_by_pid_with_no_port(tmp_path: Path, kind: str) -> None:
     directory of its user's alone; the socket goes when the process ends."""
     from loopwatch.exporters import console
 
-    proc, script = start_service(tmp_path, kind, "plain", 2.0)
+    # Up for 6 s: two CLI runs (each a Python start-up) fit in it on a loaded machine.
+    proc, script = start_service(tmp_path, kind, "plain", 6.0)
     try:
         time.sleep(0.3)
         path = console.socket_path(proc.pid)

@@ -164,8 +164,10 @@ def test_the_readme_pytest_example_runs_clean_with_only_what_it_installs() -> No
     no warning about the project's own options (pytest-timeout's `timeout` is not installed)."""
     root = PITFALLS.parent.parent
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--loopwatch", "-p", "no:cacheprovider"]
-        + ["-p", "no:timeout", "-p", "no:xdist", "docs/examples/test_checkout.py"],
+        [
+            *(sys.executable, "-m", "pytest", "--loopwatch", "-p", "no:cacheprovider"),
+            *("-p", "no:timeout", "-p", "no:xdist", "docs/examples/test_checkout.py"),
+        ],
         cwd=root,
         env=env_with(),
         capture_output=True,
