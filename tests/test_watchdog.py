@@ -228,6 +228,7 @@ def test_stall_lists_the_tasks_waiting_longest(
         loopwatch.install(stall_ms=300)
         main_task.append(asyncio.current_task().get_name())  # type: ignore[union-attr]
         event = asyncio.Event()
+        await asyncio.sleep(0.1)  # main waits 0.1 s longer than old-worker (not a busy install)
         old = asyncio.create_task(idle_worker(event), name="old-worker")
         await asyncio.sleep(0.1)
         young = asyncio.create_task(idle_worker(event), name="young-worker")
@@ -245,8 +246,8 @@ def test_stall_lists_the_tasks_waiting_longest(
     waits = place(HERE, "WAIT:idle-worker", "idle_worker")
     assert list(stall.waiting_at[1:]) == [waits, waits]  # type: ignore[attr-defined]
     assert stall.waiting_at[0].endswith(" in main")  # type: ignore[attr-defined]
-    _, old_s, young_s = stall.waiting_s  # type: ignore[attr-defined]
-    assert old_s >= young_s + 0.09 and young_s >= 0.3, stall.waiting_s  # type: ignore[attr-defined]
+    main_s, old_s, young_s = stall.waiting_s  # type: ignore[attr-defined]
+    assert main_s >= old_s + 0.09 and old_s >= young_s + 0.09 and young_s >= 0.3, stall.waiting_s
 
 
 async def just_over() -> None:
