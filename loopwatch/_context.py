@@ -34,10 +34,12 @@ _UNBOUND = Ellipsis  # structlog's value for a key that was unbound
 _thread_context = getattr(ACCEL, "thread_context", None) if sys.version_info < (3, 12) else None
 
 
-# The step-timing proxy types (set by _timing): a task driven by one keeps its route on it
-# (``_route``), which costs a slot store instead of a weak map's entry, and is told to the
-# request table when the task ends, by the proxy itself.
+# The step-timing proxy types (set by _timing): a task driven by one keeps its route with it,
+# and the proxy tells the request table when the task ends. The compiled proxy has a slot for it
+# (``_route``); the pure-Python one a weak map entry (a slot would add 8 bytes to every task).
 proxy_types: tuple[type, ...] = ()
+proxy_routes: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+proxy_routes_held: dict[Any, str] = proxy_routes.data  # type: ignore[attr-defined]  # its dict
 
 
 def set_route(task: asyncio.Task[Any], route: str | None, *, on_proxy: bool = True) -> None:
@@ -45,7 +47,12 @@ def set_route(task: asyncio.Task[Any], route: str | None, *, on_proxy: bool = Tr
     step-timing proxy if it has one (its busy time then goes to the route when it ends)."""
     proxy: Any = getattr(task, "_coro", None)
     if on_proxy and type(proxy) in proxy_types and proxy._owner is not None:
-        proxy._route = route
+        if hasattr(type(proxy), "_route"):
+            proxy._route = route
+        elif route is None:
+            proxy_routes.pop(proxy, None)
+        else:
+            proxy_routes[proxy] = route
         return
     if route is None:
         _routes.pop(task, None)
@@ -58,7 +65,9 @@ def route_of(task: asyncio.Task[Any] | None) -> str | None:
         return None
     proxy = getattr(task, "_coro", None)
     if type(proxy) in proxy_types:
-        route: str | None = getattr(proxy, "_route", None)
+        route: str | None = getattr(proxy, "_route", None) or (
+            proxy_routes.get(proxy) if proxy_routes_held else None
+        )
         if route is not None:
             return route
     try:
@@ -69,6 +78,7 @@ def route_of(task: asyncio.Task[Any] | None) -> str | None:
 
 def clear() -> None:
     _routes.clear()
+    proxy_routes.clear()
 
 
 def _task_context(task: asyncio.Task[Any]) -> Any:

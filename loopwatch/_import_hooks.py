@@ -21,14 +21,14 @@ _hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
 # Hooks whose module arrived while a loopwatch module was itself being imported (the program
 # imported loopwatch before asyncio, say): they use loopwatch's modules, which are not whole
 # yet, so they run once those imports are done (see flush_deferred).
-_deferred: list[tuple[str, Callable[[ModuleType], None], ModuleType]] = []
+_deferred: list[tuple[str, Callable[[ModuleType], None], ModuleType, bool]] = []
 
 
 def when_imported(name: str, hook: Callable[[ModuleType], None]) -> None:
     """Call ``hook(module)`` once ``name`` is imported (now, if it already is)."""
     module = sys.modules.get(name)
     if module is not None:
-        _call_or_defer(name, [hook], module)
+        _call_or_defer(name, [hook], module, whole=not _initializing(module))
         return
     _hooks.setdefault(name, []).append(hook)
     if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
@@ -45,25 +45,42 @@ def _loopwatch_importing() -> bool:
     return False
 
 
+def _initializing(module: ModuleType) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
 def _call_or_defer(
-    name: str, hooks: list[Callable[[ModuleType], None]], module: ModuleType
+    name: str,
+    hooks: list[Callable[[ModuleType], None]],
+    module: ModuleType,
+    *,
+    whole: bool = True,
 ) -> None:
-    if hooks and _loopwatch_importing():
-        _deferred.extend((name, hook, module) for hook in hooks)
+    # Put off while a loopwatch module is being imported, and while the hooked module itself is
+    # (``whole`` false: it is in sys.modules half made, as when `import starlette.routing`
+    # imports asyncio, which starts loopwatch, which hooks starlette.routing before its Route
+    # exists). A module our loader just ran is whole, though importlib still says initializing.
+    if hooks and (_loopwatch_importing() or not whole):
+        _deferred.extend((name, hook, module, whole) for hook in hooks)
         return
     for hook in hooks:
         _call(name, hook, module)
 
 
 def flush_deferred() -> None:
-    """Run the hooks put off by :func:`_call_or_defer`, once no loopwatch import is under way.
-    Called after each import that passes through loopwatch's finder, and by ``loopwatch``'s
-    lazy attributes."""
+    """Run the hooks put off by :func:`_call_or_defer`, once no loopwatch import is under way
+    and their module is whole. Called at each import that passes through loopwatch's finder, by
+    ``loopwatch``'s lazy attributes, and when a loop is watched."""
     if not _deferred or _loopwatch_importing():
         return
+    waiting = []
     while _deferred:
-        name, hook, module = _deferred.pop(0)
-        _call(name, hook, module)
+        name, hook, module, whole = _deferred.pop(0)
+        if not whole and _initializing(module):
+            waiting.append((name, hook, module, whole))
+        else:
+            _call(name, hook, module)
+    _deferred.extend(waiting)
 
 
 def _call(name: str, hook: Callable[[ModuleType], None], module: ModuleType) -> None:

@@ -42,7 +42,7 @@ from asyncio.base_events import BaseEventLoop
 from collections.abc import Callable
 from typing import Any
 
-from . import _tasks, _threads
+from . import _import_hooks, _tasks, _threads
 from ._config import Settings, report
 from ._dispatch import Dispatcher
 from ._hangs import Hangs
@@ -131,6 +131,8 @@ class Loops:
         self, loop: asyncio.AbstractEventLoop, settings: Settings | None = None
     ) -> LoopState:
         """Watch ``loop`` (idempotent). A running loop is watched from now on."""
+        if _import_hooks._deferred:
+            _import_hooks.flush_deferred()  # a hook put off until its module was whole
         settings = settings or self.settings
         dispatcher = self.dispatcher
         with self._lock:

@@ -121,7 +121,6 @@ class PyTimed:
         "_lasti",
         "_leaked",
         "_owner",
-        "_route",
         "_stack",
         "_watch",
         "born",
@@ -220,7 +219,8 @@ class PyTimed:
         self.steps += 1
         if type(exc) is not StopIteration:
             _strip_own_frame(exc)
-        route = getattr(self, "_route", None)
+        # A request's task (its route in _context's weak map: no slot here, 8 bytes a task).
+        route = _context.proxy_routes.get(self) if _context.proxy_routes_held else None
         if route is not None and request_end is not None:
             # A request's task: its busy time, by route (never into the program, as compiled).
             with contextlib.suppress(Exception):

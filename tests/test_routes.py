@@ -289,3 +289,53 @@ def test_routes_off_labels_nothing(tmp_path: Path, kind: str) -> None:
     blocks = [e for e in run["events"] if e["event"] == "loopwatch.slow_callback"]
     assert len(blocks) == 2 and all("route" not in e for e in blocks)
     assert busy_by_route(run["metrics"]) == {}
+
+
+ROUTING_FIRST = """
+import sys
+from starlette.routing import Route  # imports asyncio, which starts loopwatch, half way in
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+import asyncio, time, httpx
+
+
+async def slow(request):
+    time.sleep(0.25)  # BLOCK:routing-first
+    return PlainTextResponse("ok")
+
+
+app = Starlette(routes=[Route("/users/{id}", slow)])
+
+
+async def main():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+        print((await client.get("/users/3")).status_code)
+
+
+if sys.argv[1] == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
+"""
+
+
+def test_routes_when_starlette_routing_is_what_imports_asyncio(tmp_path: Path, kind: str) -> None:
+    """``import starlette.routing`` first: it imports asyncio, so loopwatch starts while
+    starlette.routing is half made; its hook waits until the module is whole (it used to run at
+    once, find no Route, and label nothing)."""
+    app = tmp_path / "first.py"
+    app.write_text(ROUTING_FIRST)
+    log = tmp_path / "events.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
+    env.update(LOOPWATCH="1", LOOPWATCH_LOG="json", LOOPWATCH_LOG_FILE=str(log))
+    proc = subprocess.run(
+        [sys.executable, str(app), kind], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "200\n", "")
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    place = f"{app}:{line_of(ROUTING_FIRST, 'BLOCK:routing-first')} in slow"
+    assert [(e["event"], e["location"], e.get("route")) for e in events] == [
+        ("loopwatch.slow_callback", place, "GET /users/{id}")
+    ]

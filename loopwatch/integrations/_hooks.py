@@ -10,7 +10,7 @@ import weakref
 from types import ModuleType
 from typing import Any
 
-from .. import _config, _context, _import_hooks
+from .. import _config, _import_hooks
 from .._native import ACCEL
 from .._timing import PyTimed, StepWatch
 from . import label_request, request_ended, route_of
@@ -19,7 +19,7 @@ from . import label_request, request_ended, route_of
 _patched: list[tuple[Any, str, Any]] = []
 _watching = False
 _current_task = asyncio.current_task
-_proxy_types = _context.proxy_types
+_compiled_proxy = ACCEL.Timed if ACCEL is not None else None
 
 
 def hook_frameworks() -> None:
@@ -98,7 +98,7 @@ def _hook_starlette(module: ModuleType) -> None:
                 route = f"{scope.get('method', '')} {prefix}{self.path}"
                 task = _current_task()
                 proxy: Any = getattr(task, "_coro", None)
-                if type(proxy) in _proxy_types and proxy._owner is not None:
+                if type(proxy) is _compiled_proxy and proxy._owner is not None:
                     proxy._route = route  # the proxy tells its busy time when the task ends
                 elif task is not None:
                     label_request(route, task)
