@@ -99,9 +99,11 @@ class Worker:
         self._live.add(gen)
         self._handles = [h for h in self._handles if not h.done()]
         handle = _Handle(gen)
+        thread_starting()  # until it first holds the GIL, a busy loop hands it over
         try:
             handle.start(lambda: self._run(gen, handle))
         except RuntimeError as exc:  # can't start new thread (at interpreter shutdown, say)
+            thread_started()
             self._live.discard(gen)
             self.stopping = True
             report(f"loopwatch: could not start the {self.name} thread ({exc})")
@@ -109,6 +111,7 @@ class Worker:
         self._handles.append(handle)
 
     def _run(self, gen: int, handle: _Handle) -> None:
+        thread_started()
         handle.ident = self._ident = _thread.get_ident()
         self.native_id = threading.get_native_id()  # for tools that read /proc (benchmarks)
         ident = handle.ident
@@ -452,6 +455,9 @@ if ACCEL is not None and hasattr(ACCEL, "wait_readable"):
     woken: Callable[[], None] = ACCEL.woken
     handoff_if_due: Callable[[], None] = ACCEL.handoff_if_due
     reset_handoff: Callable[[], None] = ACCEL.reset_handoff
+    thread_starting: Callable[[], None] = ACCEL.thread_starting
+    thread_started: Callable[[], None] = ACCEL.thread_started
+    forget_wakeups: Callable[[], None] = ACCEL.forget_wakeups
 else:
     wait_readable, want, wake_due, woken, handoff_if_due, reset_handoff = (
         _wait_readable_py,
@@ -461,3 +467,4 @@ else:
         _handoff_if_due_py,
         _reset_handoff_py,
     )
+    thread_starting, thread_started, forget_wakeups = _want_py, _woken_py, _reset_handoff_py
