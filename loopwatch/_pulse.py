@@ -45,6 +45,7 @@ from ._alarm import Alarm
 from ._stats import Histogram
 
 _monotonic = time.monotonic
+_FIRST_BEAT = 0.001  # seconds from a run's start to the heartbeat's first beat
 
 
 class SelectPulse:
@@ -217,7 +218,9 @@ class Heartbeat:
         self.running = True
         now = _monotonic()
         self.woke = now
-        self._arm(now)
+        # The first beat comes soon: a thread of loopwatch's started or woken by this run start
+        # is handed the GIL there (see _threads), not left to wait for it a whole period.
+        self._arm(now, min(self.period, _FIRST_BEAT))
 
     def stop(self) -> None:
         """The loop's run ends (loop thread)."""
@@ -228,12 +231,13 @@ class Heartbeat:
             handle.cancel()
         self.box.clear()
 
-    def _arm(self, now: float) -> None:
+    def _arm(self, now: float, delay: float = 0.0) -> None:
         loop = self._loop
         if loop is None or not self.active or loop.is_closed():
             return
-        self.due = now + self.period
-        self._handle = loop.call_later(self.period, self._beat)
+        delay = delay or self.period
+        self.due = now + delay
+        self._handle = loop.call_later(delay, self._beat)
         alarm = self.alarm
         if alarm is not None:
             self.armed_at = now

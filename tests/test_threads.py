@@ -332,6 +332,8 @@ def test_threads_started_while_the_loop_is_busy_get_the_gil_at_once(
     loop is busy (install() from inside it), each is handed the GIL at once: a few wake-ups."""
     from loopwatch import _runtime
 
+    loopwatch.uninstall()  # threads of this test's own: their counts start here
+    assert _runtime.current() is None
     workers: list[Any] = []
 
     async def main() -> None:
