@@ -16,7 +16,7 @@ from ._loops import stock_loop_class
 from ._runtime import Runtime
 from ._timing import CoroutineStats
 from ._watchdog import LoopState
-from .exporters import from_settings, publish_metrics
+from .exporters import from_settings, publish_metrics, publish_otel
 from .exporters.console import Console
 from .integrations._hooks import hook_frameworks, unhook_frameworks
 
@@ -35,10 +35,13 @@ def activate(*, serve_pid: bool = False, **overrides: Any) -> Runtime:
     runtime, new = _runtime.current_or_start(make)
     if new:
         publish_metrics(runtime)
+        publish_otel(runtime)
     elif overrides:
         runtime.apply(runtime.settings.replace(**overrides))
         if "metrics_port" in overrides:
             publish_metrics(runtime)  # serve the endpoint asked for now
+        if overrides.get("otel"):
+            publish_otel(runtime)
     if serve_pid and runtime.console is None:
         console = runtime.console = Console(runtime)  # the live view by PID
         runtime.loops.workers.append(console.worker)

@@ -44,6 +44,7 @@ class Settings:
     step_timing: bool = True
     summary: bool = False
     routes: bool = True
+    otel: bool = False
     coroutine_labels: int = 50
     cancel_grace_ms: float = 5000.0
     task_stuck_ms: float | None = None
@@ -277,6 +278,15 @@ SPECS: Final[dict[str, Spec]] = {
             "and `loopwatch_request_busy_seconds{route}` counts each request's busy time.",
         ),
         Spec(
+            "otel",
+            _bool,
+            "1 or 0 (also true/false, yes/no, on/off)",
+            "Publish through OpenTelemetry (the `otel` extra): metrics through the program's "
+            "MeterProvider, or by OTLP/HTTP from the standard `OTEL_EXPORTER_OTLP_*` variables "
+            "if it set none; each finding as a log record (the program's LoggerProvider, or "
+            "OTLP), and as an event on the span current in its task.",
+        ),
+        Spec(
             "coroutine_labels",
             _labels,
             "a whole number from 1 to 10000",
@@ -443,3 +453,22 @@ def env_for(settings: Mapping[str, Any]) -> dict[str, str]:
             continue
         out[SPECS[name].env] = str(value)
     return out
+
+
+def otel_export_interval(environ: Mapping[str, str] = os.environ) -> float:
+    """``OTEL_METRIC_EXPORT_INTERVAL`` in seconds, as OpenTelemetry's SDK reads it (milliseconds,
+    60000 by default): how often ``LOOPWATCH_OTEL=1`` exports its metrics by OTLP itself."""
+    raw = environ.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip()
+    if not raw:
+        return 60.0
+    try:
+        value = float(raw) / 1000.0
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        report(
+            f"loopwatch: OTEL_METRIC_EXPORT_INTERVAL={raw!r} is not a positive number of "
+            "milliseconds; using 60000"
+        )
+        return 60.0
+    return value

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from ._native import ACCEL
@@ -126,10 +127,22 @@ def _span_ids(otel_context: Any) -> dict[str, str]:
         return {}
     if not getattr(span_context, "is_valid", False):
         return {}
-    return {
+    ids = {
         "trace_id": format(span_context.trace_id, "032x"),
         "span_id": format(span_context.span_id, "016x"),
     }
+    sink = span_sink
+    if sink is not None:
+        sink(ids["span_id"], span)
+    return ids
+
+
+# ``LOOPWATCH_OTEL=1``: told each span a finding's context names, as the context is read (a block:
+# on the watchdog's thread while the loop is blocked, so the span is still open).
+span_sink: Callable[[str, Any], None] | None = None
+# ... and told of each block once it is a finding, while the loop is still blocked (the
+# watchdog's thread): (the block, blocked so far, the threshold, the loop's kind).
+block_sink: Callable[[Any, float, float, str], None] | None = None
 
 
 def _plain(value: Any) -> Any:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
-from . import _places, _threads
+from . import _context, _places, _threads
 from ._alarm import Alarm, new_alarm
 from ._config import Settings, report
 from ._context import about
@@ -264,6 +264,7 @@ class _Block:
     route: str | None = None
     context: dict[str, Any] | None = None
     stalled: bool = False
+    told: bool = False  # to _context.block_sink (OpenTelemetry: on the task's span)
     # A task step whose proxy times it and tells step_finished of any step of half the
     # threshold or more: only that report (with the exact duration) can say it was slow.
     self_timed: bool = False
@@ -562,6 +563,11 @@ class LoopState:
             return now + self.period
         if block is not None and block.same(sample):
             block.last_seen = now
+            sink = _context.block_sink
+            if sink is not None and not block.told and now - block.start >= self.threshold:
+                # Still blocked, and a finding already: the task's span is still open now.
+                block.told = True
+                sink(block, now - block.start, self.threshold, self.kind)
             if not block.stalled and now - block.start >= self.stall:
                 block.stalled = True
                 self._emit_stall(block, sample, now)

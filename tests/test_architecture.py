@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
             "exporters._text",
             "exporters.jsonlines",
             "exporters.logging",
+            "exporters.otel",
             "exporters.prometheus",
             "exporters.structlog",
         ),

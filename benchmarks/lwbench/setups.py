@@ -65,6 +65,32 @@ def _with_routes(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
     return setup
 
 
+def _with_otel(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
+    """``_with_routes`` with ``LOOPWATCH_OTEL=1`` and a program that set an SDK MeterProvider (an
+    in-memory reader, collected every second as a periodic one would): loopwatch's histograms
+    are recorded into it from its thread, its most expensive mode."""
+
+    def setup() -> LoopFactory:
+        os.environ["LOOPWATCH_OTEL"] = "1"
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        factory = _with_routes(make)()
+
+        def collect() -> None:
+            while True:
+                time.sleep(1.0)
+                reader.get_metrics_data()
+
+        threading.Thread(target=collect, daemon=True, name="benchmark collector").start()
+        return factory
+
+    return setup
+
+
 def _with_timer(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
     """Control: the plain loop plus a self re-arming 10 ms timer (loopwatch's heartbeat on uvloop,
     and on asyncio's loops before the select pulse)."""

@@ -35,6 +35,7 @@ from .setups import (
     _uninstall,
     _uvloop_loop,
     _watched_factories,
+    _with_otel,
     _with_routes,
     _with_task_factory,
     _with_thread,
@@ -117,6 +118,14 @@ VARIANTS: dict[str, Variant] = {
             _uninstall,
             "default settings with the framework routers hooked, as LOOPWATCH=1 does: each "
             "request's task labelled by its route template, its busy time per route",
+        ),
+        Variant(
+            "otel",
+            {kind: _with_otel(make) for kind, make in _watched_factories().items()},
+            _check_watched(tasks=True, step_timing=True),
+            _uninstall,
+            "routes, and LOOPWATCH_OTEL=1 in a program that set an SDK MeterProvider: loopwatch's"
+            " histograms recorded into it every second from loopwatch's thread",
         ),
         Variant(
             "everything",

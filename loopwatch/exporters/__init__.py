@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from .. import _runtime
-from .._config import Settings
+from .._config import Settings, report
 from .._dispatch import Exporter
 from .._events import Event
 from .._import_hooks import when_imported
@@ -120,3 +120,23 @@ def _attach(runtime: Runtime) -> None:
             runtime.metrics = Publisher(runtime)
         else:
             runtime.metrics.update(runtime.settings)
+
+
+def publish_otel(runtime: Runtime) -> None:
+    """``LOOPWATCH_OTEL=1``: start the OpenTelemetry exporter for ``runtime`` (once). Without the
+    ``otel`` extra's packages it is one line on standard error, and loopwatch goes on without."""
+    if not runtime.settings.otel or runtime.closed:
+        return
+    if any(getattr(e, "name", None) == "otel" for e in runtime.dispatcher.exporters):
+        return
+    from .otel import OTel, Unavailable  # (deferred: OpenTelemetry only when asked for)
+
+    try:
+        exporter = OTel(runtime)
+    except Unavailable as exc:
+        report(f"loopwatch: LOOPWATCH_OTEL=1 but {exc}; OpenTelemetry is off")
+        return
+    except Exception as exc:  # noqa: BLE001 - never in the program's way
+        report(f"loopwatch: OpenTelemetry could not start ({type(exc).__name__}: {exc}); it is off")
+        return
+    runtime.dispatcher.add_exporter(exporter)
