@@ -452,3 +452,32 @@ def test_a_request_span_under_uvicorn_shows_the_block_with_its_route(
     busy = receiver.last("loopwatch_request_busy_seconds")
     routes = {attrs(p.attributes)["route"]: p.count for p in busy.histogram.data_points}
     assert routes["GET /users/{user_id}"] == 1
+
+
+def test_a_collector_that_is_down_is_one_line_and_a_short_wait(tmp_path: Path, kind: str) -> None:
+    """Nothing listens at OTEL_EXPORTER_OTLP_ENDPOINT: the program runs and exits as it would,
+    the exporters' own retry lines are not on its standard error, loopwatch says it once, and
+    the exit waits 2 s at most for the last export."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed again: nothing listens there
+    app = tmp_path / "app.py"
+    app.write_text(textwrap.dedent(OWN))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH", "OTEL_"))}
+    environ.update(
+        LOOPWATCH="1",
+        LOOPWATCH_OTEL="1",
+        LOOPWATCH_LOG="off",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{dead}",
+    )
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, str(app), kind], env=environ, capture_output=True, text=True, timeout=60
+    )
+    took = time.monotonic() - start
+    assert out.returncode == 0
+    assert out.stderr == (
+        "loopwatch: OpenTelemetry: sending log records by OTLP failed (is the collector at "
+        "OTEL_EXPORTER_OTLP_ENDPOINT up?); trying again with the next\n"
+    )
+    assert took < 8.0, took  # 0.6 s of program, 2 s per export at most, start-up

@@ -38,6 +38,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import importlib.metadata
+import logging
 import threading
 import time
 import types
@@ -59,7 +60,39 @@ NEEDS = "pip install 'loopwatch[otel]'"
 TICK_S = 1.0  # loopwatch's metrics thread: a provider decided, histograms recorded
 RECORD_BUDGET = 0.005  # seconds of recording into a program's histograms per tick, at most
 SCOPE = "loopwatch"
+# An export (metrics, or one log record from the reporter's thread), retries included, at most.
+EXPORT_TIMEOUT_S = 2.0
 _SPANS_KEPT = 4096  # spans named by findings not yet reported, at most (weakly held)
+
+
+_quiet = threading.local()  # .on: loopwatch's own export is running on this thread
+
+
+class _Quiet(logging.Filter):
+    """Drops the OTLP exporters' own log lines (retries, failures) while loopwatch's export runs:
+    they would go to the program's standard error; loopwatch says a failure once instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_quiet, "on", False)
+
+
+_QUIET = _Quiet()
+
+
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if (
+            name.startswith("opentelemetry.")
+            and isinstance(logger, logging.Logger)
+            and _QUIET not in logger.filters
+        ):
+            logger.addFilter(_QUIET)
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = False
 
 
 class Unavailable(Exception):
@@ -162,6 +195,7 @@ class OTel:
         self.failed_exports: set[str] = set()  # what was said once: "metrics", "logs"
         # Logs: the program's provider's logger, or ours (made at the first finding).
         self._own_logs: Any = None
+        self._export_failed = False  # the last export to the collector failed (it may be down)
         self._loggers: dict[int, Any] = {}
         # Spans the findings' contexts named (span_id -> span), weakly; and the blocks already
         # put on their span while they lasted (span_id, location).
@@ -260,10 +294,23 @@ class OTel:
                 own = self.m.sdk_logs.LoggerProvider(
                     resource=_resource(self.m), shutdown_on_exit=False
                 )
+                exporter = self.m.log_exporter.OTLPLogExporter(timeout=EXPORT_TIMEOUT_S)
+                send = exporter.export
+
+                def export(batch: Any) -> Any:
+                    result = send(batch)
+                    self._export_failed = getattr(result, "name", "SUCCESS") != "SUCCESS"
+                    if self._export_failed:
+                        self._say_once(
+                            "logs",
+                            "sending log records by OTLP failed (is the collector at "
+                            "OTEL_EXPORTER_OTLP_ENDPOINT up?); trying again with the next",
+                        )
+                    return result
+
+                exporter.export = export  # (loopwatch's own exporter object)
                 own.add_log_record_processor(
-                    self.m.sdk_logs_export.SimpleLogRecordProcessor(
-                        self.m.log_exporter.OTLPLogExporter()
-                    )
+                    self.m.sdk_logs_export.SimpleLogRecordProcessor(exporter)
                 )
                 self._own_logs = own
             provider = self._own_logs
@@ -284,6 +331,10 @@ class OTel:
                 trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
             )
             context = trace.set_span_in_context(trace.NonRecordingSpan(span_context))
+        with _quietly():
+            self._emit(event, attributes, context)
+
+    def _emit(self, event: Event, attributes: dict[str, Any], context: Any) -> None:
         self._logger().emit(
             timestamp=int(event.time * 1e9),
             context=context,
@@ -329,12 +380,20 @@ class OTel:
 
     def _export(self, *, final: bool = False) -> None:
         if self._own_metrics is None:
-            self._own_metrics = self.m.metric_exporter.OTLPMetricExporter()
+            self._own_metrics = self.m.metric_exporter.OTLPMetricExporter(timeout=EXPORT_TIMEOUT_S)
             self._resource = _resource(self.m)
         data = self.metrics_data(_metrics.snapshot(self.runtime))
-        result = self._own_metrics.export(data, timeout_millis=5_000 if final else 10_000)
-        if getattr(result, "name", "SUCCESS") != "SUCCESS":
-            self._say_once("metrics", "exporting metrics by OTLP failed; trying again later")
+        if final and self._export_failed:
+            return  # the collector did not answer last time: the program's exit is not held up
+        with _quietly():
+            result = self._own_metrics.export(data, timeout_millis=EXPORT_TIMEOUT_S * 1000)
+        self._export_failed = getattr(result, "name", "SUCCESS") != "SUCCESS"
+        if self._export_failed:
+            self._say_once(
+                "metrics",
+                "exporting metrics by OTLP failed (is the collector at OTEL_EXPORTER_OTLP_"
+                "ENDPOINT up?); trying again at each interval",
+            )
 
     def _say_once(self, what: str, line: str) -> None:
         if what not in self.failed_exports:
