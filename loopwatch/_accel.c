@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 9
+#define API_VERSION 10
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -1991,6 +1991,7 @@ typedef struct {
     PyObject *box;    /* deque of the watchdog's samples, emptied here */
     PyObject *failed; /* the exception that turned the pulse off, or NULL */
     PyObject *alarm;  /* the _alarm.Alarm pushed back every period, or NULL */
+    PyObject *target; /* poll mode: the selector's epoll object this stands in for, else NULL */
     double woke, entered, busy, period, first_check, armed_at, lag_due, block_end, lag_sum;
     long long iterations;
     long long lag_counts[MAX_BUCKETS + 1];
@@ -2393,11 +2394,11 @@ Pulse_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *k
 static PyObject *
 Pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *select, *alarm = Py_None;
+    PyObject *select, *alarm = Py_None, *target = Py_None;
     double period, first_check;
-    static char *kwlist[] = {"select", "period", "first_check", "alarm", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Odd|O:Pulse", kwlist, &select, &period,
-                                     &first_check, &alarm)) {
+    static char *kwlist[] = {"select", "period", "first_check", "alarm", "target", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Odd|OO:Pulse", kwlist, &select, &period,
+                                     &first_check, &alarm, &target)) {
         return NULL;
     }
     if (g_nlatency < 0) {
@@ -2420,6 +2421,7 @@ Pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->vectorcall = Pulse_vectorcall;
     self->select = Py_NewRef(select);
+    self->target = target != Py_None ? Py_NewRef(target) : NULL;
     self->prev = Py_NewRef(Py_None);
     self->box = box;
     self->failed = NULL;
@@ -2458,6 +2460,7 @@ Pulse_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->box);
     Py_VISIT(self->failed);
     Py_VISIT(self->alarm);
+    Py_VISIT(self->target);
     return 0;
 }
 
@@ -2470,6 +2473,7 @@ Pulse_clear(PyObject *op)
     Py_CLEAR(self->box);
     Py_CLEAR(self->failed);
     Py_CLEAR(self->alarm);
+    Py_CLEAR(self->target);
     return 0;
 }
 
@@ -2541,15 +2545,86 @@ Pulse_release(PyObject *op, PyObject *Py_UNUSED(ignored))
     return PyObject_CallMethodNoArgs(self->box, s_clear);
 }
 
+/* Poll mode: the pulse stands in for an epoll selector's epoll object (``selector._selector``),
+   so the loop's wait is timed around ``epoll.poll``, a C call from C, and the selector's Python
+   ``select`` keeps running inline in the loop's frame (wrapping ``select`` itself made CPython
+   enter a new evaluation loop from C at every iteration: about 650 instructions). The other
+   methods the selector calls go to the epoll object. */
+static PyObject *
+Pulse_poll(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return Pulse_vectorcall(op, args, (size_t)nargs, kwnames);
+}
+
+static PyObject *
+pulse_forward(PyObject *op, const char *name, PyObject *const *args, Py_ssize_t nargs,
+              PyObject *kwnames)
+{
+    PulseObject *self = (PulseObject *)op;
+    if (self->target == NULL) {
+        PyErr_SetString(PyExc_AttributeError, name);
+        return NULL;
+    }
+    PyObject *method = PyObject_GetAttrString(self->target, name);
+    if (method == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Vectorcall(method, args, (size_t)nargs, kwnames);
+    Py_DECREF(method);
+    return result;
+}
+
+#define PULSE_FORWARD(NAME)                                                                   \
+    static PyObject *Pulse_##NAME(PyObject *op, PyObject *const *args, Py_ssize_t nargs,      \
+                                  PyObject *kwnames)                                          \
+    {                                                                                         \
+        return pulse_forward(op, #NAME, args, nargs, kwnames);                                \
+    }
+PULSE_FORWARD(register)
+PULSE_FORWARD(modify)
+PULSE_FORWARD(unregister)
+PULSE_FORWARD(fileno)
+PULSE_FORWARD(close)
+#undef PULSE_FORWARD
+
+static PyObject *
+Pulse_get_closed(PyObject *op, void *Py_UNUSED(closure))
+{
+    PulseObject *self = (PulseObject *)op;
+    if (self->target == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "closed");
+        return NULL;
+    }
+    return PyObject_GetAttrString(self->target, "closed");
+}
+
+static PyObject *
+Pulse_get_target(PyObject *op, void *Py_UNUSED(closure))
+{
+    PyObject *target = ((PulseObject *)op)->target;
+    return Py_NewRef(target != NULL ? target : Py_None);
+}
+
+#define PULSE_FWD_FLAGS (METH_FASTCALL | METH_KEYWORDS)
 static PyMethodDef Pulse_methods[] = {
     {"release", Pulse_release, METH_NOARGS, "Let go of the watchdog's samples."},
+    {"poll", (PyCFunction)(void (*)(void))Pulse_poll, PULSE_FWD_FLAGS,
+     "Poll mode: the pulse, then the epoll object's poll."},
+    {"register", (PyCFunction)(void (*)(void))Pulse_register, PULSE_FWD_FLAGS, NULL},
+    {"modify", (PyCFunction)(void (*)(void))Pulse_modify, PULSE_FWD_FLAGS, NULL},
+    {"unregister", (PyCFunction)(void (*)(void))Pulse_unregister, PULSE_FWD_FLAGS, NULL},
+    {"fileno", (PyCFunction)(void (*)(void))Pulse_fileno, PULSE_FWD_FLAGS, NULL},
+    {"close", (PyCFunction)(void (*)(void))Pulse_close, PULSE_FWD_FLAGS, NULL},
     {NULL, NULL, 0, NULL},
 };
+#undef PULSE_FWD_FLAGS
 
 static PyGetSetDef Pulse_getset[] = {
     {"alarm", Pulse_get_alarm, Pulse_set_alarm, NULL, NULL},
     {"lag", Pulse_get_lag, NULL, NULL, NULL},
     {"failed", Pulse_get_failed, NULL, NULL, NULL},
+    {"closed", Pulse_get_closed, NULL, NULL, NULL},
+    {"target", Pulse_get_target, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

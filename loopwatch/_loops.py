@@ -259,8 +259,22 @@ class Loops:
         state = self._states.get(loop)
         if state is None or not state.active:
             return None
-        state.run_started()
+        try:
+            state.run_started()
+        except Exception as exc:  # noqa: BLE001 - never in the program's way
+            self.run_failed(state, exc)
+            return None
         return state
+
+    def run_failed(self, state: LoopState, exc: Exception) -> None:
+        """Starting to follow a run failed: this loop is no longer watched, said once."""
+        with contextlib.suppress(Exception):
+            state.detach()
+        state.active = False
+        report(
+            f"loopwatch: watching a loop's run failed ({type(exc).__name__}: {exc}); "
+            "that loop is no longer watched"
+        )
 
     # -- global mode ---------------------------------------------------------------------------
 
@@ -381,7 +395,15 @@ def _make_hook(loops: Loops, name: str, original: Callable[..., Any]) -> Callabl
                 except BaseException as exc:
                     _strip(exc)
                     raise
-            state.run_started(1)  # this frame is the last one outside the loop
+            try:
+                state.run_started(1)  # this frame is the last one outside the loop
+            except Exception as exc:  # noqa: BLE001 - never in the program's way
+                loops.run_failed(state, exc)
+                try:
+                    return original(self)
+                except BaseException as exc2:
+                    _strip(exc2)
+                    raise
             try:
                 result = original(self)
             except BaseException as exc:

@@ -6,9 +6,12 @@ ran. How the pulse is written depends on the loop, and on neither is anything pu
 loop:
 
 - asyncio's loops (``BaseEventLoop`` and its subclasses, fake-clock test loops included) wait for
-  I/O in ``self._selector.select(timeout)`` once per iteration. :class:`SelectPulse` wraps that
-  call, as an instance attribute of the *selector* (never of the loop, and nothing in its
-  ``_scheduled`` or ``_ready``): entering it, the loop's callbacks for this iteration are done;
+  I/O in ``self._selector.select(timeout)`` once per iteration. The compiled pulse
+  (``_accel.Pulse``) stands in for an epoll selector's epoll object and times its ``poll``
+  ("poll mode", see ``_watchdog.Watchdog._make_pulse``); otherwise :class:`SelectPulse` (or the
+  compiled pulse) wraps ``select``, as an instance attribute of the *selector* (never of the
+  loop, and nothing in its ``_scheduled`` or ``_ready``): entering it, the loop's callbacks for
+  this iteration are done;
   leaving it, they start. So the pulse is exact, and it also measures the loop's busy time (the
   time between a wake and the next wait) and its lag. The compiled twin (``_accel.Pulse``) costs
   about 40 ns per iteration; this pure-Python one about 400 ns.

@@ -37,6 +37,8 @@ import contextlib
 import gc
 import inspect
 import os
+import select
+import selectors
 import sys
 import threading
 import time
@@ -46,7 +48,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _context, _places, _threads
 from ._alarm import Alarm, new_alarm
@@ -357,7 +359,23 @@ class LoopState:
 
     def _make_pulse(self, loop: asyncio.AbstractEventLoop) -> Any:
         """A select pulse for asyncio's loops, a heartbeat for the others (uvloop)."""
-        selector = getattr(loop, "_selector", None) if isinstance(loop, BaseEventLoop) else None
+        selector: Any = (
+            getattr(loop, "_selector", None) if isinstance(loop, BaseEventLoop) else None
+        )
+        inner: Any = getattr(selector, "_selector", None)
+        if (
+            ACCEL is not None
+            and type(inner) is _EPOLL
+            and isinstance(selector, selectors.EpollSelector)
+        ):
+            # Poll mode (the common case on Linux): the pulse stands in for the selector's epoll
+            # object, around its poll (see _accel.c); select() itself is left as it is. (The
+            # selector's __dict__ is never asked for: a dict made for it would cost each later
+            # lookup of an attribute of the selector its specialization.)
+            pulse = ACCEL.Pulse(inner.poll, self.period, self.first_check, self.alarm, inner)
+            cast(Any, selector)._selector = pulse
+            self._selector_ref = weakref.ref(selector)
+            return pulse
         real = getattr(selector, "select", None)
         if selector is not None and real is not None and hasattr(selector, "__dict__"):
             cls = ACCEL.Pulse if ACCEL is not None else SelectPulse
@@ -377,7 +395,12 @@ class LoopState:
         pulse.active = False
         if isinstance(pulse, Heartbeat | _Unborn):
             return
-        selector = self._selector_ref()
+        selector: Any = self._selector_ref()
+        target = getattr(pulse, "target", None)
+        if target is not None:
+            if selector is not None and getattr(selector, "_selector", None) is pulse:
+                selector._selector = target
+            return
         if selector is not None and selector.__dict__.get("select") is pulse:
             previous = pulse._prev
             if previous is _ABSENT:
@@ -811,6 +834,7 @@ def _heartbeat_start(start: float, beat: float, period: float, at: float) -> flo
 
 
 _ABSENT = object()
+_EPOLL = getattr(select, "epoll", None)
 _thread_frame: Callable[[int], FrameType | None] = _thread_frame_py
 
 

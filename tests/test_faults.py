@@ -208,6 +208,30 @@ def watchdog_dies(tmp_path: Path, kind: str, runs: int) -> None:
     assert {e["event"] for e in events_in(log)} <= {"loopwatch.slow_callback"}
 
 
+def test_following_a_run_that_fails(tmp_path: Path, kind: str) -> None:
+    """Starting to follow a loop's run raises (an internal error of loopwatch's, injected): the
+    program runs and exits as it would, that loop is no longer watched, one line; not Python's
+    "Exception ignored" at every run."""
+    source = (
+        "import asyncio\n"
+        "from loopwatch import _watchdog\n"
+        "def broken(self, depth=2):\n"
+        "    raise RuntimeError('run_started broke')\n"
+        "_watchdog.LoopState.run_started = broken\n" + textwrap.dedent(BLOCKS)
+    )
+    plain, _ = same_host(
+        tmp_path,
+        "following a run fails",
+        source,
+        kind,
+        [
+            "loopwatch: watching a loop's run failed (RuntimeError: run_started broke); that "
+            "loop is no longer watched"
+        ],
+    )
+    assert (plain.stdout, plain.returncode) == ("step 0\nstep 1\nstep 2\ndone\n", 3)
+
+
 def test_the_watchdog_thread_dying(tmp_path: Path, kind: str) -> None:
     watchdog_dies(tmp_path, kind, runs=1)
 
