@@ -128,19 +128,32 @@ def attrs(kvs: Any) -> dict[str, Any]:
     return out
 
 
-def run(tmp_path: Path, source: str, kind: str, receiver: Receiver, **env: str) -> str:
-    app = tmp_path / "app.py"
-    app.write_text(textwrap.dedent(source))
+def otel_env(endpoint: str, **extra: str) -> dict[str, str]:
+    """The test's environment without LOOPWATCH_* and OTEL_*, then LOOPWATCH=1 with
+    LOOPWATCH_OTEL=1, sending to ``endpoint``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH", "OTEL_"))}
     environ.update(
         LOOPWATCH="1",
         LOOPWATCH_OTEL="1",
         LOOPWATCH_LOG="off",
         LOOPWATCH_SLOW_CALLBACK_MS="100",
-        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
         OTEL_SERVICE_NAME="shop",
-        **env,
+        **extra,
     )
+    return environ
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(tmp_path: Path, source: str, kind: str, receiver: Receiver, **env: str) -> str:
+    app = tmp_path / "app.py"
+    app.write_text(textwrap.dedent(source))
+    environ = otel_env(receiver.endpoint, **env)
     proc = subprocess.run(
         [sys.executable, str(app), kind],
         cwd=tmp_path,
@@ -388,19 +401,9 @@ def test_a_request_span_under_uvicorn_shows_the_block_with_its_route(
     import httpx
 
     (tmp_path / "shop.py").write_text(textwrap.dedent(SERVICE))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH", "OTEL_"))}
-    environ.update(
-        LOOPWATCH="1",
-        LOOPWATCH_OTEL="1",
-        LOOPWATCH_LOG="off",
-        LOOPWATCH_SLOW_CALLBACK_MS="100",
-        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-        OTEL_SERVICE_NAME="shop",
-        OTEL_METRIC_EXPORT_INTERVAL="500",
-        PYTHONPATH=str(tmp_path),
+    port = free_port()
+    environ = otel_env(
+        receiver.endpoint, OTEL_METRIC_EXPORT_INTERVAL="500", PYTHONPATH=str(tmp_path)
     )
     loop = "uvloop" if kind == "uvloop" else "asyncio"
     proc = subprocess.Popen(
@@ -458,18 +461,10 @@ def test_a_collector_that_is_down_is_one_line_and_a_short_wait(tmp_path: Path, k
     """Nothing listens at OTEL_EXPORTER_OTLP_ENDPOINT: the program runs and exits as it would,
     the exporters' own retry lines are not on its standard error, loopwatch says it once, and
     the exit waits 2 s at most for the last export."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]  # closed again: nothing listens there
+    dead = free_port()  # closed again: nothing listens there
     app = tmp_path / "app.py"
     app.write_text(textwrap.dedent(OWN))
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPWATCH", "OTEL_"))}
-    environ.update(
-        LOOPWATCH="1",
-        LOOPWATCH_OTEL="1",
-        LOOPWATCH_LOG="off",
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{dead}",
-    )
+    environ = otel_env(f"http://127.0.0.1:{dead}")
     start = time.monotonic()
     out = subprocess.run(
         [sys.executable, str(app), kind], env=environ, capture_output=True, text=True, timeout=60
