@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -594,3 +595,36 @@ def test_process_hooks_are_removable() -> None:
     assert _runtime.current() is None
     assert asyncio.runners._cancel_all_tasks.__module__ == "asyncio.runners"  # type: ignore[attr-defined]
     assert warnings._warn_unawaited_coroutine.__module__ == "warnings"  # type: ignore[attr-defined]
+
+
+def test_the_pulse_calls_no_method_of_the_programs_loop(
+    factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """A test may count the calls of its loop's methods (janus's counts ``is_closed``): the
+    pulse, which on uvloop beats every 10 ms, calls none of them while the loop runs."""
+    loopwatch.install()
+    loop = factory()
+    calls: list[str] = []
+
+    def counted(name: str) -> Callable[..., Any]:
+        real = getattr(loop, name)
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return method
+
+    async def main() -> None:
+        for name in ("is_closed", "is_running"):
+            setattr(loop, name, counted(name))
+        await asyncio.sleep(0.1)  # ten beats of the heartbeat, many iterations of the pulse
+        for name in ("is_closed", "is_running"):
+            delattr(loop, name)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    # (the program's own sleep calls neither; loopwatch's heartbeat called is_closed at each beat)
+    assert calls == []
