@@ -242,10 +242,25 @@ def test_a_thread_of_loopwatchs_woken_while_the_loop_is_busy_gets_the_gil_at_onc
     run, the loop paying a futex wake each time). The pulse hands it the GIL instead: woken by a
     file (the watchdog's alarm or pipe, a scrape) or rung (the reporter), it holds the GIL by the
     loop's next iteration (uvloop: the next heartbeat), counted with the pulse's own counter."""
-    from loopwatch import _native, _threads
+    from loopwatch import _native
 
     if wake == "file" and _native.ACCEL is None:
         pytest.skip("pure Python cannot say it woke before it holds the GIL")
+    # The OS may not run the woken thread at once on a busy host (CPU steal): the best of three
+    # wake-ups is judged. Handed the GIL: 0 to 3 iterations (up to 8 on a loaded machine);
+    # unhanded, 26 to 3,000 in the same runs, every time.
+    delays = []
+    for _ in range(3):
+        delays.append(_iterations_until_the_gil(factory, wake))
+        if delays[-1] <= 10:
+            break
+    assert min(delays) <= 10, delays
+
+
+def _iterations_until_the_gil(factory: Factory, wake: str) -> int:
+    """Loop iterations between waking a thread and that thread holding the GIL."""
+    from loopwatch import _threads
+
     runtime = _api.activate()
     read_fd, write_fd = os.pipe()
     bell = threading.Lock()
@@ -307,10 +322,7 @@ def test_a_thread_of_loopwatchs_woken_while_the_loop_is_busy_gets_the_gil_at_onc
         os.close(write_fd)
     assert not thread.is_alive()
     assert pulses[0].iterations > 10  # the loop iterated (uvloop: its heartbeat beat) all along
-    # Handed the GIL within a few iterations (0 to 3 here, up to 8 on a loaded machine: the
-    # waiter's own wake-up, or another thread of loopwatch's handed it first); unhanded, it waited
-    # 26 to 3,000 iterations in the same runs.
-    assert 0 <= at["got"] - at["wake"] <= 10, (at, pulses[0].iterations, ran[0])
+    return at["got"] - at["wake"]
 
 
 def _voluntary_switches(native_id: int) -> int:
