@@ -341,12 +341,14 @@ def test_threads_started_while_the_loop_is_busy_get_the_gil_at_once(
     """A thread of loopwatch's just started waits for the GIL before its first line; on a busy
     loop it was woken at every release of the GIL and starved for the whole run (about 1,700
     wake-ups in 0.5 s, measured, and the loop paid a futex wake each time). Started while the
-    loop is busy (install() from inside it), each is handed the GIL at once: a few wake-ups."""
+    loop is busy (install() from inside it), each holds the GIL and runs its first line within
+    a few of the loop's iterations (counted in callbacks run: 20 an iteration)."""
     from loopwatch import _runtime
 
-    loopwatch.uninstall()  # threads of this test's own: their counts start here
-    assert _runtime.current() is None
+    loopwatch.uninstall()  # threads of this test's own
     workers: list[Any] = []
+    ran = [0]
+    at: dict[str, int] = {}
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -354,7 +356,10 @@ def test_threads_started_while_the_loop_is_busy_get_the_gil_at_once(
         start = time.monotonic()
 
         def step() -> None:
+            ran[0] += 1
             sum(range(300))
+            if workers and "started" not in at and all(w.native_id for w in workers):
+                at["started"] = ran[0]
             if time.monotonic() < start + 0.4:
                 loop.call_soon(step)
             elif not done.done():
@@ -364,15 +369,15 @@ def test_threads_started_while_the_loop_is_busy_get_the_gil_at_once(
             loop.call_soon(step)
         await asyncio.sleep(0)
         loopwatch.install(log="off")  # starts the watchdog's and the reporter's threads
+        at["install"] = ran[0]
         runtime = _runtime.current()
         assert runtime is not None
         workers.extend([runtime.watchdog.worker, runtime.dispatcher.worker])
         await done
-        for worker in workers:
-            assert worker.native_id is not None, worker.name
-            switches = _voluntary_switches(worker.native_id)
-            # 1 to 3 here; starved, 1,000 and more
-            assert switches <= 30, (worker.name, switches)
+        # Started within 10 iterations (1 to 2 here; the OS may run a new thread late on a host
+        # with CPU steal); starved, not within the whole 0.4 s run (thousands of iterations).
+        assert "started" in at, (at, ran[0], [w.native_id for w in workers])
+        assert at["started"] - at["install"] <= 200, (at, ran[0])
 
     loop = factory()
     try:
