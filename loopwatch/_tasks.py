@@ -762,6 +762,12 @@ class TaskTracker:
             if record is not None and record.in_group_exit and isinstance(exc, BaseExceptionGroup):
                 return  # a TaskGroup's errors take the place of the cancellation, by design
             ended = "returned" if exc is None or type(exc) is StopIteration else None
+            if ended is not None and getattr(task, "_must_cancel", False):
+                # Cancelled again before this last step: the task ends CANCELLED all the same
+                # (Task.__step cancels a task whose coroutine returns while a cancellation is
+                # due). Python 3.13's TaskGroup does so when its errors took the place of an
+                # outside cancellation, so that the cancellation is not lost.
+                return
             self._swallowed(
                 task, proxy._coro, proxy, record.place if record else None, ended or exc
             )

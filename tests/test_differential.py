@@ -13,8 +13,12 @@ results, exceptions and cancellations, and the same completions in any order; th
 them deterministic in that sense (:func:`settle`: where a timed child runs concurrently with one
 that may raise, each child's exception is caught in place, so no race decides what is cancelled).
 
-None of these programs leaks, orphans, blocks or loses an exception: the watched run must raise
-no finding at all.
+None of these programs leaks, orphans, blocks or loses an exception. One thing they can lose is
+a cancellation, where asyncio itself loses it: Python 3.11 and 3.12 let a TaskGroup's errors take
+the place of an outside cancellation, and a ``catch`` node around the group then returns with
+``cancelling()`` still above 0 (3.13 cancels the task again instead). So the watched run may report
+``cancel_swallowed`` for a task that the plain run shows ending that way (not cancelled, its
+``cancelling()`` above 0, the same way: returned or the same exception), and nothing else.
 """
 
 from __future__ import annotations
@@ -22,17 +26,18 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import uvloop
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import loopwatch
 from loopwatch import _api
-from loopwatch._events import Event
+from loopwatch._events import CancelSwallowed, Event
 
 Node = tuple[Any, ...]
 Factory = Callable[[], asyncio.AbstractEventLoop]
@@ -171,6 +176,7 @@ class Interpreter:
     def __init__(self, eager: bool) -> None:
         self.log: list[Any] = []
         self.tasks: list[asyncio.Task[Any]] = []
+        self.uncancelled: list[str] = []
         self.kwargs: dict[str, Any] = {}
         self.eager = eager
 
@@ -198,6 +204,12 @@ class Interpreter:
             # awaits it then. Retrieved here: these programs lose no exception.
             if not task.cancelled():
                 task.exception()
+        # How each task that ended neither cancelled nor with its cancellations withdrawn ended.
+        self.uncancelled = sorted(
+            "returned" if task.exception() is None else type(task.exception()).__name__
+            for task in self.tasks
+            if not task.cancelled() and task.cancelling() > 0
+        )
         return outcome
 
     async def run(self, node: Node) -> Any:
@@ -311,7 +323,7 @@ class Interpreter:
         return got
 
 
-def run_program(factory: Factory, root: Node, eager: bool) -> tuple[Any, list[Any]]:
+def run_program(factory: Factory, root: Node, eager: bool) -> tuple[Any, list[Any], list[str]]:
     interpreter = Interpreter(eager)
     with asyncio.Runner(loop_factory=factory) as runner:
         try:
@@ -319,7 +331,7 @@ def run_program(factory: Factory, root: Node, eager: bool) -> tuple[Any, list[An
         except (Exception, asyncio.CancelledError) as exc:
             # What escapes the program's main task (a CancelledError, say): the same on both.
             outcome = ("escaped", describe(exc))
-    return outcome, interpreter.log
+    return outcome, interpreter.log, interpreter.uncancelled
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -332,6 +344,10 @@ def run_program(factory: Factory, root: Node, eager: bool) -> tuple[Any, list[An
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(programs)
+# A cancellation lost to a TaskGroup's errors that a catch node takes (3.11, 3.12), or not (3.13).
+@example(
+    (("cancel", 2, ("task", False, ("catch", ("group", (("raise", 0, "KeyError", ""),))))), False)
+)
 def test_watched_programs_behave_as_unwatched(program: tuple[Node, bool]) -> None:
     drawn, eager = program
     root = settle(drawn)
@@ -347,13 +363,20 @@ def test_watched_programs_behave_as_unwatched(program: tuple[Node, bool]) -> Non
             plain = run_program(PLAIN[kind], root, eager)
             watched = run_program(WATCHED[kind], root, eager)
             COUNTS["cases"] += 1
-            COUNTS["findings"] += len(findings)
             assert watched[0] == plain[0], (kind, root)
             if exact:
                 assert watched[1] == plain[1], (kind, root)
             else:
                 assert sorted(watched[1], key=repr) == sorted(plain[1], key=repr), (kind, root)
-            assert findings == [], (kind, root, findings)
+            assert watched[2] == plain[2], (kind, root)
+            # Only a cancellation asyncio loses unwatched too, and no more than it loses.
+            swallowed = Counter(
+                f.ended.split(":", 1)[0] for f in findings if isinstance(f, CancelSwallowed)
+            )
+            assert all(isinstance(f, CancelSwallowed) for f in findings), (kind, root, findings)
+            assert swallowed <= Counter(plain[2]), (kind, root, findings, plain[2])
+            COUNTS["findings"] += len(findings)
+            findings.clear()
     finally:
         runtime.dispatcher.remove_sink(findings.append)
 
@@ -399,10 +422,11 @@ def test_a_known_program_gives_its_known_trace() -> None:
     )
     for kind in sorted(PLAIN):
         for factories in (PLAIN, WATCHED):
-            outcome, log = run_program(factories[kind], root, eager=False)
+            outcome, log, uncancelled = run_program(factories[kind], root, eager=False)
             assert outcome == expected, (kind, outcome)
             # (gather) 3 first: no yield; "k" raised; 1 after two yields; then the group...
             assert log[:3] == [("raise", "KeyError", "k"), ("yield", 3), ("yield", 1)]
+            assert uncancelled == [], (kind, uncancelled)
 
 
 def test_report_the_corpus(capsys: pytest.CaptureFixture[str]) -> None:
@@ -414,7 +438,6 @@ def test_report_the_corpus(capsys: pytest.CaptureFixture[str]) -> None:
             f"\ndifferential corpus: {COUNTS['programs']} programs ({COUNTS['nodes']} operations; "
             f"{COUNTS['exact_order']} compared in exact order, {COUNTS['timed']} with real time), "
             f"{COUNTS['cases']} cases (program x loop kind), plain vs watched, "
-            f"{COUNTS['findings']} findings"
+            f"{COUNTS['findings']} findings (each a cancellation lost unwatched too)"
         )
     assert COUNTS["cases"] == 2 * COUNTS["programs"]
-    assert COUNTS["findings"] == 0

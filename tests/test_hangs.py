@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 from conftest import Recorder, place, run_on
 
 from loopwatch import _api
@@ -26,6 +27,7 @@ from loopwatch._native import ACCEL
 HERE = __file__
 Factory = Callable[[], asyncio.AbstractEventLoop]
 HANG_EVENTS = ("loopwatch.cancel_swallowed", "loopwatch.cancel_ignored")
+LOOPS: dict[str, Factory] = {"asyncio": asyncio.SelectorEventLoop, "uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture
@@ -96,6 +98,69 @@ def test_a_cancellation_turned_into_another_exception_is_swallowed_too(
         place(HERE, "SWALLOW:raise", "swallows_then_raises"),
         "ValueError: gave up",
     )
+
+
+async def catches_group_errors() -> str:
+    async def fails() -> None:
+        raise KeyError("k")
+
+    try:
+        async with asyncio.TaskGroup() as group:  # SWALLOW:group
+            group.create_task(fails())
+    except Exception:
+        return "caught"
+    return "ok"
+
+
+async def awaits_group(inner: list[asyncio.Task[str]]) -> str:
+    inner.append(asyncio.create_task(catches_group_errors()))  # SWALLOW:group-create
+    return await inner[0]
+
+
+async def cancel_the_awaiter() -> tuple[asyncio.Task[str], asyncio.Task[str]]:
+    """Cancels a task awaiting another (the cancellation passes on to the awaited one) just as
+    a task of the awaited one's TaskGroup has failed: the group's errors take the place of the
+    cancellation, and the task catches them."""
+    inner: list[asyncio.Task[str]] = []
+    outer = asyncio.create_task(awaits_group(inner))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    outer.cancel()
+    await asyncio.wait([outer])
+    return outer, inner[0]
+
+
+def test_a_cancellation_lost_to_a_task_groups_errors(
+    kind: str, factory: Factory, hangs: Recorder
+) -> None:
+    """Python 3.11 and 3.12 lose the cancellation then: the task returns what its ``except``
+    made of the group's errors, ``cancelling()`` still 1, a swallowed cancellation (the task
+    awaiting it goes on as if never cancelled). Python 3.13 cancels the task again so as not to
+    lose it: the task ends cancelled, and nothing is reported. Each as unwatched."""
+    plain = run_on(LOOPS[kind], cancel_the_awaiter())
+    outer, inner = run_on(factory, cancel_the_awaiter())
+    outcome = [
+        (t.cancelled(), t.cancelling(), None if t.cancelled() else t.result())
+        for t in (outer, inner)
+    ]
+    assert outcome == [
+        (t.cancelled(), t.cancelling(), None if t.cancelled() else t.result()) for t in plain
+    ]
+    if sys.version_info >= (3, 13):
+        assert outcome == [(True, 1, None), (True, 1, None)]
+        time.sleep(0.05)
+        assert list(hangs) == []
+        return
+    assert outcome == [(False, 1, "caught"), (False, 1, "caught")]
+    (found,) = hangs.wait_for(1, "loopwatch.cancel_swallowed")
+    assert (found.task, found.coroutine, found.created_at, found.location, found.ended) == (  # type: ignore[attr-defined]
+        inner.get_name(),
+        "catches_group_errors",
+        place(HERE, "SWALLOW:group-create", "awaits_group"),
+        place(HERE, "SWALLOW:group", "catches_group_errors"),
+        "returned",
+    )
+    assert [e.event for e in hangs] == ["loopwatch.cancel_swallowed"]
 
 
 def test_a_swallowed_cancellation_is_seen_with_step_timing_off(factory: Factory) -> None:
