@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 10
+#define API_VERSION 11
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -2000,7 +2000,7 @@ typedef struct {
 } PulseObject;
 
 static PyTypeObject Pulse_Type;
-static PyObject *s_clear, *s_fd;
+static PyObject *s_clear, *s_fd, *s_gi_frame, *s_gi_yieldfrom;
 
 /* After a fork, in the parent: loopwatch's threads start again from the program's own thread
    once os.fork() has returned (Python 3.13 counts the process's threads, for its fork warning,
@@ -2938,6 +2938,90 @@ set_driver(PyObject *Py_UNUSED(m), PyObject *code)
     Py_RETURN_NONE;
 }
 
+/* -- the live view: a task's chain of awaits ------------------------------------------------ */
+
+/* await_walk(coro, frameless): the frames of a chain of coroutines and generators each
+   suspended in the next, outermost first, and its key: the id of each frame's code object and
+   its instruction offset, in a tuple. The chain ends at an object whose type is in the set
+   frameless (a future), at a frame gone, or after 64 links. None where it reaches an awaitable
+   of any other kind: the caller walks that chain itself. Called from any thread: it reads the
+   coroutines' attributes as Python code would, under the GIL. */
+static PyObject *
+await_walk(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyAnySet_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "await_walk(coro, frameless: set)");
+        return NULL;
+    }
+    PyObject *frameless = args[1];
+    PyObject *frames = PyList_New(0);
+    PyObject *key = PyList_New(0);
+    PyObject *awaitable = Py_NewRef(args[0]);
+    PyObject *result = NULL;
+    if (frames == NULL || key == NULL) {
+        goto done;
+    }
+    for (int depth = 0; depth < 64 && awaitable != Py_None; depth++) {
+        PyTypeObject *kind = Py_TYPE(awaitable);
+        PyObject *frame_name, *next_name;
+        if (kind == &PyCoro_Type) {
+            frame_name = s_cr_frame;
+            next_name = s_cr_await;
+        }
+        else if (kind == &PyGen_Type) {
+            frame_name = s_gi_frame;
+            next_name = s_gi_yieldfrom;
+        }
+        else {
+            int found = PySet_Contains(frameless, (PyObject *)kind);
+            if (found < 0) {
+                goto done;
+            }
+            if (found) {
+                break;
+            }
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        PyObject *frame = PyObject_GetAttr(awaitable, frame_name);
+        if (frame == NULL) {
+            goto done;
+        }
+        if (!PyFrame_Check(frame)) {
+            Py_DECREF(frame);
+            break; /* (None: the coroutine has ended) */
+        }
+        PyObject *next = PyObject_GetAttr(awaitable, next_name);
+        if (next == NULL) {
+            Py_DECREF(frame);
+            goto done;
+        }
+        PyCodeObject *code = PyFrame_GetCode((PyFrameObject *)frame);
+        PyObject *code_id = PyLong_FromVoidPtr(code);
+        Py_DECREF(code);
+        PyObject *lasti = PyLong_FromLong(PyFrame_GetLasti((PyFrameObject *)frame));
+        int bad = code_id == NULL || lasti == NULL || PyList_Append(frames, frame) < 0 ||
+                  PyList_Append(key, code_id) < 0 || PyList_Append(key, lasti) < 0;
+        Py_XDECREF(code_id);
+        Py_XDECREF(lasti);
+        Py_DECREF(frame);
+        Py_SETREF(awaitable, next);
+        if (bad) {
+            goto done;
+        }
+    }
+    PyObject *signature = PyList_AsTuple(key);
+    if (signature != NULL) {
+        result = PyTuple_Pack(2, frames, signature);
+        Py_DECREF(signature);
+    }
+done:
+    Py_XDECREF(awaitable);
+    Py_XDECREF(frames);
+    Py_XDECREF(key);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(Task, CancelledError, machinery_cache, Handle._run code, duration_bounds, "
@@ -2974,6 +3058,8 @@ static PyMethodDef module_methods[] = {
      "From a loop's thread: if a thread of loopwatch's is due, let it take the GIL now."},
     {"set_request_end", set_request_end, METH_O,
      "set_request_end(fn): fn(route, busy) when a task labelled with a route (_route) ends."},
+    {"await_walk", (PyCFunction)(void (*)(void))await_walk, METH_FASTCALL,
+     "await_walk(coro, frameless): (frames, key) of a chain of suspended coroutines, or None."},
     {"resume_later", resume_later, METH_O,
      "Call fn once from the program's thread soon (a pending call, or a loop's next pulse)."},
     {NULL, NULL, 0, NULL},
@@ -3014,6 +3100,8 @@ PyInit__accel(void)
     INTERN(s_loop, "loop");
     INTERN(s_clear, "clear");
     INTERN(s_fd, "fd");
+    INTERN(s_gi_frame, "gi_frame");
+    INTERN(s_gi_yieldfrom, "gi_yieldfrom");
 #ifdef HAVE_TSC
     tsc_setup();
 #endif

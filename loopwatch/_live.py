@@ -16,16 +16,29 @@ import os
 import threading
 import time
 import types
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from . import _places
+from ._native import ACCEL
 from ._tasks import mark_site, pending_tasks, site_place, suspended_chain
+from ._timing import Timed
 from ._watchdog import LoopState, coroutine_name
 
 _MISSING = object()
 _PyFuture = getattr(asyncio.futures, "_PyFuture", asyncio.Future)
 _Coroutine = types.CoroutineType
 _Generator = types.GeneratorType
+_await_walk = getattr(ACCEL, "await_walk", None)
+_Gathering = getattr(asyncio.tasks, "_GatheringFuture", None)
+_by_id = itemgetter("id")
+_by_busy = itemgetter("busy_s")
+
+
+def _micro(seconds: float) -> float:
+    """``round(seconds, 6)`` for a duration (never negative), in a third of its time."""
+    return int(seconds * 1e6 + 0.5) / 1e6
+
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -76,20 +89,28 @@ def _loop(loop: asyncio.AbstractEventLoop, state: LoopState, now: float) -> dict
     keep.append(tasks)
     current = asyncio.current_task(loop)
     reader = _Reader(state.tasks, keep, now)
-    rows: dict[int, dict[str, Any]] = {}
-    for task in tasks:
-        rows[id(task)] = reader.task(task, task is current)
+    row_of = reader.task
+    rows: dict[int, dict[str, Any]] = {id(task): row_of(task, task is current) for task in tasks}
     # Who awaits whom: a task's future waiter is the task (or the gather) it waits on.
     for task in tasks:
         waiter = getattr(task, "_fut_waiter", None)
         if waiter is None:
             continue
-        targets = getattr(waiter, "_children", None) or [waiter]
+        if type(waiter) is _Gathering or (_Gathering is None and hasattr(waiter, "_children")):
+            targets = waiter._children
+        else:
+            row = rows.get(id(waiter))  # (mostly a plain future: asking it for _children is slow)
+            if row is not None:
+                row["awaited_by"].append(rows[id(task)]["task"])
+            continue
         for target in targets:
             row = rows.get(id(target))
             if row is not None:
                 row["awaited_by"].append(rows[id(task)]["task"])
-    entry["tasks"] = sorted(rows.values(), key=lambda r: (-r["busy_s"], r["id"]))
+    # The busiest first, then by id: two stable sorts cost less than one by a tuple key.
+    ordered = sorted(rows.values(), key=_by_id)
+    ordered.sort(key=_by_busy, reverse=True)
+    entry["tasks"] = ordered
     return entry
 
 
@@ -126,23 +147,34 @@ class _Reader:
                 self.names[id(code)] = found  # (a name of the loop's own wrappers: not cached)
         return found
 
-    def created_at(self, mark: Any) -> str | None:
-        if mark is None:
-            return None
-        if mark._stack is not None or mark._code is None:
-            return site_place(mark_site(mark))
-        code = mark._code
-        key = (id(code), mark._lasti)
-        found = self.sites.get(key, _MISSING)
-        if found is _MISSING:
-            found = self.sites[key] = site_place((code, mark._lasti))
-        return found  # type: ignore[return-value]
-
     def chain(self, coro: Any) -> tuple[str | None, list[str]]:
         """Where a suspended coroutine waits (the innermost frame of the program's own code)
         and the places of its chain of coroutines to there, outermost first. Tasks suspended at
         the same instructions share one answer: the chain is keyed by its frames' code and
         instruction offsets, and placed once."""
+        walked = _await_walk(coro, self.frameless) if _await_walk is not None else None
+        if walked is not None:
+            frames, signature = walked
+        else:
+            frames, signature = self.walk(coro)
+        if not frames:
+            awaiting, _, places_ = suspended_chain(coro, self.keep)  # (an async generator)
+            return awaiting, list(places_)
+        self.keep.append(frames)
+        found = self.chains.get(signature)
+        if found is None:
+            pick = len(frames) - 1
+            while pick > 0 and not _places.is_own_code(frames[pick].f_code.co_filename):
+                pick -= 1
+            if pick == 0 and not _places.is_own_code(frames[0].f_code.co_filename):
+                pick = len(frames) - 1
+            places = [self.place(f.f_code, f.f_lineno) for f in frames[: pick + 1]]
+            found = self.chains[signature] = (places[-1], places)
+        return found[0], found[1].copy()
+
+    def walk(self, coro: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        """The frames of a chain of awaits, outermost first, and its key (what the compiled
+        ``await_walk`` gives, for any kind of awaitable)."""
         frames = []
         key: list[Any] = []
         awaitable = coro
@@ -171,51 +203,57 @@ class _Reader:
             awaitable = nxt
             if awaitable is None:
                 break
-        if not frames:
-            awaiting, _, places_ = suspended_chain(coro, self.keep)  # (an async generator)
-            return awaiting, list(places_)
-        self.keep.append(frames)
-        signature = tuple(key)
-        found = self.chains.get(signature)
-        if found is None:
-            pick = len(frames) - 1
-            while pick > 0 and not _places.is_own_code(frames[pick].f_code.co_filename):
-                pick -= 1
-            if pick == 0 and not _places.is_own_code(frames[0].f_code.co_filename):
-                pick = len(frames) - 1
-            places = [self.place(f.f_code, f.f_lineno) for f in frames[: pick + 1]]
-            found = self.chains[signature] = (places[-1], places)
-        return found[0], list(found[1])
+        return frames, tuple(key)
 
     def task(self, task: asyncio.Task[Any], running: bool) -> dict[str, Any]:
-        coro = task.get_coro()
-        tracker = self.tracker
-        mark = tracker.mark_of(task) if tracker is not None else None
-        if mark is not None:
-            age = self.now - mark.born
-            busy = getattr(mark, "busy", 0.0)  # (a TaskMark, without a proxy, counts neither)
-            steps = getattr(mark, "steps", 0)
+        proxy: Any = getattr(task, "_coro", None)
+        if type(proxy) is Timed and proxy._owner is self.tracker:
+            # (The common case, read straight off the task's proxy: what mark_of() and
+            # get_coro() would find, without their calls.)
+            mark: Any = proxy
+            coro = proxy._coro
+            age = self.now - proxy.born
+            busy = proxy.busy
+            steps = proxy.steps
         else:
-            age = busy = 0.0
-            steps = 0
-        awaiting: str | None = None
-        chain: list[str] = []
-        if not running:
+            coro = task.get_coro()
+            mark = self.tracker.mark_of(task) if self.tracker is not None else None
+            if mark is not None:
+                age = self.now - mark.born
+                busy = getattr(mark, "busy", 0.0)  # (a TaskMark, without a proxy, counts neither)
+                steps = getattr(mark, "steps", 0)
+            else:
+                age = busy = 0.0
+                steps = 0
+        if running:
+            awaiting: str | None = None
+            chain: list[str] = []
+            state = "running"
+        else:
             awaiting, chain = self.chain(coro)
-        state = "running" if running else "cancelling" if task.cancelling() else "pending"
+            state = "cancelling" if task.cancelling() else "pending"
+        if mark is None:
+            created_at = None
+        elif mark._stack is None and mark._code is not None:
+            key = (id(mark._code), mark._lasti)
+            created_at = self.sites.get(key, _MISSING)
+            if created_at is _MISSING:
+                created_at = self.sites[key] = site_place((mark._code, mark._lasti))
+        else:
+            created_at = site_place(mark_site(mark))
         return {
             "task": task.get_name(),
             "id": id(task),
             "coroutine": self.name(coro),
             "state": state,
-            "age_s": round(age, 6),
-            "created_at": self.created_at(mark),
+            "age_s": _micro(age),
+            "created_at": created_at,
             "awaiting": awaiting,
             "await_chain": chain,
             "awaited_by": [],
             "steps": steps,
-            "busy_s": round(busy, 6),
-            "waiting_s": round(age - busy if age > busy else 0.0, 6),
+            "busy_s": _micro(busy),
+            "waiting_s": _micro(age - busy) if age > busy else 0.0,
         }
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +294,71 @@ def test_a_failed_build_falls_back_to_pure_python(tmp_path: Path) -> None:
         timeout=60,
     )
     assert check.stdout == f"{_native.API}\n", check.stderr
+
+
+@compiled_only
+def test_the_compiled_await_walk_reads_a_chain_as_the_python_walk_does(factory: Any) -> None:
+    """The live view's chain of awaits, read by ``_accel.await_walk`` and by the Python walk:
+    the same frames and key, through coroutines, a generator-based coroutine and into a future;
+    None (the Python walk's turn) at an object of another kind, until the Python walk has
+    learnt that its type has no frame."""
+    from loopwatch import _live
+
+    @types.coroutine
+    def legacy(fut: asyncio.Future[None]) -> Any:
+        yield from fut
+
+    async def inner(fut: asyncio.Future[None]) -> None:
+        await legacy(fut)
+
+    async def outer(fut: asyncio.Future[None]) -> None:
+        await inner(fut)
+
+    async def on_task(other: asyncio.Task[None]) -> None:
+        await other
+
+    class Own:
+        def __init__(self, fut: asyncio.Future[None]) -> None:
+            self.fut = fut
+
+        def __await__(self) -> Any:
+            return self
+
+        def __next__(self) -> Any:
+            if self.fut.done():
+                raise StopIteration
+            self.fut._asyncio_future_blocking = True  # (as Future.__await__ yields itself)
+            return self.fut
+
+    async def on_own(fut: asyncio.Future[None]) -> None:
+        await Own(fut)
+
+    async def main() -> None:
+        fut = asyncio.get_running_loop().create_future()
+        first = asyncio.create_task(outer(fut))
+        second = asyncio.create_task(on_task(first))
+        await asyncio.sleep(0)
+        reader = _live._Reader(None, [], 0.0)
+        walk = _timing.ACCEL.await_walk
+        # (Ending at the future's iterator, whose type the Python walk learns first.)
+        assert walk(first.get_coro(), reader.frameless) is None
+        python = reader.walk(first.get_coro())
+        frames, key = walk(first.get_coro(), reader.frameless)
+        assert [f.f_code.co_name for f in frames] == ["outer", "inner", "legacy"]
+        assert (frames, key) == python
+        assert key == tuple(x for f in frames for x in (id(f.f_code), f.f_lasti))
+        assert walk(second.get_coro(), reader.frameless) == reader.walk(second.get_coro())
+        assert [f.f_code.co_name for f in reader.walk(second.get_coro())[0]] == ["on_task"]
+        # An awaitable of its own kind: an object with __next__ at the end of the chain.
+        third = asyncio.create_task(on_own(fut))
+        await asyncio.sleep(0)
+        assert walk(third.get_coro(), reader.frameless) is None
+        assert Own not in reader.frameless
+        python = reader.walk(third.get_coro())
+        assert Own in reader.frameless
+        assert walk(third.get_coro(), reader.frameless) == python
+        assert [f.f_code.co_name for f in python[0]] == ["on_own"]
+        fut.set_result(None)
+        await asyncio.gather(second, third)
+
+    run_on(factory, main())

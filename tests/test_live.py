@@ -50,14 +50,18 @@ async def scene() -> dict[str, Any]:
     async def gathers() -> list[None]:
         return await asyncio.gather(one, two)
 
+    async def awaits_one() -> None:
+        await one
+
     both = asyncio.create_task(gathers(), name="both")
+    direct = asyncio.create_task(awaits_one(), name="direct")
     held = asyncio.create_task(stubborn(), name="held")  # LIVE:held
     await asyncio.sleep(0.02)
     held.cancel()
     await asyncio.sleep(0.02)
     snap = loopwatch.snapshot()
     ready.set()
-    await both
+    await asyncio.gather(both, direct)
     held.cancel()
     await asyncio.wait([held])
     return snap
@@ -76,7 +80,7 @@ def test_snapshot_has_every_task_with_its_place_and_its_awaiter(factory: Factory
     rows = {row["task"]: row for row in loop["tasks"]}
     (main,) = [name for name, row in rows.items() if row["coroutine"] == "scene"]
     rows["main"] = rows.pop(main)
-    assert sorted(rows) == ["both", "held", "main", "one", "two"]
+    assert sorted(rows) == ["both", "direct", "held", "main", "one", "two"]
     chain = [place(HERE, "LIVE:worker", "worker"), place(HERE, "LIVE:fetch", "fetch")]
     for name in ("one", "two"):
         row = rows[name]
@@ -86,8 +90,9 @@ def test_snapshot_has_every_task_with_its_place_and_its_awaiter(factory: Factory
             place(HERE, f"LIVE:{name}", "scene"),
         )
         assert (row["awaiting"], row["await_chain"]) == (chain[-1], chain)
-        # gather's future is what the task 'both' waits on: both tasks are awaited by it.
-        assert row["awaited_by"] == ["both"]
+        # gather's future is what the task 'both' waits on: both tasks are awaited by it;
+        # 'direct' awaits 'one' itself.
+        assert sorted(row["awaited_by"]) == (["both", "direct"] if name == "one" else ["both"])
         assert row["steps"] == 1
         assert row["waiting_s"] == pytest.approx(row["age_s"] - row["busy_s"], abs=1e-5)
     assert (rows["main"]["state"], rows["main"]["awaiting"]) == ("running", None)
