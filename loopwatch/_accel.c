@@ -2940,86 +2940,269 @@ set_driver(PyObject *Py_UNUSED(m), PyObject *code)
 
 /* -- the live view: a task's chain of awaits ------------------------------------------------ */
 
-/* await_walk(coro, frameless): the frames of a chain of coroutines and generators each
-   suspended in the next, outermost first, and its key: the id of each frame's code object and
-   its instruction offset, in a tuple. The chain ends at an object whose type is in the set
-   frameless (a future), at a frame gone, or after 64 links. None where it reaches an awaitable
-   of any other kind: the caller walks that chain itself. Called from any thread: it reads the
-   coroutines' attributes as Python code would, under the GIL. */
-static PyObject *
-await_walk(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+/* await_key(coro, frameless): the key of a chain of coroutines and generators each suspended in
+   the next, outermost first: for each, the address of its frame's code object and its
+   instruction offset (f_lasti), as two native words, in one bytes object (exact, hashed fast,
+   and not a container the collector must follow). The chain ends at an object whose type is in
+   the set frameless (a future), at a frame gone, or after 64 links. None where it reaches an
+   awaitable of any other kind: the caller walks that chain itself. Called from any thread: it
+   reads the coroutines as their own getters do, under the GIL, and keeps no frame. */
+typedef struct {
+    void *code;
+    Py_ssize_t lasti;
+} AwaitLink;
+
+/* The C getters of cr_frame, cr_await, gi_frame and gi_yieldfrom, called straight (an
+   attribute lookup costs more than the rest of a link of the walk); NULL: look the name up. */
+static getter g_cr_frame, g_cr_await, g_gi_frame, g_gi_yieldfrom;
+
+static getter
+find_getter(PyTypeObject *type, const char *name)
 {
-    if (nargs != 2 || !PyAnySet_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "await_walk(coro, frameless: set)");
-        return NULL;
+    for (PyGetSetDef *def = type->tp_getset; def != NULL && def->name != NULL; def++) {
+        if (strcmp(def->name, name) == 0) {
+            return def->get;
+        }
     }
-    PyObject *frameless = args[1];
-    PyObject *frames = PyList_New(0);
-    PyObject *key = PyList_New(0);
-    PyObject *awaitable = Py_NewRef(args[0]);
-    PyObject *result = NULL;
-    if (frames == NULL || key == NULL) {
-        goto done;
-    }
-    for (int depth = 0; depth < 64 && awaitable != Py_None; depth++) {
+    return NULL;
+}
+
+static inline PyObject *
+get_link(PyObject *obj, getter get, PyObject *name)
+{
+    return get != NULL ? get(obj, NULL) : PyObject_GetAttr(obj, name);
+}
+
+#define AWAIT_LINKS 64
+
+static int
+await_links(PyObject *coro, PyObject *frameless, AwaitLink *links)
+{
+    int count = 0;
+    PyObject *awaitable = Py_NewRef(coro);
+    while (count < AWAIT_LINKS && awaitable != Py_None) {
         PyTypeObject *kind = Py_TYPE(awaitable);
-        PyObject *frame_name, *next_name;
+        PyObject *frame, *next;
         if (kind == &PyCoro_Type) {
-            frame_name = s_cr_frame;
-            next_name = s_cr_await;
+            frame = get_link(awaitable, g_cr_frame, s_cr_frame);
+            next = frame != NULL ? get_link(awaitable, g_cr_await, s_cr_await) : NULL;
         }
         else if (kind == &PyGen_Type) {
-            frame_name = s_gi_frame;
-            next_name = s_gi_yieldfrom;
+            frame = get_link(awaitable, g_gi_frame, s_gi_frame);
+            next = frame != NULL ? get_link(awaitable, g_gi_yieldfrom, s_gi_yieldfrom) : NULL;
         }
         else {
             int found = PySet_Contains(frameless, (PyObject *)kind);
-            if (found < 0) {
-                goto done;
-            }
-            if (found) {
-                break;
-            }
-            result = Py_NewRef(Py_None);
-            goto done;
+            Py_DECREF(awaitable);
+            return found < 0 ? -1 : found ? count : -2;
         }
-        PyObject *frame = PyObject_GetAttr(awaitable, frame_name);
-        if (frame == NULL) {
-            goto done;
+        Py_DECREF(awaitable);
+        if (frame == NULL || next == NULL) {
+            Py_XDECREF(frame);
+            return -1;
         }
         if (!PyFrame_Check(frame)) {
             Py_DECREF(frame);
-            break; /* (None: the coroutine has ended) */
-        }
-        PyObject *next = PyObject_GetAttr(awaitable, next_name);
-        if (next == NULL) {
-            Py_DECREF(frame);
-            goto done;
+            Py_DECREF(next);
+            return count; /* (None: the coroutine has ended) */
         }
         PyCodeObject *code = PyFrame_GetCode((PyFrameObject *)frame);
-        PyObject *code_id = PyLong_FromVoidPtr(code);
-        Py_DECREF(code);
-        PyObject *lasti = PyLong_FromLong(PyFrame_GetLasti((PyFrameObject *)frame));
-        int bad = code_id == NULL || lasti == NULL || PyList_Append(frames, frame) < 0 ||
-                  PyList_Append(key, code_id) < 0 || PyList_Append(key, lasti) < 0;
-        Py_XDECREF(code_id);
-        Py_XDECREF(lasti);
+        links[count].code = code;
+        links[count].lasti = PyFrame_GetLasti((PyFrameObject *)frame);
+        count++;
+        Py_DECREF(code); /* (the frame holds it; the coroutine holds the frame) */
         Py_DECREF(frame);
-        Py_SETREF(awaitable, next);
-        if (bad) {
-            goto done;
+        awaitable = next;
+    }
+    Py_DECREF(awaitable);
+    return count;
+}
+
+static PyObject *
+await_key(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyAnySet_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "await_key(coro, frameless: set)");
+        return NULL;
+    }
+    AwaitLink links[AWAIT_LINKS];
+    int count = await_links(args[0], args[1], links);
+    if (count == -1) {
+        return NULL;
+    }
+    if (count == -2) {
+        Py_RETURN_NONE;
+    }
+    return PyBytes_FromStringAndSize((const char *)links, (Py_ssize_t)(count * sizeof(AwaitLink)));
+}
+
+/* live_rows(tasks, current, owner, now, reader): the live view's row of each task, as
+   _live._Reader.task makes it, for a task whose proxy belongs to owner and whose chain, name and
+   creation site the reader's caches already hold (the common case: a few dozen coroutine
+   functions, thousands of tasks); any other task, and any cache miss, is the reader's own
+   reader.task(task, running), which fills the caches for the tasks after it. */
+static PyObject *g_row_template; /* {key: None} of a row, keys in order */
+static PyObject *s__coro, *s_get_name, *s_cancelling, *s_task_method, *s_frameless, *s_chains,
+    *s_names, *s_sites, *k_task, *k_id, *k_coroutine, *k_state, *k_age_s, *k_created_at,
+    *k_awaiting, *k_await_chain, *k_awaited_by, *k_steps, *k_busy_s, *k_waiting_s, *v_pending,
+    *v_cancelling;
+
+
+static PyObject *
+micro_s(double seconds)
+{
+    return PyFloat_FromDouble(trunc(seconds * 1e6 + 0.5) / 1e6); /* as int(...) / 1e6 */
+}
+
+/* The row of one task from the caches, or NULL with no error set for a miss. */
+static PyObject *
+live_row(PyObject *task, PyObject *owner, double now, PyObject *frameless, PyObject *chains,
+         PyObject *names, PyObject *sites)
+{
+    PyObject *row = NULL, *walked = NULL, *proxy_obj = PyObject_GetAttr(task, s__coro);
+    if (proxy_obj == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!Py_IS_TYPE(proxy_obj, &Timed_Type) || ((TimedObject *)proxy_obj)->owner != owner) {
+        goto done;
+    }
+    TimedObject *proxy = (TimedObject *)proxy_obj;
+    if (proxy->coro == NULL || (proxy->stack != NULL && proxy->stack != Py_None) ||
+        proxy->code == NULL || proxy->code == Py_None) {
+        goto done;
+    }
+    AwaitLink links[AWAIT_LINKS];
+    int count = await_links(proxy->coro, frameless, links);
+    if (count <= 0) {
+        PyErr_Clear();
+        goto done;
+    }
+    walked = PyBytes_FromStringAndSize((const char *)links, (Py_ssize_t)(count * sizeof(AwaitLink)));
+    PyObject *found = walked ? PyDict_GetItemWithError(chains, walked) : NULL;
+    if (found == NULL || !PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2 ||
+        !PyList_Check(PyTuple_GET_ITEM(found, 1))) {
+        PyErr_Clear();
+        goto done;
+    }
+    PyObject *code_id = PyLong_FromVoidPtr(links[0].code);
+    PyObject *name = code_id ? PyDict_GetItemWithError(names, code_id) : NULL;
+    Py_XDECREF(code_id);
+    PyObject *site_key = Py_BuildValue("(Ni)", PyLong_FromVoidPtr(proxy->code), proxy->lasti);
+    PyObject *site = site_key ? PyDict_GetItemWithError(sites, site_key) : NULL;
+    Py_XDECREF(site_key);
+    if (name == NULL || site == NULL) {
+        PyErr_Clear();
+        goto done;
+    }
+    Py_INCREF(name);
+    Py_INCREF(site);
+    Py_INCREF(found);
+    PyObject *task_name = PyObject_CallMethodNoArgs(task, s_get_name);
+    PyObject *cancelling = PyObject_CallMethodNoArgs(task, s_cancelling);
+    PyObject *places = PyList_GetSlice(PyTuple_GET_ITEM(found, 1), 0, PY_SSIZE_T_MAX);
+    double age = now - proxy->born, busy = proxy->busy;
+    int state = cancelling ? PyObject_IsTrue(cancelling) : -1;
+    PyObject *values[12] = {
+        task_name,
+        PyLong_FromVoidPtr(task),
+        Py_NewRef(name),
+        state < 0 ? NULL : Py_NewRef(state ? v_cancelling : v_pending),
+        micro_s(age),
+        Py_NewRef(site),
+        Py_NewRef(PyTuple_GET_ITEM(found, 0)),
+        places,
+        PyList_New(0),
+        PyLong_FromLongLong(proxy->steps),
+        micro_s(busy),
+        age > busy ? micro_s(age - busy) : PyFloat_FromDouble(0.0),
+    };
+    PyObject *keys[12] = {k_task,   k_id,          k_coroutine,  k_state,
+                          k_age_s,  k_created_at,  k_awaiting,   k_await_chain,
+                          k_awaited_by, k_steps,   k_busy_s,     k_waiting_s};
+    Py_XDECREF(cancelling);
+    Py_DECREF(name);
+    Py_DECREF(site);
+    Py_DECREF(found);
+    /* A copy of a dict with the twelve keys already in place (a copy of its table, where
+       twelve insertions would grow it twice), whose values are then replaced. */
+    if (g_row_template == NULL) {
+        g_row_template = PyDict_New();
+        for (int i = 0; i < 12 && g_row_template != NULL; i++) {
+            if (PyDict_SetItem(g_row_template, keys[i], Py_None) < 0) {
+                Py_CLEAR(g_row_template);
+            }
         }
     }
-    PyObject *signature = PyList_AsTuple(key);
-    if (signature != NULL) {
-        result = PyTuple_Pack(2, frames, signature);
-        Py_DECREF(signature);
+    row = g_row_template != NULL ? PyDict_Copy(g_row_template) : NULL;
+    for (int i = 0; i < 12; i++) {
+        if (row != NULL && (values[i] == NULL || PyDict_SetItem(row, keys[i], values[i]) < 0)) {
+            Py_CLEAR(row);
+        }
+        Py_XDECREF(values[i]);
+    }
+    if (row == NULL) {
+        PyErr_Clear(); /* (the reader's own row: it raises what it raises) */
     }
 done:
-    Py_XDECREF(awaitable);
-    Py_XDECREF(frames);
-    Py_XDECREF(key);
-    return result;
+    Py_XDECREF(walked);
+    Py_DECREF(proxy_obj);
+    return row;
+}
+
+static PyObject *
+live_rows(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "live_rows(tasks: list, current, owner, now, reader)");
+        return NULL;
+    }
+    PyObject *tasks = args[0], *current = args[1], *owner = args[2], *reader = args[4];
+    double now = PyFloat_AsDouble(args[3]);
+    if (now == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *frameless = PyObject_GetAttr(reader, s_frameless);
+    PyObject *chains = PyObject_GetAttr(reader, s_chains);
+    PyObject *names = PyObject_GetAttr(reader, s_names);
+    PyObject *sites = PyObject_GetAttr(reader, s_sites);
+    PyObject *slow = PyObject_GetAttr(reader, s_task_method);
+    PyObject *rows = PyList_New(0);
+    if (frameless == NULL || chains == NULL || names == NULL || sites == NULL || slow == NULL ||
+        rows == NULL || !PyAnySet_Check(frameless) || !PyDict_Check(chains) ||
+        !PyDict_Check(names) || !PyDict_Check(sites)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "live_rows: not a _live._Reader");
+        }
+        Py_CLEAR(rows);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
+        PyObject *task = PyList_GET_ITEM(tasks, i);
+        Py_INCREF(task);
+        PyObject *row = NULL;
+        if (task != current && owner != Py_None) {
+            row = live_row(task, owner, now, frameless, chains, names, sites);
+        }
+        if (row == NULL) {
+            row = PyObject_CallFunctionObjArgs(slow, task, task == current ? Py_True : Py_False,
+                                               NULL);
+        }
+        Py_DECREF(task);
+        if (row == NULL || PyList_Append(rows, row) < 0) {
+            Py_XDECREF(row);
+            Py_CLEAR(rows);
+            break;
+        }
+        Py_DECREF(row);
+    }
+done:
+    Py_XDECREF(frameless);
+    Py_XDECREF(chains);
+    Py_XDECREF(names);
+    Py_XDECREF(sites);
+    Py_XDECREF(slow);
+    return rows;
 }
 
 static PyMethodDef module_methods[] = {
@@ -3058,8 +3241,10 @@ static PyMethodDef module_methods[] = {
      "From a loop's thread: if a thread of loopwatch's is due, let it take the GIL now."},
     {"set_request_end", set_request_end, METH_O,
      "set_request_end(fn): fn(route, busy) when a task labelled with a route (_route) ends."},
-    {"await_walk", (PyCFunction)(void (*)(void))await_walk, METH_FASTCALL,
-     "await_walk(coro, frameless): (frames, key) of a chain of suspended coroutines, or None."},
+    {"live_rows", (PyCFunction)(void (*)(void))live_rows, METH_FASTCALL,
+     "live_rows(tasks, current, owner, now, reader): the live view's rows of these tasks."},
+    {"await_key", (PyCFunction)(void (*)(void))await_key, METH_FASTCALL,
+     "await_key(coro, frameless): the key of a chain of suspended coroutines (bytes), or None."},
     {"resume_later", resume_later, METH_O,
      "Call fn once from the program's thread soon (a pending call, or a loop's next pulse)."},
     {NULL, NULL, 0, NULL},
@@ -3102,6 +3287,32 @@ PyInit__accel(void)
     INTERN(s_fd, "fd");
     INTERN(s_gi_frame, "gi_frame");
     INTERN(s_gi_yieldfrom, "gi_yieldfrom");
+    INTERN(s__coro, "_coro");
+    g_cr_frame = find_getter(&PyCoro_Type, "cr_frame");
+    g_cr_await = find_getter(&PyCoro_Type, "cr_await");
+    g_gi_frame = find_getter(&PyGen_Type, "gi_frame");
+    g_gi_yieldfrom = find_getter(&PyGen_Type, "gi_yieldfrom");
+    INTERN(s_get_name, "get_name");
+    INTERN(s_cancelling, "cancelling");
+    INTERN(s_task_method, "task");
+    INTERN(s_frameless, "frameless");
+    INTERN(s_chains, "chains");
+    INTERN(s_names, "names");
+    INTERN(s_sites, "sites");
+    INTERN(k_task, "task");
+    INTERN(k_id, "id");
+    INTERN(k_coroutine, "coroutine");
+    INTERN(k_state, "state");
+    INTERN(k_age_s, "age_s");
+    INTERN(k_created_at, "created_at");
+    INTERN(k_awaiting, "awaiting");
+    INTERN(k_await_chain, "await_chain");
+    INTERN(k_awaited_by, "awaited_by");
+    INTERN(k_steps, "steps");
+    INTERN(k_busy_s, "busy_s");
+    INTERN(k_waiting_s, "waiting_s");
+    INTERN(v_pending, "pending");
+    INTERN(v_cancelling, "cancelling");
 #ifdef HAVE_TSC
     tsc_setup();
 #endif

@@ -8,9 +8,11 @@ tests again with ``LOOPWATCH_ACCEL=0``: these tests check the module itself and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -297,11 +299,11 @@ def test_a_failed_build_falls_back_to_pure_python(tmp_path: Path) -> None:
 
 
 @compiled_only
-def test_the_compiled_await_walk_reads_a_chain_as_the_python_walk_does(factory: Any) -> None:
-    """The live view's chain of awaits, read by ``_accel.await_walk`` and by the Python walk:
-    the same frames and key, through coroutines, a generator-based coroutine and into a future;
-    None (the Python walk's turn) at an object of another kind, until the Python walk has
-    learnt that its type has no frame."""
+def test_the_compiled_await_key_reads_a_chain_as_the_python_walk_does(factory: Any) -> None:
+    """The live view's chain of awaits, read by ``_accel.await_key`` and by the Python walk: the
+    same frames (each frame's code address and offset, as native words), through coroutines, a
+    generator-based coroutine and into a future; None (the Python walk's turn) at an object of
+    another kind, until the Python walk has learnt that its type has no frame."""
     from loopwatch import _live
 
     @types.coroutine
@@ -333,32 +335,85 @@ def test_the_compiled_await_walk_reads_a_chain_as_the_python_walk_does(factory: 
     async def on_own(fut: asyncio.Future[None]) -> None:
         await Own(fut)
 
+    def packed(frames: list[Any]) -> bytes:
+        return b"".join(struct.pack("@Pn", id(f.f_code), f.f_lasti) for f in frames)
+
     async def main() -> None:
         fut = asyncio.get_running_loop().create_future()
         first = asyncio.create_task(outer(fut))
         second = asyncio.create_task(on_task(first))
-        await asyncio.sleep(0)
-        reader = _live._Reader(None, [], 0.0)
-        walk = _timing.ACCEL.await_walk
-        # (Ending at the future's iterator, whose type the Python walk learns first.)
-        assert walk(first.get_coro(), reader.frameless) is None
-        python = reader.walk(first.get_coro())
-        frames, key = walk(first.get_coro(), reader.frameless)
-        assert [f.f_code.co_name for f in frames] == ["outer", "inner", "legacy"]
-        assert (frames, key) == python
-        assert key == tuple(x for f in frames for x in (id(f.f_code), f.f_lasti))
-        assert walk(second.get_coro(), reader.frameless) == reader.walk(second.get_coro())
-        assert [f.f_code.co_name for f in reader.walk(second.get_coro())[0]] == ["on_task"]
-        # An awaitable of its own kind: an object with __next__ at the end of the chain.
         third = asyncio.create_task(on_own(fut))
         await asyncio.sleep(0)
-        assert walk(third.get_coro(), reader.frameless) is None
-        assert Own not in reader.frameless
-        python = reader.walk(third.get_coro())
+        reader = _live._Reader(None, [], 0.0)
+        key = _timing.ACCEL.await_key
+        for task, names in ((first, ["outer", "inner", "legacy"]), (third, ["on_own"])):
+            # (Ending at the future's iterator, and at Own: types the Python walk learns.)
+            assert key(task.get_coro(), reader.frameless) is None
+            frames, _ = reader.walk(task.get_coro())
+            assert [f.f_code.co_name for f in frames] == names
+            assert key(task.get_coro(), reader.frameless) == packed(frames)
         assert Own in reader.frameless
-        assert walk(third.get_coro(), reader.frameless) == python
-        assert [f.f_code.co_name for f in python[0]] == ["on_own"]
+        frames, _ = reader.walk(second.get_coro())
+        assert [f.f_code.co_name for f in frames] == ["on_task"]
+        assert key(second.get_coro(), reader.frameless) == packed(frames)
         fut.set_result(None)
         await asyncio.gather(second, third)
+
+    run_on(factory, main())
+
+
+@compiled_only
+def test_the_compiled_live_rows_are_the_readers_rows(factory: Any) -> None:
+    """``_accel.live_rows`` makes each row the reader makes, key for key and in the same order,
+    and asks the reader only for what its caches do not hold yet (here: the first task of each
+    kind, the running one and a task asyncio itself made)."""
+    from loopwatch import _live, _runtime, _tasks
+
+    async def leaf(ready: asyncio.Event) -> None:
+        await ready.wait()
+
+    async def branch(ready: asyncio.Event) -> None:
+        await leaf(ready)
+
+    async def stubborn(ready: asyncio.Event) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        await ready.wait()
+
+    class Counting(_live._Reader):
+        asked = 0
+
+        def task(self, task: asyncio.Task[Any], running: bool) -> dict[str, Any]:
+            self.asked += 1
+            return super().task(task, running)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        made = [asyncio.create_task(branch(ready)) for _ in range(20)]
+        made += [asyncio.create_task(leaf(ready)) for _ in range(20)]
+        held = asyncio.create_task(stubborn(ready))
+        made.append(held)
+        made.append(asyncio.ensure_future(leaf(ready)))
+        await asyncio.sleep(0.01)
+        held.cancel()
+        await asyncio.sleep(0.01)
+        runtime = _runtime.current()
+        assert runtime is not None
+        state = runtime.loops.state_of(loop)
+        assert state is not None
+        tasks = _tasks.pending_tasks(loop)
+        current = asyncio.current_task()
+        now = time.monotonic()
+        compiled = Counting(state.tasks, [], now)
+        rows = _timing.ACCEL.live_rows(tasks, current, state.tasks, now, compiled)
+        python = _live._Reader(state.tasks, [], now)
+        expected = [python.task(t, t is current) for t in tasks]
+        assert [list(r) for r in rows] == [list(r) for r in expected]  # (the keys, in order)
+        assert rows == expected
+        assert {r["state"] for r in rows} == {"running", "pending", "cancelling"}
+        assert len(tasks) == 43 and compiled.asked <= 5, compiled.asked
+        ready.set()
+        await asyncio.gather(*made)
 
     run_on(factory, main())
