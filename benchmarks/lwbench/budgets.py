@@ -50,6 +50,8 @@ BUDGETS: tuple[Budget, ...] = (
     Budget("default", BASELINE, "churn", 12.0, "%", "the default settings", ("uvloop",)),
     Budget("default", BASELINE, "http-aiohttp", 3.0, "fewer", "HTTP service, default settings"),
     Budget("default", BASELINE, "http-starlette", 3.0, "fewer", "HTTP service, default settings"),
+    Budget("routes", "default", "http-aiohttp", 1.0, "fewer", "route labelling (issue 18)"),
+    Budget("routes", "default", "http-starlette", 1.0, "fewer", "route labelling (issue 18)"),
 )
 # Memory budgets: bytes of loopwatch state per live task, against the plain loop.
 LIVE_TASK_BUDGET = 200.0

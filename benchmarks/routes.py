@@ -1,0 +1,175 @@
+"""What route labelling costs per request, measured inside one process: a real Starlette app and a
+real aiohttp application, each request served in a task of its own (as uvicorn and aiohttp serve
+them) on a loop watched with the default settings, with the framework hooks off and on in turns
+(``hook_frameworks()`` / ``unhook_frameworks()``, what ``LOOPWATCH=1`` and ``LOOPWATCH_ROUTES=0``
+do), many times; the median of the paired differences, with a distribution-free interval.
+
+The requests skip the network (the ASGI app is called with a scope; aiohttp's application with a
+mocked request), so what differs between the two sides of a pair is only the hooks: routing-time
+labelling, and the route's busy-time histogram at the request's end. The budget (issue 18) is on
+requests per second: labelling may cost at most 1% of a request. A served HTTP request costs far
+more than the bare dispatch measured here (parsing, the socket, the response), so the report gives
+the added time both per request and as a share of a served request's time (``--served-us``: the
+time per request of ``benchmarks/bench.py``'s HTTP services with the default settings, about
+110 us on the 2-core machine the benchmarks run on).
+
+    python benchmarks/routes.py                       # both apps, both loops, 31 pairs
+    python benchmarks/routes.py --pairs 61 --apps starlette --loops uvloop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lwbench.stats import median_interval
+
+import loopwatch
+from loopwatch import _api
+from loopwatch.integrations._hooks import hook_frameworks, unhook_frameworks
+
+REQUESTS = 400  # per turn
+
+
+def starlette_app() -> Callable[[], Coroutine[Any, Any, None]]:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def user(request: Any) -> PlainTextResponse:
+        return PlainTextResponse(f"user {request.path_params['user_id']}")
+
+    app = Starlette(routes=[Route("/users/{user_id}", user)])
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/users/7",
+        "raw_path": b"/users/7",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"localhost")],
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5000),
+    }
+    body = {"type": "http.request", "body": b"", "more_body": False}
+
+    async def receive() -> dict[str, Any]:
+        return body
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    def one() -> Coroutine[Any, Any, None]:
+        return app(dict(scope), receive, send)
+
+    return one
+
+
+def aiohttp_app() -> Callable[[], Coroutine[Any, Any, Any]]:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    async def user(request: web.Request) -> web.Response:
+        return web.Response(text=f"user {request.match_info['user_id']}")
+
+    app = web.Application()
+    app.router.add_get("/users/{user_id}", user)
+    app.freeze()
+
+    # One mocked request, served again and again (making one takes far longer than serving it).
+    request = make_mocked_request("GET", "/users/7", app=app)
+
+    async def one() -> Any:
+        # (aiohttp's RequestHandler awaits the application's _handle in the request's task.)
+        return await app._handle(request)
+
+    return one
+
+
+APPS = {"starlette": starlette_app, "aiohttp": aiohttp_app}
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    factory = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop
+    return factory()
+
+
+def turn(kind: str, make: Callable[[], Callable[[], Coroutine[Any, Any, Any]]]) -> float:
+    """Seconds per request: REQUESTS requests, each in its own task, on a fresh watched loop."""
+    one = make()  # (made after hooking or unhooking: the hooks patch the classes)
+
+    async def serve() -> float:
+        loop = asyncio.get_running_loop()
+        for _ in range(20):  # warm-up
+            await loop.create_task(one())
+        start = time.perf_counter()
+        for _ in range(REQUESTS):
+            await loop.create_task(one())
+        return (time.perf_counter() - start) / REQUESTS
+
+    loop = new_loop(kind)
+    try:
+        gc.collect()
+        return loop.run_until_complete(serve())
+    finally:
+        loop.close()
+
+
+def measure(app: str, kind: str, pairs: int) -> tuple[float, float, float, float]:
+    """(median seconds per request without the hooks, median added, interval low, high)."""
+    make = APPS[app]
+    plain: list[float] = []
+    added: list[float] = []
+    for i in range(pairs):
+        sides: dict[bool, float] = {}
+        for hooked in (False, True) if i % 2 == 0 else (True, False):
+            if hooked:
+                hook_frameworks()
+            else:
+                unhook_frameworks()
+            sides[hooked] = turn(kind, make)
+        unhook_frameworks()
+        plain.append(sides[False])
+        added.append(sides[True] - sides[False])
+    low, high, _ = median_interval(added)
+    return statistics.median(plain), statistics.median(added), low, high
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=31)
+    parser.add_argument("--apps", default="starlette,aiohttp")
+    parser.add_argument("--loops", default="asyncio,uvloop")
+    parser.add_argument("--served-us", type=float, default=110.0)
+    args = parser.parse_args()
+    _api.activate(log="off")
+    print(
+        f"route labelling: Python {sys.version.split()[0]}, {args.pairs} pairs of "
+        f"{REQUESTS} requests, hooks off vs on, loop watched with the default settings"
+    )
+    for app in args.apps.split(","):
+        for kind in args.loops.split(","):
+            base, extra, low, high = measure(app, kind, args.pairs)
+            share = extra / (args.served_us * 1e-6) * 100
+            print(
+                f"{app:10} {kind:8} {extra * 1e9:+7,.0f} ns per request "
+                f"(CI {low * 1e9:+,.0f} to {high * 1e9:+,.0f}) of {base * 1e9:,.0f} dispatched: "
+                f"{share:+.2f}% of a served request of {args.served_us:.0f} us "
+                f"(budget <= 1%: {'met' if share <= 1.0 else 'MISSED'})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
