@@ -67,8 +67,8 @@ def _with_routes(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
 
 def _with_otel(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
     """``_with_routes`` with ``LOOPWATCH_OTEL=1`` and a program that set an SDK MeterProvider (an
-    in-memory reader, collected every second as a periodic one would): loopwatch's histograms
-    are recorded into it from its thread, its most expensive mode."""
+    in-memory reader, collected every second as a periodic one would) and LoggerProvider:
+    loopwatch's histograms are recorded into it from its thread, its most expensive mode."""
 
     def setup() -> LoopFactory:
         os.environ["LOOPWATCH_OTEL"] = "1"
@@ -76,8 +76,17 @@ def _with_otel(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+        from opentelemetry._logs import set_logger_provider
+        from opentelemetry.sdk._logs import LoggerProvider
+        from opentelemetry.sdk._logs.export import InMemoryLogExporter, SimpleLogRecordProcessor
+
         reader = InMemoryMetricReader()
         metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        # (And a LoggerProvider: each finding is a log record, kept in memory, as a program
+        # that set up OpenTelemetry logs would have it.)
+        logs = LoggerProvider()
+        logs.add_log_record_processor(SimpleLogRecordProcessor(InMemoryLogExporter()))
+        set_logger_provider(logs)
         factory = _with_routes(make)()
 
         def collect() -> None:

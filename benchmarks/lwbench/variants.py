@@ -120,7 +120,7 @@ VARIANTS: dict[str, Variant] = {
             "request's task labelled by its route template, its busy time per route",
         ),
         Variant(
-            "otel",
+            "routes-otel",
             {kind: _with_otel(make) for kind, make in _watched_factories().items()},
             _check_watched(tasks=True, step_timing=True),
             _uninstall,
@@ -297,6 +297,8 @@ INCREMENTS: tuple[tuple[str, str, str], ...] = (
     ("tasks", "watchdog", "task tracking"),
     ("default", "tasks", "step timing"),
     ("everything", "default", "8-frame creation stacks"),
+    ("routes", "default", "route labelling"),
+    ("routes-otel", "routes", "LOOPWATCH_OTEL=1 into the program's MeterProvider"),
     ("default", BASELINE, "all of the default"),
     ("tasks-py", "watchdog", "task tracking, pure Python"),
     ("default-py", "tasks-py", "step timing, pure Python"),
