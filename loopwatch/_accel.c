@@ -3103,9 +3103,9 @@ live_row(PyObject *task, PyObject *owner, double now, PyObject *frameless, PyObj
     PyObject *places = PyList_GetSlice(PyTuple_GET_ITEM(found, 1), 0, PY_SSIZE_T_MAX);
     PyObject *awaited_by = PyList_New(0);
     /* A row holds strings, numbers and these two lists of strings: nothing that can make a
-       cycle. Untracked (the row dict then stays untracked too, as CPython leaves a dict of
-       atoms), the collector neither walks 30,000 new containers per snapshot of 10,000 tasks
-       nor counts them toward a full collection, which the snapshot otherwise sets off. */
+       cycle. Untracked (the lists here, the row once filled), the collector neither walks
+       30,000 new containers per snapshot of 10,000 tasks nor counts them toward a full
+       collection of the program's heap. A container the caller puts in a row tracks it again. */
     if (places != NULL) {
         PyObject_GC_UnTrack(places);
     }
