@@ -3098,8 +3098,20 @@ live_row(PyObject *task, PyObject *owner, double now, PyObject *frameless, PyObj
     Py_INCREF(name);
     Py_INCREF(site);
     Py_INCREF(found);
+    /* (A task class of the program's may run Python code here, and raise: its row is then the
+       reader's, which raises what it raises. No call is made with an exception set.) */
     PyObject *task_name = PyObject_CallMethodNoArgs(task, s_get_name);
-    PyObject *cancelling = PyObject_CallMethodNoArgs(task, s_cancelling);
+    PyObject *cancelling = task_name ? PyObject_CallMethodNoArgs(task, s_cancelling) : NULL;
+    int state = cancelling ? PyObject_IsTrue(cancelling) : -1;
+    if (state < 0) {
+        PyErr_Clear();
+        Py_XDECREF(task_name);
+        Py_XDECREF(cancelling);
+        Py_DECREF(name);
+        Py_DECREF(site);
+        Py_DECREF(found);
+        goto done;
+    }
     PyObject *places = PyList_GetSlice(PyTuple_GET_ITEM(found, 1), 0, PY_SSIZE_T_MAX);
     PyObject *awaited_by = PyList_New(0);
     /* A row holds strings, numbers and these two lists of strings: nothing that can make a
@@ -3113,12 +3125,11 @@ live_row(PyObject *task, PyObject *owner, double now, PyObject *frameless, PyObj
         PyObject_GC_UnTrack(awaited_by);
     }
     double age = now - proxy->born, busy = proxy->busy;
-    int state = cancelling ? PyObject_IsTrue(cancelling) : -1;
     PyObject *values[12] = {
         task_name,
         PyLong_FromVoidPtr(task),
         Py_NewRef(name),
-        state < 0 ? NULL : Py_NewRef(state ? v_cancelling : v_pending),
+        Py_NewRef(state ? v_cancelling : v_pending),
         micro_s(age),
         Py_NewRef(site),
         Py_NewRef(PyTuple_GET_ITEM(found, 0)),
@@ -3131,7 +3142,7 @@ live_row(PyObject *task, PyObject *owner, double now, PyObject *frameless, PyObj
     PyObject *keys[12] = {k_task,   k_id,          k_coroutine,  k_state,
                           k_age_s,  k_created_at,  k_awaiting,   k_await_chain,
                           k_awaited_by, k_steps,   k_busy_s,     k_waiting_s};
-    Py_XDECREF(cancelling);
+    Py_DECREF(cancelling);
     Py_DECREF(name);
     Py_DECREF(site);
     Py_DECREF(found);
