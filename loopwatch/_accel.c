@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 11
+#define API_VERSION 12
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -3036,17 +3036,18 @@ await_key(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     return PyBytes_FromStringAndSize((const char *)links, (Py_ssize_t)(count * sizeof(AwaitLink)));
 }
 
-/* live_rows(tasks, current, owner, now, reader): the live view's row of each task, as
-   _live._Reader.task makes it, for a task whose proxy belongs to owner and whose chain, name and
-   creation site the reader's caches already hold (the common case: a few dozen coroutine
-   functions, thousands of tasks); any other task, and any cache miss, is the reader's own
-   reader.task(task, running), which fills the caches for the tasks after it. */
+/* live_table(tasks, current, owner, now, reader, gathering): the live view's rows of these tasks,
+   as _live._loop makes them in Python: each task's row, each task named in the awaited_by of
+   the tasks it waits on (directly, or through a gathering future, the type given), the busiest
+   first and then by id. A row is made here for a task whose proxy belongs to owner and whose
+   chain, name and creation site the reader's caches hold (the common case: a few dozen
+   coroutine functions, thousands of tasks); any other task, and any cache miss, is the reader's
+   own reader.task(task, running), which fills the caches for the tasks after it. */
 static PyObject *g_row_template; /* {key: None} of a row, keys in order */
 static PyObject *s__coro, *s_get_name, *s_cancelling, *s_task_method, *s_frameless, *s_chains,
-    *s_names, *s_sites, *k_task, *k_id, *k_coroutine, *k_state, *k_age_s, *k_created_at,
-    *k_awaiting, *k_await_chain, *k_awaited_by, *k_steps, *k_busy_s, *k_waiting_s, *v_pending,
-    *v_cancelling;
-
+    *s_names, *s_sites, *s__fut_waiter, *s__children, *k_task, *k_id, *k_coroutine, *k_state,
+    *k_age_s, *k_created_at, *k_awaiting, *k_await_chain, *k_awaited_by, *k_steps, *k_busy_s,
+    *k_waiting_s, *v_pending, *v_cancelling;
 
 static PyObject *
 micro_s(double seconds)
@@ -3054,65 +3055,229 @@ micro_s(double seconds)
     return PyFloat_FromDouble(trunc(seconds * 1e6 + 0.5) / 1e6); /* as int(...) / 1e6 */
 }
 
-/* The row of one task from the caches, or NULL with no error set for a miss. */
-static PyObject *
-live_row(PyObject *task, PyObject *owner, double now, PyObject *frameless, PyObject *chains,
-         PyObject *names, PyObject *sites)
+/* The kinds of rows met in one call: tasks suspended at the same instructions and made at the
+   same place share their name, creation site, place and chain, found in the reader's caches
+   once (three dictionary lookups, a bytes key and a tuple key) and kept as a row template with
+   those three values in place: a task of a kind met before costs a copy of it and nine values.
+   An open-addressed table keyed by the raw chain and site, compared exactly. */
+typedef struct {
+    Py_uhash_t hash; /* 0: an empty slot */
+    int count;
+    int site_lasti;
+    void *site_code;
+    AwaitLink *links; /* count links, owned */
+    PyObject *row;    /* the template: coroutine, created_at and awaiting set */
+    PyObject *places; /* the chain, copied into each row */
+} RowKind;
+
+typedef struct {
+    RowKind *slots;
+    Py_ssize_t size, used;
+} RowKinds;
+
+static Py_uhash_t
+kind_hash(const AwaitLink *links, int count, void *site_code, int site_lasti)
 {
-    PyObject *row = NULL, *walked = NULL, *proxy_obj = PyObject_GetAttr(task, s__coro);
-    if (proxy_obj == NULL) {
-        PyErr_Clear();
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a over the words */
+    for (int i = 0; i < count; i++) {
+        h = (h ^ (uint64_t)(uintptr_t)links[i].code) * 1099511628211ULL;
+        h = (h ^ (uint64_t)links[i].lasti) * 1099511628211ULL;
+    }
+    h = (h ^ (uint64_t)(uintptr_t)site_code) * 1099511628211ULL;
+    h = (h ^ (uint64_t)(unsigned)site_lasti) * 1099511628211ULL;
+    h ^= h >> 29;
+    return h ? (Py_uhash_t)h : 1;
+}
+
+static RowKind *
+kind_slot(RowKinds *kinds, Py_uhash_t hash, const AwaitLink *links, int count, void *site_code,
+          int site_lasti)
+{
+    size_t mask = (size_t)kinds->size - 1;
+    for (size_t i = (size_t)hash & mask;; i = (i + 1) & mask) {
+        RowKind *slot = &kinds->slots[i];
+        if (slot->hash == 0 ||
+            (slot->hash == hash && slot->count == count && slot->site_code == site_code &&
+             slot->site_lasti == site_lasti &&
+             memcmp(slot->links, links, (size_t)count * sizeof(AwaitLink)) == 0)) {
+            return slot;
+        }
+    }
+}
+
+static void
+kinds_clear(RowKinds *kinds)
+{
+    for (Py_ssize_t i = 0; i < kinds->size; i++) {
+        if (kinds->slots[i].hash != 0) {
+            PyMem_Free(kinds->slots[i].links);
+            Py_XDECREF(kinds->slots[i].row);
+            Py_XDECREF(kinds->slots[i].places);
+        }
+    }
+    PyMem_Free(kinds->slots);
+    kinds->slots = NULL;
+    kinds->size = kinds->used = 0;
+}
+
+/* A new kind in its slot (the table grown first when half full), or NULL with an error set. */
+static RowKind *
+kind_add(RowKinds *kinds, Py_uhash_t hash, const AwaitLink *links, int count, void *site_code,
+         int site_lasti, PyObject *row, PyObject *places)
+{
+    if ((kinds->used + 1) * 2 > kinds->size) {
+        Py_ssize_t size = kinds->size ? kinds->size * 2 : 64;
+        RowKind *slots = PyMem_Calloc((size_t)size, sizeof(RowKind));
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        RowKinds grown = {slots, size, kinds->used};
+        for (Py_ssize_t i = 0; i < kinds->size; i++) {
+            RowKind *old = &kinds->slots[i];
+            if (old->hash != 0) {
+                *kind_slot(&grown, old->hash, old->links, old->count, old->site_code,
+                           old->site_lasti) = *old;
+            }
+        }
+        PyMem_Free(kinds->slots);
+        *kinds = grown;
+    }
+    AwaitLink *copy = PyMem_Malloc((size_t)count * sizeof(AwaitLink));
+    if (copy == NULL) {
+        PyErr_NoMemory();
         return NULL;
     }
-    if (!Py_IS_TYPE(proxy_obj, &Timed_Type) || ((TimedObject *)proxy_obj)->owner != owner) {
-        goto done;
+    memcpy(copy, links, (size_t)count * sizeof(AwaitLink));
+    RowKind *slot = kind_slot(kinds, hash, links, count, site_code, site_lasti);
+    *slot = (RowKind){hash, count, site_lasti, site_code, copy, Py_NewRef(row), Py_NewRef(places)};
+    kinds->used++;
+    return slot;
+}
+
+#if PY_VERSION_HEX < 0x030D0000 /* (the names 3.13 gave these) */
+#define PyObject_GetOptionalAttr _PyObject_LookupAttr
+static int
+PyObject_HasAttrWithError(PyObject *obj, PyObject *name)
+{
+    PyObject *value;
+    int found = _PyObject_LookupAttr(obj, name, &value);
+    Py_XDECREF(value);
+    return found;
+}
+#endif
+
+/* What the table keeps of each task's row for the awaited_by pass and the order. */
+typedef struct {
+    PyObject *task;       /* borrowed from the list of tasks */
+    PyObject *row;        /* owned */
+    PyObject *name;       /* borrowed from the row */
+    PyObject *awaited_by; /* borrowed from the row */
+    double busy;          /* the row's busy_s */
+} TableItem;
+
+static int
+row_template(PyObject **keys)
+{
+    if (g_row_template != NULL) {
+        return 0;
     }
-    TimedObject *proxy = (TimedObject *)proxy_obj;
-    if (proxy->coro == NULL || (proxy->stack != NULL && proxy->stack != Py_None) ||
-        proxy->code == NULL || proxy->code == Py_None) {
-        goto done;
+    g_row_template = PyDict_New();
+    for (int i = 0; i < 12 && g_row_template != NULL; i++) {
+        if (PyDict_SetItem(g_row_template, keys[i], Py_None) < 0) {
+            Py_CLEAR(g_row_template);
+        }
     }
+    return g_row_template != NULL ? 0 : -1;
+}
+
+/* The kind of a task's row, from the table or the reader's caches (then added to the table):
+   NULL with no error set for a miss (the reader's turn), NULL with an error set for a failure. */
+static RowKind *
+live_kind(TimedObject *proxy, PyObject *frameless, PyObject *chains, PyObject *names,
+          PyObject *sites, RowKinds *kinds)
+{
     AwaitLink links[AWAIT_LINKS];
     int count = await_links(proxy->coro, frameless, links);
     if (count <= 0) {
         PyErr_Clear();
-        goto done;
+        return NULL;
     }
-    walked = PyBytes_FromStringAndSize((const char *)links, (Py_ssize_t)(count * sizeof(AwaitLink)));
+    void *site_code = proxy->code;
+    int site_lasti = proxy->lasti;
+    Py_uhash_t hash = kind_hash(links, count, site_code, site_lasti);
+    if (kinds->size) {
+        RowKind *slot = kind_slot(kinds, hash, links, count, site_code, site_lasti);
+        if (slot->hash != 0) {
+            return slot;
+        }
+    }
+    PyObject *walked =
+        PyBytes_FromStringAndSize((const char *)links, (Py_ssize_t)(count * sizeof(AwaitLink)));
     PyObject *found = walked ? PyDict_GetItemWithError(chains, walked) : NULL;
+    Py_XDECREF(walked);
     if (found == NULL || !PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2 ||
         !PyList_Check(PyTuple_GET_ITEM(found, 1))) {
         PyErr_Clear();
-        goto done;
+        return NULL;
     }
     PyObject *code_id = PyLong_FromVoidPtr(links[0].code);
     PyObject *name = code_id ? PyDict_GetItemWithError(names, code_id) : NULL;
     Py_XDECREF(code_id);
-    PyObject *site_key = Py_BuildValue("(Ni)", PyLong_FromVoidPtr(proxy->code), proxy->lasti);
+    PyObject *site_key = Py_BuildValue("(Ni)", PyLong_FromVoidPtr(site_code), site_lasti);
     PyObject *site = site_key ? PyDict_GetItemWithError(sites, site_key) : NULL;
     Py_XDECREF(site_key);
     if (name == NULL || site == NULL) {
         PyErr_Clear();
+        return NULL;
+    }
+    PyObject *row = PyDict_Copy(g_row_template);
+    if (row == NULL || PyDict_SetItem(row, k_coroutine, name) < 0 ||
+        PyDict_SetItem(row, k_created_at, site) < 0 ||
+        PyDict_SetItem(row, k_awaiting, PyTuple_GET_ITEM(found, 0)) < 0) {
+        Py_XDECREF(row);
+        return NULL;
+    }
+    RowKind *slot = kind_add(kinds, hash, links, count, site_code, site_lasti, row,
+                             PyTuple_GET_ITEM(found, 1));
+    Py_DECREF(row);
+    return slot;
+}
+
+/* The row of one task (into item), 1; 0 for a miss (the reader's turn), with no error set. */
+static int
+live_row(TableItem *item, PyObject *owner, double now, PyObject *frameless, PyObject *chains,
+         PyObject *names, PyObject *sites, RowKinds *kinds)
+{
+    PyObject *task = item->task, *row = NULL;
+    PyObject *proxy_obj = PyObject_GetAttr(task, s__coro);
+    if (proxy_obj == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    TimedObject *proxy = (TimedObject *)proxy_obj;
+    if (!Py_IS_TYPE(proxy_obj, &Timed_Type) || proxy->owner != owner || proxy->coro == NULL ||
+        (proxy->stack != NULL && proxy->stack != Py_None) || proxy->code == NULL ||
+        proxy->code == Py_None) {
         goto done;
     }
-    Py_INCREF(name);
-    Py_INCREF(site);
-    Py_INCREF(found);
+    RowKind *kind = live_kind(proxy, frameless, chains, names, sites, kinds);
+    if (kind == NULL) {
+        PyErr_Clear();
+        goto done;
+    }
     /* (A task class of the program's may run Python code here, and raise: its row is then the
        reader's, which raises what it raises. No call is made with an exception set.) */
     PyObject *task_name = PyObject_CallMethodNoArgs(task, s_get_name);
     PyObject *cancelling = task_name ? PyObject_CallMethodNoArgs(task, s_cancelling) : NULL;
     int state = cancelling ? PyObject_IsTrue(cancelling) : -1;
+    Py_XDECREF(cancelling);
     if (state < 0) {
         PyErr_Clear();
         Py_XDECREF(task_name);
-        Py_XDECREF(cancelling);
-        Py_DECREF(name);
-        Py_DECREF(site);
-        Py_DECREF(found);
         goto done;
     }
-    PyObject *places = PyList_GetSlice(PyTuple_GET_ITEM(found, 1), 0, PY_SSIZE_T_MAX);
+    PyObject *places = PyList_GetSlice(kind->places, 0, PY_SSIZE_T_MAX);
     PyObject *awaited_by = PyList_New(0);
     /* A row holds strings, numbers and these two lists of strings: nothing that can make a
        cycle. Untracked (the lists here, the row once filled), the collector neither walks
@@ -3125,109 +3290,231 @@ live_row(PyObject *task, PyObject *owner, double now, PyObject *frameless, PyObj
         PyObject_GC_UnTrack(awaited_by);
     }
     double age = now - proxy->born, busy = proxy->busy;
-    PyObject *values[12] = {
+    double busy_s = trunc(busy * 1e6 + 0.5) / 1e6;
+    PyObject *values[9] = {
         task_name,
         PyLong_FromVoidPtr(task),
-        Py_NewRef(name),
         Py_NewRef(state ? v_cancelling : v_pending),
         micro_s(age),
-        Py_NewRef(site),
-        Py_NewRef(PyTuple_GET_ITEM(found, 0)),
         places,
-        awaited_by,
+        Py_XNewRef(awaited_by),
         PyLong_FromLongLong(proxy->steps),
-        micro_s(busy),
+        PyFloat_FromDouble(busy_s),
         age > busy ? micro_s(age - busy) : PyFloat_FromDouble(0.0),
     };
-    PyObject *keys[12] = {k_task,   k_id,          k_coroutine,  k_state,
-                          k_age_s,  k_created_at,  k_awaiting,   k_await_chain,
-                          k_awaited_by, k_steps,   k_busy_s,     k_waiting_s};
-    Py_DECREF(cancelling);
-    Py_DECREF(name);
-    Py_DECREF(site);
-    Py_DECREF(found);
-    /* A copy of a dict with the twelve keys already in place (a copy of its table, where
-       twelve insertions would grow it twice), whose values are then replaced. */
-    if (g_row_template == NULL) {
-        g_row_template = PyDict_New();
-        for (int i = 0; i < 12 && g_row_template != NULL; i++) {
-            if (PyDict_SetItem(g_row_template, keys[i], Py_None) < 0) {
-                Py_CLEAR(g_row_template);
-            }
-        }
-    }
-    row = g_row_template != NULL ? PyDict_Copy(g_row_template) : NULL;
-    for (int i = 0; i < 12; i++) {
-        if (row != NULL && (values[i] == NULL || PyDict_SetItem(row, keys[i], values[i]) < 0)) {
+    static PyObject **keys[9] = {&k_task,        &k_id,          &k_state,
+                                 &k_age_s,       &k_await_chain, &k_awaited_by,
+                                 &k_steps,       &k_busy_s,      &k_waiting_s};
+    /* A copy of the kind's template (a copy of its table, where twelve insertions would grow
+       it twice), whose other values are then replaced. */
+    row = PyDict_Copy(kind->row);
+    for (int i = 0; i < 9; i++) {
+        if (row != NULL && (values[i] == NULL || PyDict_SetItem(row, *keys[i], values[i]) < 0)) {
             Py_CLEAR(row);
         }
+    }
+    if (row != NULL) {
+        PyObject_GC_UnTrack(row); /* (inserting a list tracked it; a later one tracks it again) */
+        item->row = row;
+        item->name = task_name;      /* (the row holds them) */
+        item->awaited_by = awaited_by;
+        item->busy = busy_s;
+    }
+    for (int i = 0; i < 9; i++) {
         Py_XDECREF(values[i]);
     }
+    Py_XDECREF(awaited_by);
     if (row == NULL) {
         PyErr_Clear(); /* (the reader's own row: it raises what it raises) */
     }
-    else {
-        PyObject_GC_UnTrack(row); /* (inserting a list tracked it; a later one tracks it again) */
-    }
 done:
-    Py_XDECREF(walked);
     Py_DECREF(proxy_obj);
-    return row;
+    return row != NULL;
+}
+
+/* The row of a task made by the reader, and what the table keeps of it. */
+static int
+reader_row(TableItem *item, PyObject *slow, int running)
+{
+    PyObject *row = PyObject_CallFunctionObjArgs(slow, item->task, running ? Py_True : Py_False,
+                                                 NULL);
+    if (row == NULL) {
+        return -1;
+    }
+    item->row = row;
+    PyObject *busy;
+    if (!PyDict_Check(row) || (item->name = PyDict_GetItemWithError(row, k_task)) == NULL ||
+        (item->awaited_by = PyDict_GetItemWithError(row, k_awaited_by)) == NULL ||
+        !PyList_Check(item->awaited_by) || (busy = PyDict_GetItemWithError(row, k_busy_s)) == NULL ||
+        ((item->busy = PyFloat_AsDouble(busy)) == -1.0 && PyErr_Occurred())) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "live_table: the reader's row lacks a field");
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* Tasks by address, for the awaited_by pass: an open-addressed table of indices (+1). */
+static inline size_t
+task_slot(const Py_ssize_t *index, const TableItem *items, size_t mask, PyObject *task)
+{
+    size_t i = (((uintptr_t)task) >> 4) * 11400714819323198485ULL >> 7;
+    for (i &= mask; index[i] != 0 && items[index[i] - 1].task != task; i = (i + 1) & mask) {
+    }
+    return i;
+}
+
+static int
+await_edge(const Py_ssize_t *index, TableItem *items, size_t mask, PyObject *target,
+           PyObject *name)
+{
+    Py_ssize_t at = index[task_slot(index, items, mask, target)];
+    return at != 0 ? PyList_Append(items[at - 1].awaited_by, name) : 0;
+}
+
+/* Who awaits whom: a task's future waiter is the task (or the gathering future) it waits on. */
+static int
+awaited_by_pass(TableItem *items, Py_ssize_t n, PyObject *gathering)
+{
+    size_t size = 16;
+    while (size < (size_t)n * 2) {
+        size *= 2;
+    }
+    Py_ssize_t *index = PyMem_Calloc(size, sizeof(Py_ssize_t));
+    if (index == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t mask = size - 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        index[task_slot(index, items, mask, items[i].task)] = i + 1;
+    }
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < n && !failed; i++) {
+        PyObject *waiter;
+        if (PyObject_GetOptionalAttr(items[i].task, s__fut_waiter, &waiter) < 0) {
+            failed = 1;
+            break;
+        }
+        if (waiter == NULL || waiter == Py_None) {
+            Py_XDECREF(waiter);
+            continue;
+        }
+        int gathers = gathering != Py_None ? Py_TYPE(waiter) == (PyTypeObject *)gathering
+                                           : PyObject_HasAttrWithError(waiter, s__children);
+        if (gathers < 0) {
+            failed = 1;
+        }
+        else if (!gathers) {
+            failed = await_edge(index, items, mask, waiter, items[i].name) < 0;
+        }
+        else {
+            PyObject *children = PyObject_GetAttr(waiter, s__children);
+            PyObject *seq = children ? PySequence_Fast(children, "_children") : NULL;
+            for (Py_ssize_t j = 0; seq != NULL && j < PySequence_Fast_GET_SIZE(seq); j++) {
+                PyObject *target = PySequence_Fast_GET_ITEM(seq, j);
+                if (await_edge(index, items, mask, target, items[i].name) < 0) {
+                    failed = 1;
+                    break;
+                }
+            }
+            failed |= seq == NULL;
+            Py_XDECREF(seq);
+            Py_XDECREF(children);
+        }
+        Py_DECREF(waiter);
+    }
+    PyMem_Free(index);
+    return failed ? -1 : 0;
+}
+
+/* The busiest first, then by address (the order of the Python path's two stable sorts). */
+static int
+busiest_first(const void *a, const void *b)
+{
+    const TableItem *x = a, *y = b;
+    if (x->busy != y->busy) {
+        return x->busy > y->busy ? -1 : 1;
+    }
+    return (uintptr_t)x->task < (uintptr_t)y->task ? -1 : (uintptr_t)x->task > (uintptr_t)y->task;
 }
 
 static PyObject *
-live_rows(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+live_table(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "live_rows(tasks: list, current, owner, now, reader)");
+    if (nargs != 6 || !PyList_Check(args[0]) ||
+        (args[5] != Py_None && !PyType_Check(args[5]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "live_table(tasks: list, current, owner, now, reader, gathering: type)");
         return NULL;
     }
-    PyObject *tasks = args[0], *current = args[1], *owner = args[2], *reader = args[4];
+    PyObject *owner = args[2], *reader = args[4], *gathering = args[5];
     double now = PyFloat_AsDouble(args[3]);
     if (now == -1.0 && PyErr_Occurred()) {
         return NULL;
     }
+    PyObject *keys[12] = {k_task,   k_id,          k_coroutine,  k_state,
+                          k_age_s,  k_created_at,  k_awaiting,   k_await_chain,
+                          k_awaited_by, k_steps,   k_busy_s,     k_waiting_s};
+    if (row_template(keys) < 0) {
+        return NULL;
+    }
+    /* (A copy of the list: the reader's Python code cannot change what is walked here.) */
+    PyObject *tasks = PyList_GetSlice(args[0], 0, PY_SSIZE_T_MAX);
     PyObject *frameless = PyObject_GetAttr(reader, s_frameless);
     PyObject *chains = PyObject_GetAttr(reader, s_chains);
     PyObject *names = PyObject_GetAttr(reader, s_names);
     PyObject *sites = PyObject_GetAttr(reader, s_sites);
     PyObject *slow = PyObject_GetAttr(reader, s_task_method);
-    PyObject *rows = PyList_New(0);
-    if (frameless == NULL || chains == NULL || names == NULL || sites == NULL || slow == NULL ||
-        rows == NULL || !PyAnySet_Check(frameless) || !PyDict_Check(chains) ||
+    PyObject *result = NULL;
+    Py_ssize_t n = tasks != NULL ? PyList_GET_SIZE(tasks) : 0, made = 0;
+    TableItem *items = PyMem_Calloc((size_t)(n ? n : 1), sizeof(TableItem));
+    RowKinds kinds = {NULL, 0, 0};
+    if (tasks == NULL || frameless == NULL || chains == NULL || names == NULL || sites == NULL ||
+        slow == NULL || items == NULL || !PyAnySet_Check(frameless) || !PyDict_Check(chains) ||
         !PyDict_Check(names) || !PyDict_Check(sites)) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "live_rows: not a _live._Reader");
+        if (items == NULL && !PyErr_Occurred()) {
+            PyErr_NoMemory();
         }
-        Py_CLEAR(rows);
+        else if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "live_table: not a _live._Reader");
+        }
         goto done;
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
-        PyObject *task = PyList_GET_ITEM(tasks, i);
-        Py_INCREF(task);
-        PyObject *row = NULL;
-        if (task != current && owner != Py_None) {
-            row = live_row(task, owner, now, frameless, chains, names, sites);
+    for (; made < n; made++) {
+        TableItem *item = &items[made];
+        item->task = PyList_GET_ITEM(tasks, made);
+        int running = item->task == args[1];
+        if (running || owner == Py_None ||
+            !live_row(item, owner, now, frameless, chains, names, sites, &kinds)) {
+            if (reader_row(item, slow, running) < 0) {
+                made++; /* (its row, if any, is let go of below) */
+                goto done;
+            }
         }
-        if (row == NULL) {
-            row = PyObject_CallFunctionObjArgs(slow, task, task == current ? Py_True : Py_False,
-                                               NULL);
-        }
-        Py_DECREF(task);
-        if (row == NULL || PyList_Append(rows, row) < 0) {
-            Py_XDECREF(row);
-            Py_CLEAR(rows);
-            break;
-        }
-        Py_DECREF(row);
+    }
+    if (awaited_by_pass(items, n, gathering) < 0) {
+        goto done;
+    }
+    qsort(items, (size_t)n, sizeof(TableItem), busiest_first);
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
+        PyList_SET_ITEM(result, i, Py_NewRef(items[i].row));
     }
 done:
+    for (Py_ssize_t i = 0; items != NULL && i < made; i++) {
+        Py_XDECREF(items[i].row);
+    }
+    PyMem_Free(items);
+    kinds_clear(&kinds);
+    Py_XDECREF(tasks);
     Py_XDECREF(frameless);
     Py_XDECREF(chains);
     Py_XDECREF(names);
     Py_XDECREF(sites);
     Py_XDECREF(slow);
-    return rows;
+    return result;
 }
 
 static PyMethodDef module_methods[] = {
@@ -3266,8 +3553,9 @@ static PyMethodDef module_methods[] = {
      "From a loop's thread: if a thread of loopwatch's is due, let it take the GIL now."},
     {"set_request_end", set_request_end, METH_O,
      "set_request_end(fn): fn(route, busy) when a task labelled with a route (_route) ends."},
-    {"live_rows", (PyCFunction)(void (*)(void))live_rows, METH_FASTCALL,
-     "live_rows(tasks, current, owner, now, reader): the live view's rows of these tasks."},
+    {"live_table", (PyCFunction)(void (*)(void))live_table, METH_FASTCALL,
+     "live_table(tasks, current, owner, now, reader, gathering): the live view's rows of these "
+     "tasks, awaited_by filled in, the busiest first."},
     {"await_key", (PyCFunction)(void (*)(void))await_key, METH_FASTCALL,
      "await_key(coro, frameless): the key of a chain of suspended coroutines (bytes), or None."},
     {"resume_later", resume_later, METH_O,
@@ -3324,6 +3612,8 @@ PyInit__accel(void)
     INTERN(s_chains, "chains");
     INTERN(s_names, "names");
     INTERN(s_sites, "sites");
+    INTERN(s__fut_waiter, "_fut_waiter");
+    INTERN(s__children, "_children");
     INTERN(k_task, "task");
     INTERN(k_id, "id");
     INTERN(k_coroutine, "coroutine");

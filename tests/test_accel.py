@@ -363,10 +363,12 @@ def test_the_compiled_await_key_reads_a_chain_as_the_python_walk_does(factory: A
 
 
 @compiled_only
-def test_the_compiled_live_rows_are_the_readers_rows(factory: Any) -> None:
-    """``_accel.live_rows`` makes each row the reader makes, key for key and in the same order,
-    and asks the reader only for what its caches do not hold yet (here: the first task of each
-    kind, the running one and a task asyncio itself made)."""
+def test_the_compiled_live_table_is_the_python_table(factory: Any) -> None:
+    """``_accel.live_table`` makes the rows the Python path makes, key for key, in the same
+    order (the busiest first, then by id), with the same ``awaited_by`` (a task awaited
+    directly, through ``gather`` and through ``shield``), and asks the reader only for what its
+    caches do not hold yet (here: the first task of each kind, the running one and a task
+    asyncio itself made)."""
     from loopwatch import _live, _runtime, _tasks
 
     async def leaf(ready: asyncio.Event) -> None:
@@ -379,6 +381,15 @@ def test_the_compiled_live_rows_are_the_readers_rows(factory: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(10)
         await ready.wait()
+
+    async def on_task(other: asyncio.Task[None]) -> None:
+        await other
+
+    async def on_gather(*others: asyncio.Task[None]) -> None:
+        await asyncio.gather(*others)
+
+    async def on_shield(other: asyncio.Task[None]) -> None:
+        await asyncio.shield(other)
 
     class Counting(_live._Reader):
         asked = 0
@@ -395,7 +406,11 @@ def test_the_compiled_live_rows_are_the_readers_rows(factory: Any) -> None:
         held = asyncio.create_task(stubborn(ready))
         made.append(held)
         made.append(asyncio.ensure_future(leaf(ready)))
-        await asyncio.sleep(0.01)
+        made.append(asyncio.create_task(on_task(made[0])))
+        made.append(asyncio.create_task(on_gather(made[1], made[20])))
+        made.append(asyncio.create_task(on_shield(made[2])))
+        for _ in range(3):  # (steps enough that busy times differ, and some are equal)
+            await asyncio.sleep(0.001)
         held.cancel()
         await asyncio.sleep(0.01)
         runtime = _runtime.current()
@@ -406,13 +421,25 @@ def test_the_compiled_live_rows_are_the_readers_rows(factory: Any) -> None:
         current = asyncio.current_task()
         now = time.monotonic()
         compiled = Counting(state.tasks, [], now)
-        rows = _timing.ACCEL.live_rows(tasks, current, state.tasks, now, compiled)
-        python = _live._Reader(state.tasks, [], now)
-        expected = [python.task(t, t is current) for t in tasks]
+        rows = _timing.ACCEL.live_table(
+            tasks, current, state.tasks, now, compiled, _live._Gathering
+        )
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_live, "_live_table", None)
+            reader = _live._Reader
+            patch.setattr(_live, "_Reader", lambda *_: reader(state.tasks, [], now))
+            expected = _live._loop(loop, state, now)["tasks"]
         assert [list(r) for r in rows] == [list(r) for r in expected]  # (the keys, in order)
         assert rows == expected
         assert {r["state"] for r in rows} == {"running", "pending", "cancelling"}
-        assert len(tasks) == 43 and compiled.asked <= 5, compiled.asked
+        by_name = {r["task"]: r for r in rows}
+        assert by_name[made[0].get_name()]["awaited_by"] == [made[-3].get_name()]
+        assert by_name[made[1].get_name()]["awaited_by"] == [made[-2].get_name()]
+        assert by_name[made[20].get_name()]["awaited_by"] == [made[-2].get_name()]
+        assert by_name[made[2].get_name()]["awaited_by"] == []  # (shield: an inner future)
+        busy = [(-r["busy_s"], r["id"]) for r in rows]
+        assert busy == sorted(busy) and len(set(r["busy_s"] for r in rows)) < len(rows)
+        assert len(tasks) == 46 and compiled.asked <= 8, compiled.asked
         ready.set()
         await asyncio.gather(*made)
 
