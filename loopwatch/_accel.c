@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 12
+#define API_VERSION 13
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -718,9 +718,12 @@ tell_owner(TimedObject *self, PyObject *name, PyObject *exc)
     Py_DECREF(owner);
 }
 
-/* g_request_end(route, busy): called when a task labelled with a route ends (the request's busy
-   time, by route: integrations.request_busy). Set by set_request_end; an error is unraisable. */
-static PyObject *g_request_end;
+/* When a task labelled with a route ends, its busy time goes to the route's row: a Row (its
+   count, busy and busy_counts) in g_route_rows, the running RequestTable's {route: Row}, set by
+   set_route_rows. A route with no row yet (or no table) is g_request_end(route, busy)'s
+   (integrations.request_busy: the table makes the row, within its cap); an error is
+   unraisable. */
+static PyObject *g_request_end, *g_route_rows;
 
 static PyObject *
 set_request_end(PyObject *Py_UNUSED(m), PyObject *fn)
@@ -729,11 +732,55 @@ set_request_end(PyObject *Py_UNUSED(m), PyObject *fn)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+set_route_rows(PyObject *Py_UNUSED(m), PyObject *rows)
+{
+    if (rows != Py_None && !PyDict_CheckExact(rows)) {
+        PyErr_SetString(PyExc_TypeError, "set_route_rows(rows: dict or None)");
+        return NULL;
+    }
+    Py_XSETREF(g_route_rows, rows == Py_None ? NULL : Py_NewRef(rows));
+    Py_RETURN_NONE;
+}
+
+/* The busy time of one request into its route's row: 1, or 0 where the route has none. */
+static int
+observe_route(PyObject *rows, PyObject *route, double busy)
+{
+    PyObject *row = rows != NULL && PyUnicode_CheckExact(route) ? PyDict_GetItem(rows, route)
+                                                                : NULL;
+    if (row == NULL || !Py_IS_TYPE(row, &Row_Type) || g_nlatency < 0) {
+        return 0;
+    }
+    RowObject *r = (RowObject *)row;
+    r->count++;
+    r->busy += busy;
+    r->busy_counts[bucket(g_latency, g_nlatency, busy)]++;
+    return 1;
+}
+
+/* observe_request(rows, route, busy): the Python side's way in (a pure-Python proxy's end, or
+   a route met for the first time): True if the route had a row. */
+static PyObject *
+observe_request(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "observe_request(rows: dict, route, busy)");
+        return NULL;
+    }
+    double busy = PyFloat_AsDouble(args[2]);
+    if (busy == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyBool_FromLong(observe_route(args[0], args[1], busy));
+}
+
 static void
 request_end(TimedObject *self)
 {
     PyObject *route = self->route, *fn = g_request_end;
-    if (route == NULL || route == Py_None || fn == NULL) {
+    if (route == NULL || route == Py_None || observe_route(g_route_rows, route, self->busy) ||
+        fn == NULL) {
         return;
     }
     PyObject *exc = take_exception();
@@ -3552,7 +3599,13 @@ static PyMethodDef module_methods[] = {
     {"handoff_if_due", handoff_if_due, METH_NOARGS,
      "From a loop's thread: if a thread of loopwatch's is due, let it take the GIL now."},
     {"set_request_end", set_request_end, METH_O,
-     "set_request_end(fn): fn(route, busy) when a task labelled with a route (_route) ends."},
+     "set_request_end(fn): fn(route, busy) when a task labelled with a route (_route) ends and "
+     "the route has no row in the rows set by set_route_rows."},
+    {"set_route_rows", set_route_rows, METH_O,
+     "set_route_rows(rows): {route: Row}, where a labelled task's busy time goes when it ends."},
+    {"observe_request", (PyCFunction)(void (*)(void))observe_request, METH_FASTCALL,
+     "observe_request(rows, route, busy): a request's busy time into rows[route] (a Row); "
+     "False if there is none."},
     {"live_table", (PyCFunction)(void (*)(void))live_table, METH_FASTCALL,
      "live_table(tasks, current, owner, now, reader, gathering): the live view's rows of these "
      "tasks, awaited_by filled in, the busiest first."},

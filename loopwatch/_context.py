@@ -23,11 +23,42 @@ from collections.abc import Callable
 from typing import Any
 
 from ._native import ACCEL
-from ._stats import Histogram, HistogramSnapshot
+from ._stats import LATENCY_BUCKETS, Histogram, HistogramSnapshot
 
-# task -> route template. Weak keys: the label goes with its task (a process-wide map, as
-# asyncio's own registry of tasks is; emptied by uninstall()).
-_routes: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = weakref.WeakKeyDictionary()
+# A request's busy time into its route's compiled Row (False: the route has none yet).
+_observe_request = getattr(ACCEL, "observe_request", None)
+
+
+class _TaskRoutes:
+    """task -> route template, by weak reference: the label goes with its task (a process-wide
+    map, as asyncio's own registry of tasks is). A plain dict keyed by weak references whose
+    callback is the dict's own ``pop``: an entry goes when its task does, with no Python call
+    (a weak dictionary calls Python when each task dies, 1 to 2 us a request). Only that
+    callback removes an entry, so it never misses: a label taken off, or every label at
+    uninstall(), is set to None instead."""
+
+    __slots__ = ("_pop", "data")
+
+    def __init__(self) -> None:
+        self.data: dict[weakref.ref[Any], str | None] = {}
+        self._pop = self.data.pop
+
+    def set(self, task: asyncio.Task[Any], route: str | None) -> None:
+        if route is None and not self.data:
+            return
+        # (A task already labelled keeps its first reference: the new one dies unused.)
+        self.data[weakref.ref(task, self._pop)] = route
+
+    def get(self, task: asyncio.Task[Any]) -> str | None:
+        return self.data.get(weakref.ref(task)) if self.data else None
+
+    def clear(self) -> None:
+        data = self.data
+        for ref in list(data):
+            data[ref] = None
+
+
+_routes = _TaskRoutes()
 
 _STRUCTLOG_PREFIX = "structlog_"  # structlog.contextvars names each bound key's variable so
 _OTEL_VAR = "current_context"  # opentelemetry.context.contextvars_context's variable
@@ -55,10 +86,7 @@ def set_route(task: asyncio.Task[Any], route: str | None, *, on_proxy: bool = Tr
         else:
             proxy_routes[proxy] = route
         return
-    if route is None:
-        _routes.pop(task, None)
-    else:
-        _routes[task] = route
+    _routes.set(task, route)
 
 
 def route_of(task: asyncio.Task[Any] | None) -> str | None:
@@ -162,16 +190,28 @@ class RequestTable:
 
     At most ``cap`` routes have a series of their own (as coroutine labels do): the others share
     ``other``. Written on the loops' threads, read by a scrape: each observation is a few
-    stores into a list the GIL keeps whole."""
+    stores the GIL keeps whole. With the compiled module each route's row is a compiled ``Row``
+    (its ``count``, ``busy`` and ``busy_counts``), and a labelled task's proxy puts its busy
+    time there itself when it ends: Python is called only for a route seen for the first time."""
 
     OTHER = "other"
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.rows: dict[str, Histogram] = {}
+        self.rows: dict[str, Any] = {}
 
     def observe(self, route: str, busy: float) -> None:
         rows = self.rows
+        if _observe_request is not None:
+            if _observe_request(rows, route, busy):
+                return
+            if route not in rows and len(rows) >= self.cap:
+                route = self.OTHER
+            if route not in rows:
+                rows[route] = ACCEL.Row()
+            _observe_request(rows, route, busy)
+            ACCEL.set_route_rows(rows)  # (the running table's: the next ones are observed in C)
+            return
         histogram = rows.get(route)
         if histogram is None:
             if len(rows) >= self.cap:
@@ -182,7 +222,15 @@ class RequestTable:
         histogram.observe(busy)
 
     def histograms(self) -> dict[str, HistogramSnapshot]:
-        return {route: HistogramSnapshot.of(h) for route, h in list(self.rows.items())}
+        out = {}
+        for route, row in list(self.rows.items()):
+            if isinstance(row, Histogram):
+                out[route] = HistogramSnapshot.of(row)
+            else:
+                out[route] = HistogramSnapshot.of_counts(LATENCY_BUCKETS, row.busy_counts, row.busy)
+        return out
 
     def clear(self) -> None:
+        if ACCEL is not None:
+            ACCEL.set_route_rows(None)
         self.rows.clear()

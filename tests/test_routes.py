@@ -6,6 +6,7 @@ is in ``loopwatch_request_busy_seconds{route}``; a handler's traceback has no lo
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -339,3 +340,88 @@ def test_routes_when_starlette_routing_is_what_imports_asyncio(tmp_path: Path, k
     assert [(e["event"], e["location"], e.get("route")) for e in events] == [
         ("loopwatch.slow_callback", place, "GET /users/{id}")
     ]
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_the_request_table_counts_by_route_within_its_cap(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Busy time by route: the compiled rows (observed in C when a labelled task ends) and the
+    Python histograms give the same buckets, counts and sums; past the cap, routes share
+    ``other``; uninstall's clear() leaves no table for the compiled proxies to count into."""
+    from loopwatch import _context
+    from loopwatch._native import ACCEL
+    from loopwatch._stats import LATENCY_BUCKETS
+
+    if compiled and ACCEL is None:
+        pytest.skip("the compiled module is not loaded")
+    if not compiled:
+        monkeypatch.setattr(_context, "_observe_request", None)
+    table = _context.RequestTable(cap=2)
+    for route, busy in [("GET /a", 0.002), ("GET /a", 0.2), ("GET /b", 0.0), ("GET /c", 1.5)]:
+        table.observe(route, busy)
+    table.observe("GET /d", 0.01)
+    shown = table.histograms()
+    assert set(shown) == {"GET /a", "GET /b", "other"}
+    assert (shown["GET /a"].count, shown["GET /a"].sum) == (2, pytest.approx(0.202))
+    assert (shown["other"].count, shown["other"].sum) == (2, pytest.approx(1.51))
+    assert [b for b, _ in shown["GET /a"].buckets] == [*LATENCY_BUCKETS, float("inf")]
+    below = {b: n for b, n in shown["GET /a"].buckets}
+    assert below[0.1] == 1 and below[0.25] == 2 and shown["GET /b"].buckets[0][1] == 1
+    if compiled:
+        assert ACCEL.observe_request(table.rows, "GET /a", 0.5) is True
+        assert ACCEL.observe_request(table.rows, "GET /e", 0.5) is False
+        assert table.histograms()["GET /a"].count == 3
+    table.clear()
+    assert table.histograms() == {}
+    if compiled:
+        table.observe("GET /a", 0.1)  # (a new table's first route: registered again)
+        assert table.histograms()["GET /a"].count == 1
+
+
+def test_task_labels_go_with_their_tasks(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task -> route map holds its tasks weakly: a label is gone with its task (no call into
+    Python, nothing written to standard error), a task made after it is unlabelled even at the
+    same address, a label taken off reads None, and uninstall's clear() takes every label off."""
+    import asyncio
+    import weakref
+
+    from loopwatch import _context
+
+    async def main() -> None:
+        async def serve() -> None:
+            await asyncio.sleep(0)
+
+        before = len(_context._routes.data)
+        refs = []
+        for i in range(50):
+            task = asyncio.get_running_loop().create_task(serve())
+            _context.set_route(task, f"GET /{i}", on_proxy=False)
+            assert _context.route_of(task) == f"GET /{i}"
+            await task
+            refs.append(weakref.ref(task))
+            del task
+        await asyncio.sleep(0)
+        gc.collect()
+        alive = sum(ref() is not None for ref in refs)
+        assert alive < 50 and len(_context._routes.data) == before + alive
+        fresh = asyncio.get_running_loop().create_task(serve())
+        assert _context.route_of(fresh) is None
+        _context.set_route(fresh, "GET /x", on_proxy=False)
+        _context.set_route(fresh, None, on_proxy=False)
+        assert _context.route_of(fresh) is None
+        _context.set_route(fresh, "GET /y", on_proxy=False)
+        _context._routes.clear()
+        assert _context.route_of(fresh) is None
+        await fresh
+
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    factory = __import__("loopwatch").new_uvloop_event_loop if kind == "uvloop" else None
+    if factory is None:
+        asyncio.run(main())
+    else:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+    gc.collect()
+    assert unraisable == []

@@ -152,6 +152,13 @@ def _hook_fastapi(module: ModuleType) -> None:
 # -- aiohttp -------------------------------------------------------------------------------
 
 
+# The step-timing proxy around each request's Application._handle, by id(request), from the
+# moment the handler is called to the moment its router starts resolving (within the handler's
+# first step): the route found is put on the proxy, which puts the request's busy time into the
+# route's row itself when the handler ends (in C).
+_handlers: dict[int, Any] = {}
+
+
 def _hook_aiohttp(module: ModuleType) -> None:
     if not _watching:
         return
@@ -160,8 +167,16 @@ def _hook_aiohttp(module: ModuleType) -> None:
     if resolve is None or getattr(resolve, "__loopwatch__", False):
         return
 
-    def dispatcher_resolve(self: Any, request: Any) -> Any:
-        return _Resolved(resolve(self, request), request)
+    # The router's own coroutine, awaited through: this frame is on the stack while the router
+    # resolves, never while the handler runs.
+    async def dispatcher_resolve(self: Any, request: Any) -> Any:
+        proxy = _handlers.pop(id(request), None) if _handlers else None
+        match_info = await resolve(self, request)
+        try:
+            _label_aiohttp(request, match_info, proxy)
+        except Exception as exc:  # noqa: BLE001 - never into the request
+            _failed("aiohttp", exc)
+        return match_info
 
     _patch(dispatcher_cls, "resolve", dispatcher_resolve, resolve)
 
@@ -181,7 +196,11 @@ def _hook_aiohttp_app(module: ModuleType) -> None:
     def application_handle(self: Any, request: Any) -> Any:
         coro = handle(self, request)
         try:
-            return _time_handler(coro)
+            proxy = _time_handler(coro)
+            # (Only for a router whose resolve is hooked: its hook takes the entry back.)
+            if getattr(type(self._router).resolve, "__loopwatch__", False):
+                _handlers[id(request)] = proxy
+            return proxy
         except Exception as exc:  # noqa: BLE001 - the handler runs untimed
             _failed("aiohttp", exc)
             return coro
@@ -189,29 +208,10 @@ def _hook_aiohttp_app(module: ModuleType) -> None:
     _patch(app_cls, "_handle", application_handle, handle)
 
 
-class _Resolved:
-    """``await UrlDispatcher.resolve(request)``: the framework's own coroutine, awaited
-    through, and the task labelled with the route it found. Its one frame is on the stack while
-    the router resolves, never while the handler runs."""
-
-    __slots__ = ("_coro", "_request")
-
-    def __init__(self, coro: Any, request: Any) -> None:
-        self._coro = coro
-        self._request = request
-
-    def __await__(self) -> Any:
-        match_info = yield from self._coro.__await__()
-        try:
-            _label_aiohttp(self._request, match_info)
-        except Exception as exc:  # noqa: BLE001 - never into the request
-            _failed("aiohttp", exc)
-        return match_info
-
-
 class _HandlerEnd:
-    """The owner of a request handler's step-timing proxy: when the handler ends, its busy time
-    goes to its task's route (the proxy calls ``proxy_ended`` in the task, at its last step)."""
+    """The owner of a request handler's step-timing proxy in pure Python: when the handler
+    ends, its busy time goes to its task's route (the proxy calls ``proxy_ended`` in the task,
+    at its last step). The compiled proxy has no owner: the route is on it (``_route``)."""
 
     __slots__ = ()
 
@@ -235,13 +235,13 @@ _WATCH = StepWatch()
 
 def _time_handler(coro: Any) -> Any:
     if ACCEL is not None:
-        return ACCEL.Timed(coro, _WATCH, _HANDLER_END)
+        return ACCEL.Timed(coro, _WATCH, None)
     proxy = PyTimed(coro, _WATCH)
     proxy._owner = _HANDLER_END
     return proxy
 
 
-def _label_aiohttp(request: Any, match_info: Any) -> None:
+def _label_aiohttp(request: Any, match_info: Any, proxy: Any) -> None:
     method = getattr(request, "method", "")
     route = getattr(match_info, "route", None)
     resource = getattr(route, "resource", None)
@@ -254,6 +254,10 @@ def _label_aiohttp(request: Any, match_info: Any) -> None:
         task = _current_task()
     except RuntimeError:
         return
-    if task is not None:
-        # Busy time: the handler's proxy reports it (see _time_handler), not the task's end.
-        label_request(route, task, timed=False)
+    if task is None:
+        return
+    if type(proxy) is _compiled_proxy:
+        # The handler's busy time goes to the route when it ends (the proxy does it); the task
+        # carries the route for its findings.
+        proxy._route = route
+    label_request(route, task, timed=False)
