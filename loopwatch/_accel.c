@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 13
+#define API_VERSION 14
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -2985,6 +2985,603 @@ set_driver(PyObject *Py_UNUSED(m), PyObject *code)
     Py_RETURN_NONE;
 }
 
+#if PY_VERSION_HEX < 0x030D0000 /* (the names 3.13 gave these) */
+#define PyObject_GetOptionalAttr _PyObject_LookupAttr
+static int
+PyObject_HasAttrWithError(PyObject *obj, PyObject *name)
+{
+    PyObject *value;
+    int found = _PyObject_LookupAttr(obj, name, &value);
+    Py_XDECREF(value);
+    return found;
+}
+#endif
+
+#if PY_VERSION_HEX < 0x030D0000 /* (the 3.13 names of these) */
+static int
+PyDict_Pop(PyObject *dict, PyObject *key, PyObject **result)
+{
+    PyObject *value = PyDict_GetItemWithError(dict, key);
+    *result = NULL;
+    if (value == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_INCREF(value);
+    if (PyDict_DelItem(dict, key) < 0) {
+        Py_DECREF(value);
+        return -1;
+    }
+    *result = value;
+    return 1;
+}
+
+static int
+PyWeakref_GetRef(PyObject *ref, PyObject **result)
+{
+    PyObject *obj = PyWeakref_GetObject(ref);
+    *result = NULL;
+    if (obj == NULL) {
+        return -1;
+    }
+    if (obj == Py_None) {
+        return 0;
+    }
+    *result = Py_NewRef(obj);
+    return 1;
+}
+#endif
+
+/* -- the framework hooks: route labelling at routing time ------------------------------------ */
+
+/* A hook is a callable put in a framework class's dict in place of one of its functions
+   (integrations/_hooks.py): called as that function would be, as a method (a method descriptor,
+   so a call through an instance makes no bound method), it does its part and calls the
+   framework's own. Compiled, it has no frame: a framework's traceback has no line of
+   loopwatch's, and it costs a request a few hundred instructions where a Python hook cost a few
+   thousand. What it does by kind:
+
+   HOOK_ROUTE    Starlette's Route.handle(self, scope, receive, send): the request's task is
+                 labelled "METHOD {root_path less app_root_path}{self.path}" (an HTTP scope
+                 only): on its compiled proxy (_route), which puts the task's busy time into the
+                 route's row when it ends; a task without one goes to slow(route, task).
+   HOOK_APP      aiohttp's Application._handle(self, request): its coroutine is put in a
+                 step-timing proxy without an owner (aiohttp 3.12+ makes request tasks no task
+                 factory sees), kept in handlers[id(request)] when the app's router's resolve
+                 is a HOOK_RESOLVE.
+   HOOK_RESOLVE  aiohttp's UrlDispatcher.resolve(self, request): the proxy is taken back out of
+                 handlers, and the router's own coroutine awaited through a Resolving, which
+                 labels the request (its proxy's _route, and the task's entry in routes, the
+                 task -> route map) once the router returns the match.
+
+   A hook that fails calls failed(exc) (which puts the framework's functions back and says so
+   once), never raises into the request, and calls the framework's own function all the same. */
+
+enum { HOOK_ROUTE, HOOK_APP, HOOK_RESOLVE };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int kind;
+    PyObject *original;     /* the framework's own function */
+    PyObject *current_task; /* asyncio.current_task */
+    PyObject *slow;         /* HOOK_ROUTE: label_request(route, task); HOOK_RESOLVE: canonical */
+    PyObject *failed;       /* failed(exc) */
+    PyObject *handlers;     /* HOOK_APP, HOOK_RESOLVE: {id(request): proxy} */
+    PyObject *watch;        /* HOOK_APP: the proxies' StepWatch */
+    PyObject *routes;       /* HOOK_RESOLVE: the task -> route map's dict */
+    PyObject *routes_pop;   /* and its pop: each entry's weak reference's callback */
+    PyObject *canonicals;   /* HOOK_ROUTE: {path: {method: label}}; HOOK_RESOLVE: {id(route):
+                               (weakref(route), canonical)} */
+    PyObject *dict;
+} FrameworkHookObject;
+
+static PyTypeObject FrameworkHook_Type, Resolving_Type;
+static PyObject *h_coro, *h_type, *h_http, *h_method, *h_root_path, *h_app_root_path, *h_path, *h_router,
+    *h_resolve, *h_route, *h_empty, *h_unmatched;
+
+static void
+hook_failed(FrameworkHookObject *self)
+{
+    PyObject *exc = take_exception();
+    if (exc == NULL) {
+        return;
+    }
+    PyObject *r = self->failed != NULL ? PyObject_CallOneArg(self->failed, exc) : NULL;
+    if (r == NULL) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(r);
+    Py_DECREF(exc);
+}
+
+/* The running task (a new reference), None (also outside a running loop), or NULL with an
+   error set. */
+static inline PyObject *
+hook_task(FrameworkHookObject *self)
+{
+    PyObject *task = PyObject_CallNoArgs(self->current_task);
+    if (task == NULL && PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+        PyErr_Clear();
+        return Py_NewRef(Py_None);
+    }
+    return task;
+}
+
+/* A scope's value (borrowed), dflt where it has none, NULL with an error set. */
+static inline PyObject *
+scope_get(PyObject *scope, PyObject *key, PyObject *dflt)
+{
+    PyObject *v = PyDict_GetItemWithError(scope, key);
+    return v != NULL ? v : PyErr_Occurred() ? NULL : dflt;
+}
+
+static int
+route_label(FrameworkHookObject *self, PyObject *route_obj, PyObject *scope)
+{
+    if (!PyDict_Check(scope)) {
+        return 0;
+    }
+    PyObject *kind = scope_get(scope, h_type, Py_None);
+    if (kind == NULL) {
+        return -1;
+    }
+    if (!PyUnicode_CheckExact(kind) || PyUnicode_Compare(kind, h_http) != 0) {
+        return 0;
+    }
+    PyObject *method = scope_get(scope, h_method, h_empty);
+    PyObject *root = method ? scope_get(scope, h_root_path, Py_None) : NULL;
+    if (root == NULL) {
+        return -1;
+    }
+    PyObject *prefix;
+    int has_root = PyObject_IsTrue(root);
+    if (has_root < 0) {
+        return -1;
+    }
+    if (has_root) {
+        /* A route inside a Mount: the mount's part of the path comes first. */
+        PyObject *app_root = scope_get(scope, h_app_root_path, h_empty);
+        Py_ssize_t cut = app_root != NULL ? PyObject_Length(app_root) : -1;
+        prefix = cut >= 0 ? PySequence_GetSlice(root, cut, PY_SSIZE_T_MAX) : NULL;
+    }
+    else {
+        prefix = Py_NewRef(h_empty);
+    }
+    PyObject *path = prefix != NULL ? PyObject_GetAttr(route_obj, h_path) : NULL;
+    PyObject *route = NULL;
+    if (path != NULL && !has_root && PyUnicode_CheckExact(path) && PyUnicode_CheckExact(method)) {
+        /* The common case (no mount): the label made once per route path and method, kept in
+           {path: {method: label}} (strings only, a few per route). */
+        PyObject *by_method = PyDict_GetItemWithError(self->canonicals, path);
+        route = by_method != NULL && PyDict_CheckExact(by_method)
+                    ? PyDict_GetItemWithError(by_method, method)
+                    : NULL;
+        if (route != NULL) {
+            Py_INCREF(route);
+        }
+        else if (!PyErr_Occurred()) {
+            route = PyUnicode_FromFormat("%U %U", method, path);
+            if (route != NULL && PyDict_GET_SIZE(self->canonicals) < 4096) {
+                if (by_method == NULL) {
+                    by_method = PyDict_New();
+                    if (by_method == NULL || PyDict_SetItem(self->canonicals, path, by_method) < 0) {
+                        Py_CLEAR(route);
+                    }
+                    Py_XDECREF(by_method); /* (the cache holds it) */
+                }
+                if (route != NULL && PyDict_Size(by_method) < 64 &&
+                    PyDict_SetItem(by_method, method, route) < 0) {
+                    Py_CLEAR(route);
+                }
+            }
+        }
+    }
+    else if (path != NULL) {
+        route = PyUnicode_FromFormat("%S %S%S", method, prefix, path);
+    }
+    Py_XDECREF(prefix);
+    Py_XDECREF(path);
+    PyObject *task = route != NULL ? hook_task(self) : NULL;
+    if (task == NULL) {
+        Py_XDECREF(route);
+        return -1;
+    }
+    int status = 0;
+    if (task != Py_None) {
+        PyObject *proxy;
+        if (PyObject_GetOptionalAttr(task, h_coro, &proxy) < 0) {
+            status = -1;
+        }
+        else if (proxy != NULL && Py_IS_TYPE(proxy, &Timed_Type) &&
+                 ((TimedObject *)proxy)->owner != NULL) {
+            /* (The proxy puts the task's busy time into the route's row when it ends.) */
+            Py_XSETREF(((TimedObject *)proxy)->route, Py_NewRef(route));
+        }
+        else {
+            PyObject *args[2] = {route, task};
+            PyObject *r = PyObject_Vectorcall(self->slow, args, 2, NULL);
+            status = r != NULL ? 0 : -1;
+            Py_XDECREF(r);
+        }
+        Py_XDECREF(proxy);
+    }
+    Py_DECREF(task);
+    Py_DECREF(route);
+    return status;
+}
+
+/* The route of a request aiohttp resolved: "METHOD canonical" (a route it matched) or
+   "METHOD <unmatched>"; its proxy's _route, and the task's label in the task -> route map. */
+static int
+aiohttp_label(FrameworkHookObject *self, PyObject *request, PyObject *match, PyObject *proxy)
+{
+    PyObject *method = PyObject_GetAttr(request, h_method);
+    PyObject *route_obj = method != NULL ? PyObject_GetAttr(match, h_route) : NULL;
+    if (route_obj == NULL) {
+        Py_XDECREF(method);
+        return -1;
+    }
+    /* The canonical path of a route object, asked of aiohttp once per route (a few property
+       calls); the cache holds each route weakly, keyed by its id. */
+    PyObject *canonical = NULL, *key = PyLong_FromVoidPtr(route_obj);
+    PyObject *entry = key != NULL ? PyDict_GetItemWithError(self->canonicals, key) : NULL;
+    if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2) {
+        PyObject *held;
+        if (PyWeakref_GetRef(PyTuple_GET_ITEM(entry, 0), &held) > 0) {
+            if (held == route_obj) {
+                canonical = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+            }
+            Py_DECREF(held);
+        }
+    }
+    if (canonical == NULL && key != NULL && !PyErr_Occurred()) {
+        PyObject *args[2] = {match, route_obj};
+        canonical = PyObject_Vectorcall(self->slow, args, 2, NULL);
+        if (canonical != NULL && canonical != Py_None) {
+            PyObject *ref = PyWeakref_NewRef(route_obj, NULL);
+            if (ref == NULL) {
+                PyErr_Clear(); /* (a route that cannot be weakly referenced: not cached) */
+            }
+            else {
+                if (PyDict_GET_SIZE(self->canonicals) >= 4096) {
+                    PyDict_Clear(self->canonicals);
+                }
+                PyObject *value = PyTuple_Pack(2, ref, canonical);
+                if (value == NULL || PyDict_SetItem(self->canonicals, key, value) < 0) {
+                    Py_CLEAR(canonical);
+                }
+                Py_XDECREF(value);
+                Py_DECREF(ref);
+            }
+        }
+    }
+    Py_XDECREF(key);
+    Py_DECREF(route_obj);
+    PyObject *route = NULL;
+    if (canonical != NULL) {
+        route = PyUnicode_FromFormat("%S %S", method, canonical == Py_None ? h_unmatched : canonical);
+        Py_DECREF(canonical);
+    }
+    Py_DECREF(method);
+    PyObject *task = route != NULL ? hook_task(self) : NULL;
+    if (task == NULL) {
+        Py_XDECREF(route);
+        return -1;
+    }
+    int status = 0;
+    if (task != Py_None) {
+        if (proxy != NULL && Py_IS_TYPE(proxy, &Timed_Type)) {
+            /* (The handler's busy time goes to the route when it ends: the proxy does it.) */
+            Py_XSETREF(((TimedObject *)proxy)->route, Py_NewRef(route));
+        }
+        /* The task carries the route for its findings: routes[weakref(task, routes.pop)]. */
+        PyObject *ref = PyWeakref_NewRef(task, self->routes_pop);
+        status = ref != NULL && PyDict_SetItem(self->routes, ref, route) == 0 ? 0 : -1;
+        Py_XDECREF(ref);
+    }
+    Py_DECREF(task);
+    Py_DECREF(route);
+    return status;
+}
+
+/* Resolving: the router's own coroutine, awaited through; on its return, the request labelled. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *coro, *request, *proxy; /* proxy: NULL where none was found */
+    FrameworkHookObject *hook;
+} ResolvingObject;
+
+static void
+Resolving_dealloc(PyObject *op)
+{
+    ResolvingObject *self = (ResolvingObject *)op;
+    PyObject_GC_UnTrack(op);
+    Py_CLEAR(self->coro);
+    Py_CLEAR(self->request);
+    Py_CLEAR(self->proxy);
+    Py_CLEAR(self->hook);
+    PyObject_GC_Del(op);
+}
+
+static int
+Resolving_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    ResolvingObject *self = (ResolvingObject *)op;
+    Py_VISIT(self->coro);
+    Py_VISIT(self->request);
+    Py_VISIT(self->proxy);
+    Py_VISIT(self->hook);
+    return 0;
+}
+
+static PySendResult
+Resolving_am_send(PyObject *op, PyObject *arg, PyObject **presult)
+{
+    ResolvingObject *self = (ResolvingObject *)op;
+    PySendResult status = send_to(self->coro, arg, presult);
+    if (status == PYGEN_RETURN && self->request != NULL) {
+        if (aiohttp_label(self->hook, self->request, *presult, self->proxy) < 0) {
+            hook_failed(self->hook);
+        }
+        Py_CLEAR(self->request);
+        Py_CLEAR(self->proxy);
+    }
+    return status;
+}
+
+static PyObject *
+Resolving_iternext(PyObject *op)
+{
+    PyObject *result;
+    if (Resolving_am_send(op, Py_None, &result) == PYGEN_RETURN) {
+        return stop_with(result);
+    }
+    return result;
+}
+
+static PyObject *
+Resolving_send(PyObject *op, PyObject *value)
+{
+    PyObject *result;
+    if (Resolving_am_send(op, value, &result) == PYGEN_RETURN) {
+        return stop_with(result);
+    }
+    return result;
+}
+
+/* A throw (a cancellation while the router waits) goes to the router's coroutine; a request
+   that ends that way is not labelled. */
+static PyObject *
+Resolving_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    ResolvingObject *self = (ResolvingObject *)op;
+    PyObject *stack[4] = {self->coro};
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        stack[i + 1] = args[i];
+    }
+    return PyObject_VectorcallMethod(s_throw, stack, (size_t)nargs + 1, NULL);
+}
+
+static PyObject *
+Resolving_close(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    return PyObject_CallMethodNoArgs(((ResolvingObject *)op)->coro, s_close);
+}
+
+static PyObject *
+Resolving_self(PyObject *op)
+{
+    return Py_NewRef(op);
+}
+
+static PyAsyncMethods Resolving_as_async = {
+    .am_await = Resolving_self,
+    .am_send = Resolving_am_send,
+};
+
+static PyMethodDef Resolving_methods[] = {
+    {"send", Resolving_send, METH_O, NULL},
+    {"throw", (PyCFunction)(void (*)(void))Resolving_throw, METH_FASTCALL, NULL},
+    {"close", Resolving_close, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject Resolving_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.Resolving",
+    .tp_basicsize = sizeof(ResolvingObject),
+    .tp_dealloc = Resolving_dealloc,
+    .tp_as_async = &Resolving_as_async,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = Resolving_traverse,
+    .tp_iter = Resolving_self,
+    .tp_iternext = Resolving_iternext,
+    .tp_methods = Resolving_methods,
+};
+
+static PyObject *
+FrameworkHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    FrameworkHookObject *self = (FrameworkHookObject *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    int plain = kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0;
+    if (self->kind == HOOK_ROUTE) {
+        if (plain && nargs == 4 && route_label(self, args[0], args[1]) < 0) {
+            hook_failed(self);
+        }
+        return PyObject_Vectorcall(self->original, args, nargsf, kwnames);
+    }
+    PyObject *proxy = NULL;
+    if (self->kind == HOOK_RESOLVE && plain && nargs == 2 && PyDict_GET_SIZE(self->handlers)) {
+        PyObject *key = PyLong_FromVoidPtr(args[1]);
+        if (key == NULL || PyDict_Pop(self->handlers, key, &proxy) < 0) {
+            hook_failed(self);
+        }
+        Py_XDECREF(key);
+    }
+    PyObject *coro = PyObject_Vectorcall(self->original, args, nargsf, kwnames);
+    if (coro == NULL || !plain || nargs != 2) {
+        Py_XDECREF(proxy);
+        return coro;
+    }
+    if (self->kind == HOOK_RESOLVE) {
+        ResolvingObject *wrap = PyObject_GC_New(ResolvingObject, &Resolving_Type);
+        if (wrap == NULL) {
+            hook_failed(self);
+            Py_XDECREF(proxy);
+            return coro;
+        }
+        wrap->coro = coro;
+        wrap->request = Py_NewRef(args[1]);
+        wrap->proxy = proxy;
+        wrap->hook = (FrameworkHookObject *)Py_NewRef(op);
+        PyObject_GC_Track(wrap);
+        return (PyObject *)wrap;
+    }
+    /* HOOK_APP */
+    PyObject *timed = (PyObject *)timed_new(&Timed_Type, coro, self->watch, NULL, NULL);
+    if (timed == NULL) {
+        hook_failed(self);
+        return coro; /* (the handler runs untimed) */
+    }
+    Py_DECREF(coro);
+    PyObject *router = PyObject_GetAttr(args[0], h_router);
+    PyObject *resolve = router != NULL ? _PyType_Lookup(Py_TYPE(router), h_resolve) : NULL;
+    if (resolve != NULL && Py_IS_TYPE(resolve, &FrameworkHook_Type) &&
+        ((FrameworkHookObject *)resolve)->kind == HOOK_RESOLVE) {
+        PyObject *key = PyLong_FromVoidPtr(args[1]);
+        if (key == NULL || PyDict_SetItem(self->handlers, key, timed) < 0) {
+            hook_failed(self);
+        }
+        Py_XDECREF(key);
+    }
+    else if (router == NULL) {
+        PyErr_Clear(); /* (an application without a router: nothing to label) */
+    }
+    Py_XDECREF(router);
+    return timed;
+}
+
+/* FrameworkHook(kind, original, current_task, slow, failed, handlers, watch, routes,
+   routes_pop): see above; the unused ones None. */
+static PyObject *
+FrameworkHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    int kind;
+    PyObject *original, *current_task, *slow, *failed, *handlers, *watch, *routes, *routes_pop;
+    if ((kwds != NULL && PyDict_GET_SIZE(kwds)) ||
+        !PyArg_ParseTuple(args, "iOOOOOOOO:FrameworkHook", &kind, &original, &current_task,
+                          &slow, &failed, &handlers, &watch, &routes, &routes_pop)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "FrameworkHook takes no keyword arguments");
+        }
+        return NULL;
+    }
+    if (kind < HOOK_ROUTE || kind > HOOK_RESOLVE || !PyCallable_Check(original) ||
+        !PyCallable_Check(current_task) || !PyCallable_Check(failed) ||
+        (kind != HOOK_APP && !PyCallable_Check(slow)) ||
+        (kind != HOOK_ROUTE && !PyDict_CheckExact(handlers)) ||
+        (kind == HOOK_RESOLVE && (!PyDict_CheckExact(routes) || !PyCallable_Check(routes_pop)))) {
+        PyErr_SetString(PyExc_TypeError, "FrameworkHook: bad arguments for its kind");
+        return NULL;
+    }
+    FrameworkHookObject *self = PyObject_GC_New(FrameworkHookObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = FrameworkHook_vectorcall;
+    self->kind = kind;
+    self->original = Py_NewRef(original);
+    self->current_task = Py_NewRef(current_task);
+    self->slow = Py_NewRef(slow);
+    self->failed = Py_NewRef(failed);
+    self->handlers = Py_NewRef(handlers);
+    self->watch = Py_NewRef(watch);
+    self->routes = Py_NewRef(routes);
+    self->routes_pop = Py_NewRef(routes_pop);
+    self->canonicals = PyDict_New();
+    self->dict = NULL;
+    if (self->canonicals == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+FrameworkHook_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    FrameworkHookObject *self = (FrameworkHookObject *)op;
+    Py_VISIT(self->original);
+    Py_VISIT(self->current_task);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->failed);
+    Py_VISIT(self->handlers);
+    Py_VISIT(self->watch);
+    Py_VISIT(self->routes);
+    Py_VISIT(self->routes_pop);
+    Py_VISIT(self->canonicals);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+FrameworkHook_clear(PyObject *op)
+{
+    FrameworkHookObject *self = (FrameworkHookObject *)op;
+    Py_CLEAR(self->original);
+    Py_CLEAR(self->current_task);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->failed);
+    Py_CLEAR(self->handlers);
+    Py_CLEAR(self->watch);
+    Py_CLEAR(self->routes);
+    Py_CLEAR(self->routes_pop);
+    Py_CLEAR(self->canonicals);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+FrameworkHook_dealloc(PyObject *op)
+{
+    PyObject_GC_UnTrack(op);
+    FrameworkHook_clear(op);
+    PyObject_GC_Del(op);
+}
+
+/* As a function in a class's dict: bound to an instance, as a function is. */
+static PyObject *
+FrameworkHook_get(PyObject *op, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(op);
+    }
+    return PyMethod_New(op, obj);
+}
+
+static PyTypeObject FrameworkHook_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.FrameworkHook",
+    .tp_doc = "A framework function, wrapped to label each request's task by its route.",
+    .tp_basicsize = sizeof(FrameworkHookObject),
+    .tp_dealloc = FrameworkHook_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_traverse = FrameworkHook_traverse,
+    .tp_clear = FrameworkHook_clear,
+    .tp_descr_get = FrameworkHook_get,
+    .tp_dictoffset = offsetof(FrameworkHookObject, dict),
+    .tp_vectorcall_offset = offsetof(FrameworkHookObject, vectorcall),
+    .tp_new = FrameworkHook_new,
+};
+
 /* -- the live view: a task's chain of awaits ------------------------------------------------ */
 
 /* await_key(coro, frameless): the key of a chain of coroutines and generators each suspended in
@@ -3202,17 +3799,6 @@ kind_add(RowKinds *kinds, Py_uhash_t hash, const AwaitLink *links, int count, vo
     return slot;
 }
 
-#if PY_VERSION_HEX < 0x030D0000 /* (the names 3.13 gave these) */
-#define PyObject_GetOptionalAttr _PyObject_LookupAttr
-static int
-PyObject_HasAttrWithError(PyObject *obj, PyObject *name)
-{
-    PyObject *value;
-    int found = _PyObject_LookupAttr(obj, name, &value);
-    Py_XDECREF(value);
-    return found;
-}
-#endif
 
 /* What the table keeps of each task's row for the awaited_by pass and the order. */
 typedef struct {
@@ -3667,6 +4253,18 @@ PyInit__accel(void)
     INTERN(s_sites, "sites");
     INTERN(s__fut_waiter, "_fut_waiter");
     INTERN(s__children, "_children");
+    INTERN(h_coro, "_coro");
+    INTERN(h_type, "type");
+    INTERN(h_http, "http");
+    INTERN(h_method, "method");
+    INTERN(h_root_path, "root_path");
+    INTERN(h_app_root_path, "app_root_path");
+    INTERN(h_path, "path");
+    INTERN(h_router, "_router");
+    INTERN(h_resolve, "resolve");
+    INTERN(h_route, "route");
+    INTERN(h_empty, "");
+    INTERN(h_unmatched, "<unmatched>");
     INTERN(k_task, "task");
     INTERN(k_id, "id");
     INTERN(k_coroutine, "coroutine");
@@ -3691,7 +4289,8 @@ PyInit__accel(void)
     if (PyType_Ready(&Counts_Type) < 0 || PyType_Ready(&Row_Type) < 0 || PyType_Ready(&Watch_Type) < 0 ||
         PyType_Ready(&Timed_Type) < 0 || PyType_Ready(&Factory_Type) < 0 ||
         PyType_Ready(&Pulse_Type) < 0 || PyType_Ready(&Hook_Type) < 0 ||
-        PyType_Ready(&Thread_Type) < 0) {
+        PyType_Ready(&Thread_Type) < 0 || PyType_Ready(&FrameworkHook_Type) < 0 ||
+        PyType_Ready(&Resolving_Type) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&accel_module);
@@ -3706,6 +4305,7 @@ PyInit__accel(void)
         PyModule_AddObjectRef(m, "Pulse", (PyObject *)&Pulse_Type) < 0 ||
         PyModule_AddObjectRef(m, "MethodHook", (PyObject *)&Hook_Type) < 0 ||
         PyModule_AddObjectRef(m, "Thread", (PyObject *)&Thread_Type) < 0 ||
+        PyModule_AddObjectRef(m, "FrameworkHook", (PyObject *)&FrameworkHook_Type) < 0 ||
         PyModule_AddIntConstant(m, "API", API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;

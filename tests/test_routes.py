@@ -6,6 +6,7 @@ is in ``loopwatch_request_busy_seconds{route}``; a handler's traceback has no lo
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -425,3 +426,185 @@ def test_task_labels_go_with_their_tasks(kind: str, monkeypatch: pytest.MonkeyPa
             runner.run(main())
     gc.collect()
     assert unraisable == []
+
+
+STARLETTE_SCOPE = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/users/7",
+    "raw_path": b"/users/7",
+    "root_path": "",
+    "query_string": b"",
+    "headers": [(b"host", b"localhost")],
+    "server": ("127.0.0.1", 8000),
+    "client": ("127.0.0.1", 5000),
+}
+
+
+def test_the_starlette_hook_labels_the_request_and_calls_starlettes_own(
+    kind: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """In process, on a watched loop: Route.handle, hooked, labels the request's task by its
+    route (a mounted route with the mount's path first), Starlette answers as it does unhooked,
+    the busy time goes to the route when the task ends; a hook that fails says so once, puts
+    Starlette's own function back and the request is still answered."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    import loopwatch
+    from loopwatch import _runtime
+    from loopwatch.integrations import _hooks, route_of
+
+    seen: list[Any] = []
+
+    async def user(request: Any) -> PlainTextResponse:
+        seen.append(route_of())
+        return PlainTextResponse(f"user {request.path_params['user_id']}")
+
+    app = Starlette(
+        routes=[
+            Route("/users/{user_id}", user),
+            Mount("/api", routes=[Route("/u/{user_id}", user)]),
+        ]
+    )
+    own = Route.__dict__["handle"]
+
+    async def call(path: str) -> list[Any]:
+        sent: list[Any] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {**STARLETTE_SCOPE, "path": path, "raw_path": path.encode()}
+        await asyncio.get_running_loop().create_task(app(scope, receive, send))
+        return sent
+
+    async def main() -> None:
+        first = await call("/users/7")
+        assert first[1]["body"] == b"user 7"
+        await call("/api/u/3")
+        assert seen == ["GET /users/{user_id}", "GET /api/u/{user_id}"]
+        runtime = _runtime.current()
+        assert runtime is not None
+        busy = runtime.requests.histograms()
+        assert {r: h.count for r, h in busy.items()} == {
+            "GET /users/{user_id}": 1,
+            "GET /api/u/{user_id}": 1,
+        }
+        hooked = Route.__dict__["handle"]
+        assert hooked.__wrapped__ is own and hooked.__loopwatch__
+        if _hooks._FrameworkHook is not None:
+            assert type(hooked) is _hooks._FrameworkHook
+
+            # A failure: asyncio.current_task broken (a stand-in for anything going wrong).
+            def broken() -> None:
+                raise ValueError("no task here")
+
+            failing = _hooks._FrameworkHook(
+                _hooks._HOOK_ROUTE, own, broken, _hooks.label_request,
+                lambda exc: _hooks._failed("Starlette", exc), None, None, None, None,
+            )  # fmt: skip
+            Route.handle = failing
+            _hooks._patched.append((Route, "handle", own))
+            again = await call("/users/8")
+            assert again[1]["body"] == b"user 8" and seen[-1] is None
+            assert Route.__dict__["handle"] is own  # (put back)
+
+    loopwatch.install(log="off")
+    factory = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop
+    run_on_loop(factory, main())
+    if _hooks._FrameworkHook is not None:
+        err = capfd.readouterr().err
+        assert err.count("labelling Starlette requests by route failed") == 1, err
+        assert "ValueError: no task here" in err
+
+
+def test_the_aiohttp_hooks_label_the_request_and_time_its_handler(kind: str) -> None:
+    """In process, on a watched loop: aiohttp's Application._handle and UrlDispatcher.resolve,
+    hooked, label the request's task (its findings' route) and time its handler (the busy time,
+    by route, when it ends), answer as aiohttp does unhooked (a 404 too), let a failing router's
+    error through unchanged, and keep nothing once the request is done."""
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    import loopwatch
+    from loopwatch import _runtime
+    from loopwatch.integrations import _hooks, route_of
+
+    seen: list[Any] = []
+
+    async def user(request: web.Request) -> web.Response:
+        seen.append(route_of())
+        await asyncio.sleep(0)
+        return web.Response(text=f"user {request.match_info['user_id']}")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/users/{user_id}", user)
+        app.freeze()
+        loop = asyncio.get_running_loop()
+
+        async def serve(path: str) -> Any:
+            request = make_mocked_request("GET", path, app=app)
+            return await loop.create_task(app._handle(request))
+
+        ok = await serve("/users/7")
+        assert (ok.status, ok.text) == (200, "user 7")
+        with pytest.raises(web.HTTPNotFound):  # (as unhooked: the server makes it a 404)
+            await serve("/nowhere")
+        assert seen == ["GET /users/{user_id}"]
+        runtime = _runtime.current()
+        assert runtime is not None
+        busy = {r: h.count for r, h in runtime.requests.histograms().items()}
+        assert busy == {"GET /users/{user_id}": 1, "GET <unmatched>": 1}
+        assert _hooks._handlers == {}
+
+        class Broken(Exception):
+            pass
+
+        import aiohttp.web_app
+        import aiohttp.web_urldispatcher
+
+        dispatcher = aiohttp.web_urldispatcher.UrlDispatcher
+        own = dispatcher.__dict__["resolve"].__wrapped__
+
+        async def failing(self: Any, request: Any) -> Any:
+            if request.path.endswith("/9"):
+                await asyncio.Event().wait()  # (until cancelled)
+            await asyncio.sleep(0)
+            raise Broken("router down")
+
+        # The hooks made again around a router that fails once it has waited.
+        _hooks.unhook_frameworks()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dispatcher, "resolve", failing)
+            patch.setattr(_hooks, "_watching", True)
+            _hooks._hook_aiohttp(aiohttp.web_urldispatcher)
+            _hooks._hook_aiohttp_app(aiohttp.web_app)
+            assert dispatcher.__dict__["resolve"].__wrapped__ is failing
+            with pytest.raises(Broken, match="router down"):
+                await serve("/users/8")
+            waiting = loop.create_task(app._handle(make_mocked_request("GET", "/users/9", app=app)))
+            await asyncio.sleep(0.01)
+            waiting.cancel()  # (thrown into the router through the hook)
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            _hooks.unhook_frameworks()
+        assert dispatcher.__dict__["resolve"] is own
+        assert _hooks._handlers == {} and seen == ["GET /users/{user_id}"]
+
+    loopwatch.install(log="off")
+    factory = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop
+    run_on_loop(factory, main())
+
+
+def run_on_loop(factory: Any, coro: Any) -> Any:
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
