@@ -3063,7 +3063,7 @@ typedef struct {
     vectorcallfunc vectorcall;
     int kind;
     PyObject *original;     /* the framework's own function */
-    PyObject *current_task; /* asyncio.current_task */
+    PyObject *current_task; /* asyncio.current_task, or (get_running_loop, {loop: task}) */
     PyObject *slow;         /* HOOK_ROUTE: label_request(route, task); HOOK_RESOLVE: canonical */
     PyObject *failed;       /* failed(exc) */
     PyObject *handlers;     /* HOOK_APP, HOOK_RESOLVE: {id(request): proxy} */
@@ -3071,12 +3071,12 @@ typedef struct {
     PyObject *routes;       /* HOOK_RESOLVE: the task -> route map's dict */
     PyObject *routes_pop;   /* and its pop: each entry's weak reference's callback */
     PyObject *canonicals;   /* HOOK_ROUTE: {path: {method: label}}; HOOK_RESOLVE: {id(route):
-                               (weakref(route), canonical)} */
+                               (weakref(route), {None: canonical, method: label})} */
     PyObject *dict;
 } FrameworkHookObject;
 
 static PyTypeObject FrameworkHook_Type, Resolving_Type;
-static PyObject *h_coro, *h_type, *h_http, *h_method, *h_root_path, *h_app_root_path, *h_path, *h_router,
+static PyObject *h__route, *h_coro, *h_type, *h_http, *h_method, *h_root_path, *h_app_root_path, *h_path, *h_router,
     *h_resolve, *h_route, *h_empty, *h_unmatched;
 
 static void
@@ -3099,6 +3099,21 @@ hook_failed(FrameworkHookObject *self)
 static inline PyObject *
 hook_task(FrameworkHookObject *self)
 {
+    if (PyTuple_CheckExact(self->current_task)) {
+        /* (get_running_loop, asyncio's dict of current tasks by loop): Python 3.11, whose
+           asyncio.current_task is a Python function, a frame per call. */
+        PyObject *loop = PyObject_CallNoArgs(PyTuple_GET_ITEM(self->current_task, 0));
+        if (loop == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+                return NULL;
+            }
+            PyErr_Clear();
+            return Py_NewRef(Py_None);
+        }
+        PyObject *task = PyDict_GetItemWithError(PyTuple_GET_ITEM(self->current_task, 1), loop);
+        Py_DECREF(loop);
+        return task != NULL ? Py_NewRef(task) : PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    }
     PyObject *task = PyObject_CallNoArgs(self->current_task);
     if (task == NULL && PyErr_ExceptionMatches(PyExc_RuntimeError)) {
         PyErr_Clear();
@@ -3215,29 +3230,51 @@ route_label(FrameworkHookObject *self, PyObject *route_obj, PyObject *scope)
 static int
 aiohttp_label(FrameworkHookObject *self, PyObject *request, PyObject *match, PyObject *proxy)
 {
-    PyObject *method = PyObject_GetAttr(request, h_method);
-    PyObject *route_obj = method != NULL ? PyObject_GetAttr(match, h_route) : NULL;
+    PyObject *method = PyObject_GetAttr(request, h_method), *route_obj = NULL;
+    /* (The match's route: its slot, read without the property's frame where it has one.) */
+    if (method != NULL && PyObject_GetOptionalAttr(match, h__route, &route_obj) == 0) {
+        route_obj = PyObject_GetAttr(match, h_route);
+    }
     if (route_obj == NULL) {
         Py_XDECREF(method);
         return -1;
     }
-    /* The canonical path of a route object, asked of aiohttp once per route (a few property
-       calls); the cache holds each route weakly, keyed by its id. */
-    PyObject *canonical = NULL, *key = PyLong_FromVoidPtr(route_obj);
+    /* The labels of a route object by method ({method: "METHOD canonical"}), its canonical
+       path asked of aiohttp once (a few property calls); the cache holds each route weakly,
+       keyed by its id. A request no route matched is "METHOD <unmatched>", made each time. */
+    PyObject *route = NULL, *labels = NULL, *key = PyLong_FromVoidPtr(route_obj);
     PyObject *entry = key != NULL ? PyDict_GetItemWithError(self->canonicals, key) : NULL;
     if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2) {
         PyObject *held;
         if (PyWeakref_GetRef(PyTuple_GET_ITEM(entry, 0), &held) > 0) {
             if (held == route_obj) {
-                canonical = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+                labels = PyTuple_GET_ITEM(entry, 1); /* (borrowed: the cache holds it) */
             }
             Py_DECREF(held);
         }
     }
-    if (canonical == NULL && key != NULL && !PyErr_Occurred()) {
+    if (labels != NULL) {
+        route = PyDict_GetItemWithError(labels, method);
+        if (route != NULL) {
+            Py_INCREF(route);
+        }
+        else if (!PyErr_Occurred()) {
+            PyObject *canonical = PyDict_GetItemWithError(labels, Py_None);
+            route = canonical != NULL ? PyUnicode_FromFormat("%S %S", method, canonical) : NULL;
+            if (route != NULL && PyDict_GET_SIZE(labels) < 64 &&
+                PyDict_SetItem(labels, method, route) < 0) {
+                Py_CLEAR(route);
+            }
+        }
+    }
+    else if (key != NULL && !PyErr_Occurred()) {
         PyObject *args[2] = {match, route_obj};
-        canonical = PyObject_Vectorcall(self->slow, args, 2, NULL);
-        if (canonical != NULL && canonical != Py_None) {
+        PyObject *canonical = PyObject_Vectorcall(self->slow, args, 2, NULL);
+        if (canonical != NULL) {
+            route = PyUnicode_FromFormat("%S %S", method,
+                                         canonical == Py_None ? h_unmatched : canonical);
+        }
+        if (route != NULL && canonical != Py_None) {
             PyObject *ref = PyWeakref_NewRef(route_obj, NULL);
             if (ref == NULL) {
                 PyErr_Clear(); /* (a route that cannot be weakly referenced: not cached) */
@@ -3246,22 +3283,23 @@ aiohttp_label(FrameworkHookObject *self, PyObject *request, PyObject *match, PyO
                 if (PyDict_GET_SIZE(self->canonicals) >= 4096) {
                     PyDict_Clear(self->canonicals);
                 }
-                PyObject *value = PyTuple_Pack(2, ref, canonical);
-                if (value == NULL || PyDict_SetItem(self->canonicals, key, value) < 0) {
-                    Py_CLEAR(canonical);
+                /* {None: canonical, method: label} */
+                PyObject *fresh = PyDict_New();
+                PyObject *value = fresh != NULL ? PyTuple_Pack(2, ref, fresh) : NULL;
+                if (value == NULL || PyDict_SetItem(fresh, Py_None, canonical) < 0 ||
+                    PyDict_SetItem(fresh, method, route) < 0 ||
+                    PyDict_SetItem(self->canonicals, key, value) < 0) {
+                    Py_CLEAR(route);
                 }
                 Py_XDECREF(value);
+                Py_XDECREF(fresh);
                 Py_DECREF(ref);
             }
         }
+        Py_XDECREF(canonical);
     }
     Py_XDECREF(key);
     Py_DECREF(route_obj);
-    PyObject *route = NULL;
-    if (canonical != NULL) {
-        route = PyUnicode_FromFormat("%S %S", method, canonical == Py_None ? h_unmatched : canonical);
-        Py_DECREF(canonical);
-    }
     Py_DECREF(method);
     PyObject *task = route != NULL ? hook_task(self) : NULL;
     if (task == NULL) {
@@ -3482,7 +3520,11 @@ FrameworkHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     if (kind < HOOK_ROUTE || kind > HOOK_RESOLVE || !PyCallable_Check(original) ||
-        !PyCallable_Check(current_task) || !PyCallable_Check(failed) ||
+        !(PyCallable_Check(current_task) ||
+          (PyTuple_CheckExact(current_task) && PyTuple_GET_SIZE(current_task) == 2 &&
+           PyCallable_Check(PyTuple_GET_ITEM(current_task, 0)) &&
+           PyDict_CheckExact(PyTuple_GET_ITEM(current_task, 1)))) ||
+        !PyCallable_Check(failed) ||
         (kind != HOOK_APP && !PyCallable_Check(slow)) ||
         (kind != HOOK_ROUTE && !PyDict_CheckExact(handlers)) ||
         (kind == HOOK_RESOLVE && (!PyDict_CheckExact(routes) || !PyCallable_Check(routes_pop)))) {
@@ -4254,6 +4296,7 @@ PyInit__accel(void)
     INTERN(s__fut_waiter, "_fut_waiter");
     INTERN(s__children, "_children");
     INTERN(h_coro, "_coro");
+    INTERN(h__route, "_route");
     INTERN(h_type, "type");
     INTERN(h_http, "http");
     INTERN(h_method, "method");

@@ -3,12 +3,13 @@
 With ``LOOPWATCH=1`` (or ``install()`` outside a loop), loopwatch hooks the routers of the
 frameworks a service imports, when it imports them:
 
-- Starlette (and FastAPI, whose routes are Starlette's): ``Route.matches`` and
-  ``Router.not_found`` of ``starlette.routing``;
-- aiohttp: ``UrlDispatcher.resolve`` of ``aiohttp.web_urldispatcher``.
+- Starlette (and FastAPI, whose routes are Starlette's): ``Route.handle`` and
+  ``Router.not_found`` of ``starlette.routing`` (and FastAPI's ``_route_selected``);
+- aiohttp: ``Application._handle`` (which times the handler) and ``UrlDispatcher.resolve``.
 
-Each hook runs once per request, at routing time, and is gone from the stack before the
-request's handler runs: a handler's traceback has no frame of loopwatch's. A request is labelled
+Each hook runs once per request, at routing time; with the compiled module it has no frame at
+all, and in pure Python it is gone from the stack before the request's handler runs: a
+handler's traceback has no frame of loopwatch's. A request is labelled
 ``METHOD /template`` (``GET /users/{user_id}``), never with its raw path; a request no route
 matched is labelled ``METHOD <unmatched>``.
 

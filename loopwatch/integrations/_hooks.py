@@ -6,6 +6,7 @@ back to the framework's own and said once; the request goes on."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import weakref
 from types import ModuleType
 from typing import Any
@@ -23,6 +24,14 @@ _compiled_proxy = ACCEL.Timed if ACCEL is not None else None
 # The compiled hooks (``_accel.FrameworkHook``: route, application, resolve), or the Python ones.
 _FrameworkHook = getattr(ACCEL, "FrameworkHook", None)
 _HOOK_ROUTE, _HOOK_APP, _HOOK_RESOLVE = 0, 1, 2
+# How they find the running task: asyncio.current_task, compiled from 3.12; on 3.11 a Python
+# function (a frame per request), so the running loop and asyncio's own dict of current tasks.
+_current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
+_task_source: Any = (
+    (asyncio.get_running_loop, _current_tasks)
+    if sys.version_info < (3, 12) and type(_current_tasks) is dict
+    else _current_task
+)
 
 
 def hook_frameworks() -> None:
@@ -120,7 +129,7 @@ def _hook_starlette(module: ModuleType) -> None:
     if _FrameworkHook is not None:
         # The same, compiled: no frame, a few hundred instructions a request.
         route_handle = _FrameworkHook(
-            _HOOK_ROUTE, handle, _current_task, label_request,
+            _HOOK_ROUTE, handle, _task_source, label_request,
             lambda exc: _failed("Starlette", exc), None, None, None, None,
         )  # fmt: skip
     _patch(route_cls, "handle", route_handle, handle)
@@ -192,7 +201,7 @@ def _hook_aiohttp(module: ModuleType) -> None:
         # the request when it returns (the canonical path asked of aiohttp once per route).
         routes = _context._routes
         dispatcher_resolve = _FrameworkHook(
-            _HOOK_RESOLVE, resolve, _current_task, _aiohttp_canonical,
+            _HOOK_RESOLVE, resolve, _task_source, _aiohttp_canonical,
             lambda exc: _failed("aiohttp", exc), _handlers, None, routes.data, routes._pop,
         )  # fmt: skip
     _patch(dispatcher_cls, "resolve", dispatcher_resolve, resolve)
@@ -224,7 +233,7 @@ def _hook_aiohttp_app(module: ModuleType) -> None:
 
     if _FrameworkHook is not None:
         application_handle = _FrameworkHook(
-            _HOOK_APP, handle, _current_task, None,
+            _HOOK_APP, handle, _task_source, None,
             lambda exc: _failed("aiohttp", exc), _handlers, _WATCH, None, None,
         )  # fmt: skip
     _patch(app_cls, "_handle", application_handle, handle)
