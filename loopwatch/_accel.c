@@ -747,8 +747,7 @@ set_route_rows(PyObject *Py_UNUSED(m), PyObject *rows)
 static int
 observe_route(PyObject *rows, PyObject *route, double busy)
 {
-    PyObject *row = rows != NULL && PyUnicode_CheckExact(route) ? PyDict_GetItem(rows, route)
-                                                                : NULL;
+    PyObject *row = rows != NULL && PyUnicode_Check(route) ? PyDict_GetItem(rows, route) : NULL;
     if (row == NULL || !Py_IS_TYPE(row, &Row_Type) || g_nlatency < 0) {
         return 0;
     }
@@ -3045,9 +3044,10 @@ PyWeakref_GetRef(PyObject *ref, PyObject **result)
                  only): on its compiled proxy (_route), which puts the task's busy time into the
                  route's row when it ends; a task without one goes to slow(route, task).
    HOOK_APP      aiohttp's Application._handle(self, request): its coroutine is put in a
-                 step-timing proxy without an owner (aiohttp 3.12+ makes request tasks no task
-                 factory sees), kept in handlers[id(request)] when the app's router's resolve
-                 is a HOOK_RESOLVE.
+                 step-timing proxy (aiohttp 3.12+ makes request tasks no task factory sees),
+                 kept in handlers[id(request)] when the app's router's resolve is a
+                 HOOK_RESOLVE; elsewhere owned by slow (_HANDLER_END: the task's route, at the
+                 end).
    HOOK_RESOLVE  aiohttp's UrlDispatcher.resolve(self, request): the proxy is taken back out of
                  handlers, and the router's own coroutine awaited through a Resolving, which
                  labels the request (its proxy's _route, and the task's entry in routes, the
@@ -3143,16 +3143,16 @@ route_label(FrameworkHookObject *self, PyObject *route_obj, PyObject *scope)
     if (!PyUnicode_CheckExact(kind) || PyUnicode_Compare(kind, h_http) != 0) {
         return 0;
     }
-    PyObject *method = scope_get(scope, h_method, h_empty);
-    PyObject *root = method ? scope_get(scope, h_root_path, Py_None) : NULL;
-    if (root == NULL) {
+    /* (Held: reading the route's path may run Python code, which could change the scope.) */
+    PyObject *method = Py_XNewRef(scope_get(scope, h_method, h_empty));
+    PyObject *root = method ? Py_XNewRef(scope_get(scope, h_root_path, Py_None)) : NULL;
+    int has_root = root != NULL ? PyObject_IsTrue(root) : -1;
+    if (has_root < 0) {
+        Py_XDECREF(method);
+        Py_XDECREF(root);
         return -1;
     }
     PyObject *prefix;
-    int has_root = PyObject_IsTrue(root);
-    if (has_root < 0) {
-        return -1;
-    }
     if (has_root) {
         /* A route inside a Mount: the mount's part of the path comes first. */
         PyObject *app_root = scope_get(scope, h_app_root_path, h_empty);
@@ -3162,6 +3162,7 @@ route_label(FrameworkHookObject *self, PyObject *route_obj, PyObject *scope)
     else {
         prefix = Py_NewRef(h_empty);
     }
+    Py_DECREF(root);
     PyObject *path = prefix != NULL ? PyObject_GetAttr(route_obj, h_path) : NULL;
     PyObject *route = NULL;
     if (path != NULL && !has_root && PyUnicode_CheckExact(path) && PyUnicode_CheckExact(method)) {
@@ -3194,6 +3195,7 @@ route_label(FrameworkHookObject *self, PyObject *route_obj, PyObject *scope)
     else if (path != NULL) {
         route = PyUnicode_FromFormat("%S %S%S", method, prefix, path);
     }
+    Py_DECREF(method);
     Py_XDECREF(prefix);
     Py_XDECREF(path);
     PyObject *task = route != NULL ? hook_task(self) : NULL;
@@ -3208,7 +3210,7 @@ route_label(FrameworkHookObject *self, PyObject *route_obj, PyObject *scope)
             status = -1;
         }
         else if (proxy != NULL && Py_IS_TYPE(proxy, &Timed_Type) &&
-                 ((TimedObject *)proxy)->owner != NULL) {
+                 ((TimedObject *)proxy)->owner != NULL && ((TimedObject *)proxy)->owner != Py_None) {
             /* (The proxy puts the task's busy time into the route's row when it ends.) */
             Py_XSETREF(((TimedObject *)proxy)->route, Py_NewRef(route));
         }
@@ -3401,7 +3403,24 @@ Resolving_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < nargs; i++) {
         stack[i + 1] = args[i];
     }
-    return PyObject_VectorcallMethod(s_throw, stack, (size_t)nargs + 1, NULL);
+    PyObject *result = PyObject_VectorcallMethod(s_throw, stack, (size_t)nargs + 1, NULL);
+    if (result == NULL && self->request != NULL) {
+        PyObject *exc = take_exception();
+        if (is_return(exc)) {
+            /* (The router caught what was thrown and returned its match: labelled all the same.) */
+            PyObject *match = ((PyStopIterationObject *)exc)->value;
+            if (aiohttp_label(self->hook, self->request, match != NULL ? match : Py_None,
+                              self->proxy) < 0) {
+                hook_failed(self->hook);
+            }
+            Py_CLEAR(self->request);
+            Py_CLEAR(self->proxy);
+        }
+        if (exc != NULL) {
+            put_exception(exc);
+        }
+    }
+    return result;
 }
 
 static PyObject *
@@ -3462,7 +3481,10 @@ FrameworkHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyO
         Py_XDECREF(key);
     }
     PyObject *coro = PyObject_Vectorcall(self->original, args, nargsf, kwnames);
-    if (coro == NULL || !plain || nargs != 2) {
+    if (coro == NULL || !plain || nargs != 2 || (self->kind == HOOK_RESOLVE && proxy == NULL)) {
+        /* (A router called by anything but the hooked Application._handle, a sub-application's
+           inside the application's for one, gives its own coroutine, unlabelled: the caller
+           that labels is the one awaiting it from _handle.) */
         Py_XDECREF(proxy);
         return coro;
     }
@@ -3480,27 +3502,31 @@ FrameworkHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyO
         PyObject_GC_Track(wrap);
         return (PyObject *)wrap;
     }
-    /* HOOK_APP */
-    PyObject *timed = (PyObject *)timed_new(&Timed_Type, coro, self->watch, NULL, NULL);
+    /* HOOK_APP: where the router is hooked, the proxy goes to it (which puts the route on it:
+       the busy time goes there in C when the handler ends); elsewhere the proxy's owner (slow:
+       integrations._hooks._HANDLER_END) gives it to the task's route, if any, at the end. */
+    PyObject *router = PyObject_GetAttr(args[0], h_router);
+    PyObject *resolve = router != NULL ? _PyType_Lookup(Py_TYPE(router), h_resolve) : NULL;
+    int routed = resolve != NULL && Py_IS_TYPE(resolve, &FrameworkHook_Type) &&
+                 ((FrameworkHookObject *)resolve)->kind == HOOK_RESOLVE;
+    if (router == NULL) {
+        PyErr_Clear(); /* (an application without a router) */
+    }
+    Py_XDECREF(router);
+    PyObject *timed =
+        (PyObject *)timed_new(&Timed_Type, coro, self->watch, routed ? NULL : self->slow, NULL);
     if (timed == NULL) {
         hook_failed(self);
         return coro; /* (the handler runs untimed) */
     }
     Py_DECREF(coro);
-    PyObject *router = PyObject_GetAttr(args[0], h_router);
-    PyObject *resolve = router != NULL ? _PyType_Lookup(Py_TYPE(router), h_resolve) : NULL;
-    if (resolve != NULL && Py_IS_TYPE(resolve, &FrameworkHook_Type) &&
-        ((FrameworkHookObject *)resolve)->kind == HOOK_RESOLVE) {
+    if (routed) {
         PyObject *key = PyLong_FromVoidPtr(args[1]);
         if (key == NULL || PyDict_SetItem(self->handlers, key, timed) < 0) {
             hook_failed(self);
         }
         Py_XDECREF(key);
     }
-    else if (router == NULL) {
-        PyErr_Clear(); /* (an application without a router: nothing to label) */
-    }
-    Py_XDECREF(router);
     return timed;
 }
 
@@ -4137,11 +4163,11 @@ live_table(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     }
     /* (A copy of the list: the reader's Python code cannot change what is walked here.) */
     PyObject *tasks = PyList_GetSlice(args[0], 0, PY_SSIZE_T_MAX);
-    PyObject *frameless = PyObject_GetAttr(reader, s_frameless);
-    PyObject *chains = PyObject_GetAttr(reader, s_chains);
-    PyObject *names = PyObject_GetAttr(reader, s_names);
-    PyObject *sites = PyObject_GetAttr(reader, s_sites);
-    PyObject *slow = PyObject_GetAttr(reader, s_task_method);
+    PyObject *frameless = tasks ? PyObject_GetAttr(reader, s_frameless) : NULL;
+    PyObject *chains = frameless ? PyObject_GetAttr(reader, s_chains) : NULL;
+    PyObject *names = chains ? PyObject_GetAttr(reader, s_names) : NULL;
+    PyObject *sites = names ? PyObject_GetAttr(reader, s_sites) : NULL;
+    PyObject *slow = sites ? PyObject_GetAttr(reader, s_task_method) : NULL;
     PyObject *result = NULL;
     Py_ssize_t n = tasks != NULL ? PyList_GET_SIZE(tasks) : 0, made = 0;
     TableItem *items = PyMem_Calloc((size_t)(n ? n : 1), sizeof(TableItem));

@@ -55,7 +55,8 @@ class _TaskRoutes:
     def clear(self) -> None:
         data = self.data
         for ref in list(data):
-            data[ref] = None
+            if ref() is not None:  # (a dead one's entry is its callback's to take)
+                data[ref] = None
 
 
 _routes = _TaskRoutes()
@@ -87,6 +88,17 @@ def set_route(task: asyncio.Task[Any], route: str | None, *, on_proxy: bool = Tr
             proxy_routes[proxy] = route
         return
     _routes.set(task, route)
+
+
+def proxy_route(task: asyncio.Task[Any] | None) -> str | None:
+    """The route a task's own step-timing proxy carries (it reports the busy time itself)."""
+    proxy = getattr(task, "_coro", None)
+    if type(proxy) not in proxy_types or getattr(proxy, "_owner", None) is None:
+        return None
+    route: str | None = getattr(proxy, "_route", None) or (
+        proxy_routes.get(proxy) if proxy_routes_held else None
+    )
+    return route
 
 
 def route_of(task: asyncio.Task[Any] | None) -> str | None:
@@ -207,8 +219,7 @@ class RequestTable:
                 return
             if route not in rows and len(rows) >= self.cap:
                 route = self.OTHER
-            if route not in rows:
-                rows[route] = ACCEL.Row()
+            rows.setdefault(route, ACCEL.Row())
             _observe_request(rows, route, busy)
             ACCEL.set_route_rows(rows)  # (the running table's: the next ones are observed in C)
             return

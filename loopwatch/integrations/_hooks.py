@@ -50,6 +50,7 @@ def unhook_frameworks() -> None:
     """Put every framework function back (uninstall)."""
     global _watching
     _watching = False
+    _handlers.clear()  # (a request between its handler and its router: its proxy let go of)
     while _patched:
         owner, name, original = _patched.pop()
         if vars(owner).get(name) is not original:
@@ -233,7 +234,7 @@ def _hook_aiohttp_app(module: ModuleType) -> None:
 
     if _FrameworkHook is not None:
         application_handle = _FrameworkHook(
-            _HOOK_APP, handle, _task_source, None,
+            _HOOK_APP, handle, _task_source, _HANDLER_END,
             lambda exc: _failed("aiohttp", exc), _handlers, _WATCH, None, None,
         )  # fmt: skip
     _patch(app_cls, "_handle", application_handle, handle)
@@ -251,7 +252,8 @@ class _HandlerEnd:
             task = _current_task()
         except RuntimeError:
             return
-        request_ended(task, proxy.busy)
+        if _context.proxy_route(task) is None:  # (else the task's own proxy reports it)
+            request_ended(task, proxy.busy)
 
     def cancel_arrived(self, proxy: Any, exc: BaseException) -> None:
         pass  # (the task's own proxy judges its cancellations)
