@@ -940,24 +940,28 @@ stop_with(PyObject *value) /* steals value */
     return NULL;
 }
 
-static PyObject *
-Timed_iternext(PyObject *op)
+/* A Python-level send or __next__ through an am_send: its return as StopIteration(value). */
+static inline PyObject *
+send_via(PySendResult (*am_send)(PyObject *, PyObject *, PyObject **), PyObject *op,
+         PyObject *value)
 {
     PyObject *result;
-    if (Timed_am_send(op, Py_None, &result) == PYGEN_RETURN) {
+    if (am_send(op, value, &result) == PYGEN_RETURN) {
         return stop_with(result);
     }
     return result;
 }
 
 static PyObject *
+Timed_iternext(PyObject *op)
+{
+    return send_via(Timed_am_send, op, Py_None);
+}
+
+static PyObject *
 Timed_send(PyObject *op, PyObject *value)
 {
-    PyObject *result;
-    if (Timed_am_send(op, value, &result) == PYGEN_RETURN) {
-        return stop_with(result);
-    }
-    return result;
+    return send_via(Timed_am_send, op, value);
 }
 
 static PyObject *
@@ -3372,25 +3376,17 @@ Resolving_am_send(PyObject *op, PyObject *arg, PyObject **presult)
 static PyObject *
 Resolving_iternext(PyObject *op)
 {
-    PyObject *result;
-    if (Resolving_am_send(op, Py_None, &result) == PYGEN_RETURN) {
-        return stop_with(result);
-    }
-    return result;
+    return send_via(Resolving_am_send, op, Py_None);
 }
 
 static PyObject *
 Resolving_send(PyObject *op, PyObject *value)
 {
-    PyObject *result;
-    if (Resolving_am_send(op, value, &result) == PYGEN_RETURN) {
-        return stop_with(result);
-    }
-    return result;
+    return send_via(Resolving_am_send, op, value);
 }
 
-/* A throw (a cancellation while the router waits) goes to the router's coroutine; a request
-   that ends that way is not labelled. */
+/* A throw (a cancellation while the router waits) goes to the router's coroutine; if the
+   router catches it and returns its match, the request is labelled all the same. */
 static PyObject *
 Resolving_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
