@@ -120,8 +120,8 @@ def test_both_step_clocks_measure_the_same_busy_time(
     assert s.steps == 6
     # Each step starts a few microseconds before its mark and ends before the next mark.
     cycles = [after - before for before, after in itertools.pairwise(marks)]
-    assert sum(inside) <= s.busy_s <= marks[-1] - marks[0] + 0.001, (s.busy_s, sum(inside), cycles)
-    assert max(inside) <= s.max_step_s <= max(cycles) + 0.0005, (s.max_step_s, inside, cycles)
+    assert sum(inside) <= s.busy_s <= marks[-1] - marks[0] + 0.002, (s.busy_s, sum(inside), cycles)
+    assert max(inside) <= s.max_step_s <= max(cycles) + 0.002, (s.max_step_s, inside, cycles)
 
 
 @pytest.mark.parametrize(
