@@ -4,9 +4,11 @@ them) on a loop watched with the default settings, with the framework hooks off 
 (``hook_frameworks()`` / ``unhook_frameworks()``, what ``LOOPWATCH=1`` and ``LOOPWATCH_ROUTES=0``
 do), many times; the median of the paired differences, with a distribution-free interval.
 
-The requests skip the network (the ASGI app is called with a scope; aiohttp's application with a
-mocked request), so what differs between the two sides of a pair is only the hooks: routing-time
-labelling, and the route's busy-time histogram at the request's end. The budget (issue 18) is on
+The requests skip the network (the ASGI app is called with a scope; aiohttp's own RequestHandler
+is given requests as bytes on a connection without a socket, ten pipelined at a time), so what
+differs between the two sides of a pair is only the hooks: routing-time labelling (on aiohttp
+from Python 3.12, the step-timing proxy of a request task no task factory sees, too), and the
+route's busy-time histogram at the request's end. The budget (issue 18) is on
 requests per second: labelling may cost at most 1% of a request. A served HTTP request costs far
 more than the bare dispatch measured here (parsing, the socket, the response), so the report gives
 the added time both per request and as a share of a served request's time (``--served-us``: the
@@ -76,27 +78,82 @@ def starlette_app() -> Callable[[], Coroutine[Any, Any, None]]:
     return one
 
 
+class Wire(asyncio.Transport):
+    """A connection's transport without a socket: aiohttp's own RequestHandler writes into it;
+    each response's status line counts one request served."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.served = 0
+        self.wanted = 0
+        self.done: asyncio.Future[None] | None = None
+
+    def write(self, data: Any) -> None:
+        if bytes(data[:9]) == b"HTTP/1.1 ":
+            self.served += 1
+            if self.served >= self.wanted and self.done is not None and not self.done.done():
+                self.done.set_result(None)
+
+    def writelines(self, data: Any) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
 def aiohttp_app() -> Callable[[], Coroutine[Any, Any, Any]]:
     from aiohttp import web
-    from aiohttp.test_utils import make_mocked_request
 
     async def user(request: web.Request) -> web.Response:
         return web.Response(text=f"user {request.match_info['user_id']}")
 
     app = web.Application()
     app.router.add_get("/users/{user_id}", user)
-    app.freeze()
+    batch = b"GET /users/7 HTTP/1.1\r\nHost: localhost\r\n\r\n" * 10
+    state: dict[str, Any] = {}
 
-    # One mocked request, served again and again (making one takes far longer than serving it).
-    request = make_mocked_request("GET", "/users/7", app=app)
+    async def one() -> None:
+        # Ten requests pipelined on one keep-alive connection of aiohttp's own RequestHandler
+        # (the request tasks made as aiohttp makes them: eagerly, with no task factory, from
+        # Python 3.12), the response parsed by nothing: a served request without the socket.
+        if "protocol" not in state:
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            assert runner.server is not None
+            state["runner"], state["protocol"], state["wire"] = runner, runner.server(), Wire()
+            state["protocol"].connection_made(state["wire"])
+        wire: Wire = state["wire"]
+        wire.wanted = wire.served + 10
+        wire.done = asyncio.get_running_loop().create_future()
+        state["protocol"].data_received(batch)
+        await wire.done
 
-    async def one() -> Any:
-        # (aiohttp's RequestHandler awaits the application's _handle in the request's task.)
-        return await app._handle(request)
+    async def close() -> None:
+        if "protocol" in state:
+            state["protocol"].connection_lost(None)
+            await state["runner"].cleanup()
 
+    one.close = close  # type: ignore[attr-defined]
     return one
 
 
+PER_CALL = {"starlette": 1, "aiohttp": 10}  # requests served by one call of the app's one()
 APPS = {"starlette": starlette_app, "aiohttp": aiohttp_app}
 
 
@@ -105,18 +162,23 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
     return factory()
 
 
-def turn(kind: str, make: Callable[[], Callable[[], Coroutine[Any, Any, Any]]]) -> float:
+def turn(kind: str, app: str) -> float:
     """Seconds per request: REQUESTS requests, each in its own task, on a fresh watched loop."""
-    one = make()  # (made after hooking or unhooking: the hooks patch the classes)
+    one = APPS[app]()  # (made after hooking or unhooking: the hooks patch the classes)
+    per_call = PER_CALL[app]
 
     async def serve() -> float:
         loop = asyncio.get_running_loop()
         for _ in range(20):  # warm-up
             await loop.create_task(one())
         start = time.perf_counter()
-        for _ in range(REQUESTS):
+        for _ in range(REQUESTS // per_call):
             await loop.create_task(one())
-        return (time.perf_counter() - start) / REQUESTS
+        took = (time.perf_counter() - start) / REQUESTS
+        close = getattr(one, "close", None)
+        if close is not None:
+            await close()
+        return took
 
     loop = new_loop(kind)
     try:
@@ -128,7 +190,6 @@ def turn(kind: str, make: Callable[[], Callable[[], Coroutine[Any, Any, Any]]]) 
 
 def measure(app: str, kind: str, pairs: int) -> tuple[float, float, float, float]:
     """(median seconds per request without the hooks, median added, interval low, high)."""
-    make = APPS[app]
     plain: list[float] = []
     added: list[float] = []
     for i in range(pairs):
@@ -138,7 +199,7 @@ def measure(app: str, kind: str, pairs: int) -> tuple[float, float, float, float
                 hook_frameworks()
             else:
                 unhook_frameworks()
-            sides[hooked] = turn(kind, make)
+            sides[hooked] = turn(kind, app)
         unhook_frameworks()
         plain.append(sides[False])
         added.append(sides[True] - sides[False])

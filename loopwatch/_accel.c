@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 14
+#define API_VERSION 15
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -544,6 +544,7 @@ typedef struct {
     PyObject *stack; /* deeper creation stack (code, offset, ...), or NULL */
     PyObject *by;    /* what made the task, when asyncio or uvloop did (no creation site) */
     PyObject *route; /* the route template of the request the task serves, or NULL */
+    PyObject *request; /* an aiohttp request whose route is read from it when asked, or NULL */
     double born, busy, max_step, watch;
     long long steps, slow_steps;
     uint64_t step_at; /* the stamp the step under way began at, 0 between steps */
@@ -774,15 +775,44 @@ observe_request(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(observe_route(args[0], args[1], busy));
 }
 
+static PyObject *request_route(PyObject *request);
+static void request_route_failed(void);
+
 static void
 request_end(TimedObject *self)
 {
+    PyObject *exc = NULL;
+    if (self->request != NULL) {
+        /* An aiohttp request: its route read from its match (set once its router resolved it),
+           now that it has ended; a route put on by hand comes first. */
+        exc = take_exception();
+        PyObject *request = self->request;
+        self->request = NULL;
+        if (self->route == NULL) {
+            PyObject *found = request_route(request);
+            if (found == NULL) {
+                request_route_failed();
+            }
+            else if (PyUnicode_Check(found)) {
+                self->route = found;
+            }
+            else {
+                Py_DECREF(found);
+            }
+        }
+        Py_DECREF(request);
+    }
     PyObject *route = self->route, *fn = g_request_end;
     if (route == NULL || route == Py_None || observe_route(g_route_rows, route, self->busy) ||
         fn == NULL) {
+        if (exc != NULL) {
+            put_exception(exc);
+        }
         return;
     }
-    PyObject *exc = take_exception();
+    if (exc == NULL) {
+        exc = take_exception();
+    }
     PyObject *busy = PyFloat_FromDouble(self->busy);
     if (busy != NULL) {
         Py_INCREF(fn);
@@ -812,7 +842,7 @@ ended(TimedObject *self, PyObject *exc)
         return;
     }
     self->ended = 1;
-    if (self->route != NULL) {
+    if (self->route != NULL || self->request != NULL) {
         request_end(self);
     }
     if (self->cancelled && self->sink != NULL) {
@@ -1134,6 +1164,7 @@ timed_new(PyTypeObject *type, PyObject *coro, PyObject *cfg, PyObject *owner, Py
     self->stack = NULL;
     self->by = NULL;
     self->route = NULL;
+    self->request = NULL;
     self->born = now_s();
     self->busy = self->max_step = self->watch = 0.0;
     self->steps = self->slow_steps = 0;
@@ -1185,6 +1216,7 @@ Timed_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->stack);
     Py_VISIT(self->by);
     Py_VISIT(self->route);
+    Py_VISIT(self->request);
     return 0;
 }
 
@@ -1201,6 +1233,7 @@ Timed_clear(PyObject *op)
     Py_CLEAR(self->stack);
     Py_CLEAR(self->by);
     Py_CLEAR(self->route);
+    Py_CLEAR(self->request);
     return 0;
 }
 
@@ -1260,6 +1293,7 @@ static PyMemberDef Timed_members[] = {
     {"_stack", T_OBJECT, offsetof(TimedObject, stack), 0, NULL},
     {"_by", T_OBJECT, offsetof(TimedObject, by), 0, NULL},
     {"_route", T_OBJECT, offsetof(TimedObject, route), 0, NULL},
+    {"_request", T_OBJECT, offsetof(TimedObject, request), READONLY, NULL},
     {"_lasti", T_INT, offsetof(TimedObject, lasti), 0, NULL},
     {"_leaked", T_BOOL, offsetof(TimedObject, leaked), 0, NULL},
     {"_timing", T_BOOL, offsetof(TimedObject, timing), 0, NULL},
@@ -1441,8 +1475,21 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
     FactoryObject *self = (FactoryObject *)op;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    if (nargs != 2 || nkw > MAX_KW || !PyCoro_CheckExact(args[1]) || self->depth > 1 ||
-        g_machinery == NULL) {
+    if (nargs != 2) {
+        goto slow;
+    }
+    PyObject *loop = args[0], *coro = args[1];
+    TimedObject *given = NULL;
+    if (Py_IS_TYPE(coro, &Timed_Type) && ((TimedObject *)coro)->request != NULL &&
+        ((TimedObject *)coro)->owner == NULL && ((TimedObject *)coro)->steps == 0 &&
+        ((TimedObject *)coro)->step_at == 0 && !((TimedObject *)coro)->ended) {
+        /* An aiohttp request's proxy (HOOK_REQUEST), made for a task no factory would see and
+           given to this one after all (Python 3.11, or an aiohttp that makes its request tasks
+           with create_task): the task's own proxy takes its coroutine and its request. */
+        given = (TimedObject *)coro;
+        coro = given->coro;
+    }
+    if (nkw > MAX_KW || !PyCoro_CheckExact(coro) || self->depth > 1 || g_machinery == NULL) {
         goto slow;
     }
     for (Py_ssize_t i = 0; i < nkw; i++) {
@@ -1450,8 +1497,6 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
             goto slow; /* Task(coro, loop=loop, loop=...) is Python's TypeError to raise */
         }
     }
-    PyObject *loop = args[0], *coro = args[1];
-
     /* The label: the coroutine's qualified name, if it is the program's own. */
     PyObject *coro_code = code_of(coro);
     if (coro_code == NULL) {
@@ -1537,6 +1582,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
     proxy->lasti = lasti;
     proxy->timing = (char)self->timing;
     proxy->sink = Py_NewRef(self->counts);
+    proxy->request = given != NULL ? Py_NewRef(given->request) : NULL;
     CountsObject *counts = (CountsObject *)self->counts;
     counts->created++;
 
@@ -1574,6 +1620,11 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
     if (task == NULL && proxy->steps == 0) {
         counts->created--; /* no task came of it */
         proxy->ended = 1;
+        Py_CLEAR(proxy->request);
+    }
+    else if (given != NULL) {
+        given->ended = 1; /* (the task's proxy has its coroutine and its request) */
+        Py_CLEAR(given->request);
     }
     Py_DECREF(proxy);
     return task;
@@ -3049,20 +3100,18 @@ PyWeakref_GetRef(PyObject *ref, PyObject **result)
                  labelled "METHOD {root_path less app_root_path}{self.path}" (an HTTP scope
                  only): on its compiled proxy (_route), which puts the task's busy time into the
                  route's row when it ends; a task without one goes to slow(route, task).
-   HOOK_APP      aiohttp's Application._handle(self, request): its coroutine is put in a
-                 step-timing proxy (aiohttp 3.12+ makes request tasks no task factory sees),
-                 kept in handlers[id(request)] when the app's router's resolve is a
-                 HOOK_RESOLVE; elsewhere owned by slow (_HANDLER_END: the task's route, at the
-                 end).
-   HOOK_RESOLVE  aiohttp's UrlDispatcher.resolve(self, request): the proxy is taken back out of
-                 handlers, and the router's own coroutine awaited through a Resolving, which
-                 labels the request (its proxy's _route, and the task's entry in routes, the
-                 task -> route map) once the router returns the match.
+   HOOK_REQUEST  aiohttp's RequestHandler._handle_request(self, request, ...), the coroutine of
+                 a request's task: put in a step-timing proxy that carries the request (_request).
+                 aiohttp 3.10+ on Python 3.12+ makes that task eagerly, with no task factory:
+                 the proxy is the task's coroutine and times it. Given to loopwatch's task factory
+                 after all (Python 3.11), the factory's own proxy takes the coroutine and the
+                 request. Nothing more is done per request until the task ends: its route is
+                 read from the request's match then (request_route), or when a finding asks.
 
    A hook that fails calls failed(exc) (which puts the framework's functions back and says so
    once), never raises into the request, and calls the framework's own function all the same. */
 
-enum { HOOK_ROUTE, HOOK_APP, HOOK_RESOLVE };
+enum { HOOK_ROUTE, HOOK_REQUEST };
 
 typedef struct {
     PyObject_HEAD
@@ -3070,20 +3119,16 @@ typedef struct {
     int kind;
     PyObject *original;     /* the framework's own function */
     PyObject *current_task; /* asyncio.current_task, or (get_running_loop, {loop: task}) */
-    PyObject *slow;         /* HOOK_ROUTE: label_request(route, task); HOOK_RESOLVE: canonical */
+    PyObject *slow;         /* HOOK_ROUTE: label_request(route, task) */
     PyObject *failed;       /* failed(exc) */
-    PyObject *handlers;     /* HOOK_APP, HOOK_RESOLVE: {id(request): proxy} */
-    PyObject *watch;        /* HOOK_APP: the proxies' StepWatch */
-    PyObject *routes;       /* HOOK_RESOLVE: the task -> route map's dict */
-    PyObject *routes_pop;   /* and its pop: each entry's weak reference's callback */
-    PyObject *canonicals;   /* HOOK_ROUTE: {path: {method: label}}; HOOK_RESOLVE: {id(route):
-                               (weakref(route), {None: canonical, method: label})} */
+    PyObject *watch;        /* HOOK_REQUEST: the proxies' StepWatch */
+    PyObject *canonicals;   /* HOOK_ROUTE: {path: {method: label}} */
     PyObject *dict;
 } FrameworkHookObject;
 
-static PyTypeObject FrameworkHook_Type, Resolving_Type;
-static PyObject *h__route, *h_coro, *h_type, *h_http, *h_method, *h_root_path, *h_app_root_path, *h_path, *h_router,
-    *h_resolve, *h_route, *h_empty, *h_unmatched;
+static PyTypeObject FrameworkHook_Type;
+static PyObject *h__route, *h_coro, *h_type, *h_http, *h_method, *h_root_path, *h_app_root_path,
+    *h_path, *h_route, *h_empty, *h_unmatched, *h__match_info, *h__method;
 
 static void
 hook_failed(FrameworkHookObject *self)
@@ -3233,25 +3278,124 @@ route_label(FrameworkHookObject *self, PyObject *route_obj, PyObject *scope)
     return status;
 }
 
-/* The route of a request aiohttp resolved: "METHOD canonical" (a route it matched) or
-   "METHOD <unmatched>"; its proxy's _route, and the task's label in the task -> route map. */
-static int
-aiohttp_label(FrameworkHookObject *self, PyObject *request, PyObject *match, PyObject *proxy)
+/* -- aiohttp: a request's route, read from its match ------------------------------------------
+
+   Set by set_request_routes(canonical, failed) while aiohttp's hooks are on: canonical(match,
+   route) is the canonical path of the route aiohttp matched ("/users/{user_id}") or None for a
+   request no route matched (asked once per route object); failed(exc) turns the hooks off and
+   says so. The labels of each route object by method are kept in g_route_labels, {id(route):
+   (weakref(route), {None: canonical, method: "METHOD canonical"})}. */
+static PyObject *g_route_canonical, *g_route_failed, *g_route_labels;
+
+static void
+request_route_failed(void)
 {
-    PyObject *method = PyObject_GetAttr(request, h_method), *route_obj = NULL;
+    PyObject *exc = take_exception();
+    PyObject *fn = Py_XNewRef(g_route_failed);
+    if (exc != NULL && fn != NULL) {
+        PyObject *r = PyObject_CallOneArg(fn, exc);
+        if (r == NULL) {
+            PyErr_Clear();
+        }
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(fn);
+    Py_XDECREF(exc);
+}
+
+/* An attribute that is a __slots__ slot of the object's type, read at its offset: the type's
+   descriptor is looked up once (while the type is not changed); anything else, or an empty slot,
+   is a plain getattr. Once per request, on the objects of one framework: the few types met are
+   held. A new reference, or NULL with an error set. */
+typedef struct {
+    PyTypeObject *type;
+    unsigned int version;
+    Py_ssize_t offset;
+} SlotAt;
+
+static SlotAt g_at_method, g_at_route;
+
+static PyObject *
+slot_or_attr(PyObject *obj, PyObject *name, SlotAt *at)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (at->type != tp || at->version != tp->tp_version_tag || tp->tp_version_tag == 0) {
+        PyObject *descr = _PyType_Lookup(tp, name); /* (borrowed) */
+        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX ||
+            tp->tp_version_tag == 0) {
+            return PyObject_GetAttr(obj, name);
+        }
+        Py_XSETREF(at->type, (PyTypeObject *)Py_NewRef(tp));
+        at->version = tp->tp_version_tag;
+        at->offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    }
+    PyObject *value = *(PyObject **)((char *)obj + at->offset);
+    return value != NULL ? Py_NewRef(value) : PyObject_GetAttr(obj, name);
+}
+
+/* The labels last made, by route object and method (the same objects request after request:
+   aiohttp's parser gives each method as one str), in front of g_route_labels: a route's label
+   found with two comparisons. Direct-mapped; an entry holds its route weakly. */
+#define LABEL_SLOTS 64
+static struct {
+    PyObject *ref, *method, *label;
+} g_label_at[LABEL_SLOTS];
+
+static inline Py_ssize_t
+label_slot(PyObject *route_obj, PyObject *method)
+{
+    return (Py_ssize_t)((((uintptr_t)route_obj >> 4) ^ ((uintptr_t)method >> 4)) % LABEL_SLOTS);
+}
+
+static void
+forget_labels(void)
+{
+    for (Py_ssize_t i = 0; i < LABEL_SLOTS; i++) {
+        Py_CLEAR(g_label_at[i].ref);
+        Py_CLEAR(g_label_at[i].method);
+        Py_CLEAR(g_label_at[i].label);
+    }
+}
+
+/* "METHOD canonical" for the route of a match, "METHOD <unmatched>" where no route matched. */
+static PyObject *
+aiohttp_route_label(PyObject *method, PyObject *match)
+{
     /* (The match's route: its slot, read without the property's frame where it has one.) */
-    if (method != NULL && PyObject_GetOptionalAttr(match, h__route, &route_obj) == 0) {
-        route_obj = PyObject_GetAttr(match, h_route);
-    }
+    PyObject *route_obj = slot_or_attr(match, h__route, &g_at_route);
     if (route_obj == NULL) {
-        Py_XDECREF(method);
-        return -1;
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        route_obj = PyObject_GetAttr(match, h_route);
+        if (route_obj == NULL) {
+            return NULL;
+        }
     }
-    /* The labels of a route object by method ({method: "METHOD canonical"}), its canonical
-       path asked of aiohttp once (a few property calls); the cache holds each route weakly,
-       keyed by its id. A request no route matched is "METHOD <unmatched>", made each time. */
+    Py_ssize_t at = label_slot(route_obj, method);
+    if (g_label_at[at].method == method && g_label_at[at].ref != NULL) {
+        PyObject *held;
+        if (PyWeakref_GetRef(g_label_at[at].ref, &held) > 0) {
+            Py_DECREF(held);
+            if (held == route_obj) {
+                Py_DECREF(route_obj);
+                return Py_NewRef(g_label_at[at].label);
+            }
+        }
+        PyErr_Clear();
+    }
     PyObject *route = NULL, *labels = NULL, *key = PyLong_FromVoidPtr(route_obj);
-    PyObject *entry = key != NULL ? PyDict_GetItemWithError(self->canonicals, key) : NULL;
+    PyObject *cache = g_route_labels, *canonical_of = g_route_canonical;
+    if (cache == NULL || canonical_of == NULL) {
+        Py_XDECREF(key);
+        Py_DECREF(route_obj);
+        return Py_NewRef(Py_None); /* (the hooks were turned off meanwhile) */
+    }
+    Py_INCREF(cache);
+    Py_INCREF(canonical_of);
+    PyObject *entry = key != NULL ? PyDict_GetItemWithError(cache, key) : NULL;
     if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2) {
         PyObject *held;
         if (PyWeakref_GetRef(PyTuple_GET_ITEM(entry, 0), &held) > 0) {
@@ -3277,7 +3421,7 @@ aiohttp_label(FrameworkHookObject *self, PyObject *request, PyObject *match, PyO
     }
     else if (key != NULL && !PyErr_Occurred()) {
         PyObject *args[2] = {match, route_obj};
-        PyObject *canonical = PyObject_Vectorcall(self->slow, args, 2, NULL);
+        PyObject *canonical = PyObject_Vectorcall(canonical_of, args, 2, NULL);
         if (canonical != NULL) {
             route = PyUnicode_FromFormat("%S %S", method,
                                          canonical == Py_None ? h_unmatched : canonical);
@@ -3288,15 +3432,14 @@ aiohttp_label(FrameworkHookObject *self, PyObject *request, PyObject *match, PyO
                 PyErr_Clear(); /* (a route that cannot be weakly referenced: not cached) */
             }
             else {
-                if (PyDict_GET_SIZE(self->canonicals) >= 4096) {
-                    PyDict_Clear(self->canonicals);
+                if (PyDict_GET_SIZE(cache) >= 4096) {
+                    PyDict_Clear(cache);
                 }
-                /* {None: canonical, method: label} */
                 PyObject *fresh = PyDict_New();
                 PyObject *value = fresh != NULL ? PyTuple_Pack(2, ref, fresh) : NULL;
                 if (value == NULL || PyDict_SetItem(fresh, Py_None, canonical) < 0 ||
                     PyDict_SetItem(fresh, method, route) < 0 ||
-                    PyDict_SetItem(self->canonicals, key, value) < 0) {
+                    PyDict_SetItem(cache, key, value) < 0) {
                     Py_CLEAR(route);
                 }
                 Py_XDECREF(value);
@@ -3306,157 +3449,82 @@ aiohttp_label(FrameworkHookObject *self, PyObject *request, PyObject *match, PyO
         }
         Py_XDECREF(canonical);
     }
+    if (route != NULL && labels != NULL) {
+        /* (A label of a route the cache holds: put in front. A route no route matched, made
+           each time, is not.) */
+        PyObject *ref = PyWeakref_NewRef(route_obj, NULL);
+        if (ref == NULL) {
+            PyErr_Clear();
+        }
+        else {
+            Py_XSETREF(g_label_at[at].ref, ref);
+            Py_XSETREF(g_label_at[at].method, Py_NewRef(method));
+            Py_XSETREF(g_label_at[at].label, Py_NewRef(route));
+        }
+    }
     Py_XDECREF(key);
     Py_DECREF(route_obj);
-    Py_DECREF(method);
-    PyObject *task = route != NULL ? hook_task(self) : NULL;
-    if (task == NULL) {
-        Py_XDECREF(route);
-        return -1;
-    }
-    int status = 0;
-    if (task != Py_None) {
-        if (proxy != NULL && Py_IS_TYPE(proxy, &Timed_Type)) {
-            /* (The handler's busy time goes to the route when it ends: the proxy does it.) */
-            Py_XSETREF(((TimedObject *)proxy)->route, Py_NewRef(route));
-        }
-        /* The task carries the route for its findings: routes[weakref(task, routes.pop)]. */
-        PyObject *ref = PyWeakref_NewRef(task, self->routes_pop);
-        status = ref != NULL && PyDict_SetItem(self->routes, ref, route) == 0 ? 0 : -1;
-        Py_XDECREF(ref);
-    }
-    Py_DECREF(task);
-    Py_DECREF(route);
-    return status;
+    Py_DECREF(cache);
+    Py_DECREF(canonical_of);
+    return route;
 }
 
-/* Resolving: the router's own coroutine, awaited through; on its return, the request labelled. */
-typedef struct {
-    PyObject_HEAD
-    PyObject *coro, *request, *proxy; /* proxy: NULL where none was found */
-    FrameworkHookObject *hook;
-} ResolvingObject;
-
-static void
-Resolving_dealloc(PyObject *op)
-{
-    ResolvingObject *self = (ResolvingObject *)op;
-    PyObject_GC_UnTrack(op);
-    Py_CLEAR(self->coro);
-    Py_CLEAR(self->request);
-    Py_CLEAR(self->proxy);
-    Py_CLEAR(self->hook);
-    PyObject_GC_Del(op);
-}
-
-static int
-Resolving_traverse(PyObject *op, visitproc visit, void *arg)
-{
-    ResolvingObject *self = (ResolvingObject *)op;
-    Py_VISIT(self->coro);
-    Py_VISIT(self->request);
-    Py_VISIT(self->proxy);
-    Py_VISIT(self->hook);
-    return 0;
-}
-
-static PySendResult
-Resolving_am_send(PyObject *op, PyObject *arg, PyObject **presult)
-{
-    ResolvingObject *self = (ResolvingObject *)op;
-    PySendResult status = send_to(self->coro, arg, presult);
-    if (status == PYGEN_RETURN && self->request != NULL) {
-        if (aiohttp_label(self->hook, self->request, *presult, self->proxy) < 0) {
-            hook_failed(self->hook);
-        }
-        Py_CLEAR(self->request);
-        Py_CLEAR(self->proxy);
-    }
-    return status;
-}
-
+/* The route of an aiohttp request (a new reference): its label once Application._handle has put
+   its router's match on it (request._match_info), None before that (or for a request no
+   application routed), NULL with an error set. Reads the request's own attributes only. */
 static PyObject *
-Resolving_iternext(PyObject *op)
+request_route(PyObject *request)
 {
-    return send_via(Resolving_am_send, op, Py_None);
-}
-
-static PyObject *
-Resolving_send(PyObject *op, PyObject *value)
-{
-    return send_via(Resolving_am_send, op, value);
-}
-
-/* A throw (a cancellation while the router waits) goes to the router's coroutine; if the
-   router catches it and returns its match, the request is labelled all the same. */
-static PyObject *
-Resolving_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
-{
-    ResolvingObject *self = (ResolvingObject *)op;
-    PyObject *stack[4] = {self->coro};
-    if (nargs < 1 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
+    if (g_route_canonical == NULL) {
+        return Py_NewRef(Py_None);
+    }
+    PyObject *match = NULL, *method = NULL;
+    if (PyObject_GetOptionalAttr(request, h__match_info, &match) < 0) {
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < nargs; i++) {
-        stack[i + 1] = args[i];
+    if (match == NULL || match == Py_None) {
+        Py_XDECREF(match);
+        return Py_NewRef(Py_None);
     }
-    PyObject *result = PyObject_VectorcallMethod(s_throw, stack, (size_t)nargs + 1, NULL);
-    if (result == NULL && self->request != NULL) {
-        PyObject *exc = take_exception();
-        if (is_return(exc)) {
-            /* (The router caught what was thrown and returned its match: labelled all the same.) */
-            PyObject *match = ((PyStopIterationObject *)exc)->value;
-            if (aiohttp_label(self->hook, self->request, match != NULL ? match : Py_None,
-                              self->proxy) < 0) {
-                hook_failed(self->hook);
-            }
-            Py_CLEAR(self->request);
-            Py_CLEAR(self->proxy);
-        }
-        if (exc != NULL) {
-            put_exception(exc);
-        }
+    method = slot_or_attr(request, h__method, &g_at_method);
+    if (method == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        method = PyObject_GetAttr(request, h_method); /* (a request class without the slot) */
     }
-    return result;
+    PyObject *route = method != NULL ? aiohttp_route_label(method, match) : NULL;
+    Py_XDECREF(method);
+    Py_DECREF(match);
+    return route;
 }
 
+/* request_route(request): the Python side's way in (a finding about a request's task). */
 static PyObject *
-Resolving_close(PyObject *op, PyObject *Py_UNUSED(ignored))
+request_route_py(PyObject *Py_UNUSED(m), PyObject *request)
 {
-    return PyObject_CallMethodNoArgs(((ResolvingObject *)op)->coro, s_close);
+    return request_route(request);
 }
 
+/* set_request_routes(canonical, failed), or (None, None): see above. */
 static PyObject *
-Resolving_self(PyObject *op)
+set_request_routes(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
-    return Py_NewRef(op);
+    if (nargs != 2 || (args[0] != Py_None && !PyCallable_Check(args[0])) ||
+        (args[1] != Py_None && !PyCallable_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "set_request_routes(canonical, failed)");
+        return NULL;
+    }
+    PyObject *labels = args[0] != Py_None ? PyDict_New() : NULL;
+    if (args[0] != Py_None && labels == NULL) {
+        return NULL;
+    }
+    forget_labels();
+    Py_CLEAR(g_at_method.type);
+    Py_CLEAR(g_at_route.type);
+    Py_XSETREF(g_route_labels, labels);
+    Py_XSETREF(g_route_canonical, args[0] != Py_None ? Py_NewRef(args[0]) : NULL);
+    Py_XSETREF(g_route_failed, args[1] != Py_None ? Py_NewRef(args[1]) : NULL);
+    Py_RETURN_NONE;
 }
-
-static PyAsyncMethods Resolving_as_async = {
-    .am_await = Resolving_self,
-    .am_send = Resolving_am_send,
-};
-
-static PyMethodDef Resolving_methods[] = {
-    {"send", Resolving_send, METH_O, NULL},
-    {"throw", (PyCFunction)(void (*)(void))Resolving_throw, METH_FASTCALL, NULL},
-    {"close", Resolving_close, METH_NOARGS, NULL},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject Resolving_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "loopwatch._accel.Resolving",
-    .tp_basicsize = sizeof(ResolvingObject),
-    .tp_dealloc = Resolving_dealloc,
-    .tp_as_async = &Resolving_as_async,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_traverse = Resolving_traverse,
-    .tp_iter = Resolving_self,
-    .tp_iternext = Resolving_iternext,
-    .tp_methods = Resolving_methods,
-};
 
 static PyObject *
 FrameworkHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -3470,88 +3538,42 @@ FrameworkHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyO
         }
         return PyObject_Vectorcall(self->original, args, nargsf, kwnames);
     }
-    PyObject *proxy = NULL;
-    if (self->kind == HOOK_RESOLVE && plain && nargs == 2 && PyDict_GET_SIZE(self->handlers)) {
-        PyObject *key = PyLong_FromVoidPtr(args[1]);
-        if (key == NULL || PyDict_Pop(self->handlers, key, &proxy) < 0) {
-            hook_failed(self);
-        }
-        Py_XDECREF(key);
-    }
+    /* HOOK_REQUEST: the coroutine of the request's task, in a proxy that carries the request. */
     PyObject *coro = PyObject_Vectorcall(self->original, args, nargsf, kwnames);
-    if (coro == NULL || !plain || nargs != 2 || (self->kind == HOOK_RESOLVE && proxy == NULL)) {
-        /* (A router called by anything but the hooked Application._handle, a sub-application's
-           inside the application's for one, gives its own coroutine, unlabelled: the caller
-           that labels is the one awaiting it from _handle.) */
-        Py_XDECREF(proxy);
+    if (coro == NULL || nargs < 2) {
         return coro;
     }
-    if (self->kind == HOOK_RESOLVE) {
-        ResolvingObject *wrap = PyObject_GC_New(ResolvingObject, &Resolving_Type);
-        if (wrap == NULL) {
-            hook_failed(self);
-            Py_XDECREF(proxy);
-            return coro;
-        }
-        wrap->coro = coro;
-        wrap->request = Py_NewRef(args[1]);
-        wrap->proxy = proxy;
-        wrap->hook = (FrameworkHookObject *)Py_NewRef(op);
-        PyObject_GC_Track(wrap);
-        return (PyObject *)wrap;
-    }
-    /* HOOK_APP: where the router is hooked, the proxy goes to it (which puts the route on it:
-       the busy time goes there in C when the handler ends); elsewhere the proxy's owner (slow:
-       integrations._hooks._HANDLER_END) gives it to the task's route, if any, at the end. */
-    PyObject *router = PyObject_GetAttr(args[0], h_router);
-    PyObject *resolve = router != NULL ? _PyType_Lookup(Py_TYPE(router), h_resolve) : NULL;
-    int routed = resolve != NULL && Py_IS_TYPE(resolve, &FrameworkHook_Type) &&
-                 ((FrameworkHookObject *)resolve)->kind == HOOK_RESOLVE;
-    if (router == NULL) {
-        PyErr_Clear(); /* (an application without a router) */
-    }
-    Py_XDECREF(router);
-    PyObject *timed =
-        (PyObject *)timed_new(&Timed_Type, coro, self->watch, routed ? NULL : self->slow, NULL);
+    TimedObject *timed = timed_new(&Timed_Type, coro, self->watch, NULL, NULL);
     if (timed == NULL) {
         hook_failed(self);
-        return coro; /* (the handler runs untimed) */
+        return coro; /* (the request runs untimed) */
     }
+    timed->request = Py_NewRef(args[1]);
     Py_DECREF(coro);
-    if (routed) {
-        PyObject *key = PyLong_FromVoidPtr(args[1]);
-        if (key == NULL || PyDict_SetItem(self->handlers, key, timed) < 0) {
-            hook_failed(self);
-        }
-        Py_XDECREF(key);
-    }
-    return timed;
+    return (PyObject *)timed;
 }
 
-/* FrameworkHook(kind, original, current_task, slow, failed, handlers, watch, routes,
-   routes_pop): see above; the unused ones None. */
+/* FrameworkHook(kind, original, current_task, slow, failed, watch): see above; the unused ones
+   None. */
 static PyObject *
 FrameworkHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     int kind;
-    PyObject *original, *current_task, *slow, *failed, *handlers, *watch, *routes, *routes_pop;
+    PyObject *original, *current_task, *slow, *failed, *watch;
     if ((kwds != NULL && PyDict_GET_SIZE(kwds)) ||
-        !PyArg_ParseTuple(args, "iOOOOOOOO:FrameworkHook", &kind, &original, &current_task,
-                          &slow, &failed, &handlers, &watch, &routes, &routes_pop)) {
+        !PyArg_ParseTuple(args, "iOOOOO:FrameworkHook", &kind, &original, &current_task, &slow,
+                          &failed, &watch)) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_TypeError, "FrameworkHook takes no keyword arguments");
         }
         return NULL;
     }
-    if (kind < HOOK_ROUTE || kind > HOOK_RESOLVE || !PyCallable_Check(original) ||
+    if (kind < HOOK_ROUTE || kind > HOOK_REQUEST || !PyCallable_Check(original) ||
         !(PyCallable_Check(current_task) ||
           (PyTuple_CheckExact(current_task) && PyTuple_GET_SIZE(current_task) == 2 &&
            PyCallable_Check(PyTuple_GET_ITEM(current_task, 0)) &&
            PyDict_CheckExact(PyTuple_GET_ITEM(current_task, 1)))) ||
-        !PyCallable_Check(failed) ||
-        (kind != HOOK_APP && !PyCallable_Check(slow)) ||
-        (kind != HOOK_ROUTE && !PyDict_CheckExact(handlers)) ||
-        (kind == HOOK_RESOLVE && (!PyDict_CheckExact(routes) || !PyCallable_Check(routes_pop)))) {
+        !PyCallable_Check(failed) || (kind == HOOK_ROUTE && !PyCallable_Check(slow))) {
         PyErr_SetString(PyExc_TypeError, "FrameworkHook: bad arguments for its kind");
         return NULL;
     }
@@ -3565,10 +3587,7 @@ FrameworkHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->current_task = Py_NewRef(current_task);
     self->slow = Py_NewRef(slow);
     self->failed = Py_NewRef(failed);
-    self->handlers = Py_NewRef(handlers);
     self->watch = Py_NewRef(watch);
-    self->routes = Py_NewRef(routes);
-    self->routes_pop = Py_NewRef(routes_pop);
     self->canonicals = PyDict_New();
     self->dict = NULL;
     if (self->canonicals == NULL) {
@@ -3587,10 +3606,7 @@ FrameworkHook_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->current_task);
     Py_VISIT(self->slow);
     Py_VISIT(self->failed);
-    Py_VISIT(self->handlers);
     Py_VISIT(self->watch);
-    Py_VISIT(self->routes);
-    Py_VISIT(self->routes_pop);
     Py_VISIT(self->canonicals);
     Py_VISIT(self->dict);
     return 0;
@@ -3604,10 +3620,7 @@ FrameworkHook_clear(PyObject *op)
     Py_CLEAR(self->current_task);
     Py_CLEAR(self->slow);
     Py_CLEAR(self->failed);
-    Py_CLEAR(self->handlers);
     Py_CLEAR(self->watch);
-    Py_CLEAR(self->routes);
-    Py_CLEAR(self->routes_pop);
     Py_CLEAR(self->canonicals);
     Py_CLEAR(self->dict);
     return 0;
@@ -4255,6 +4268,11 @@ static PyMethodDef module_methods[] = {
      "the route has no row in the rows set by set_route_rows."},
     {"set_route_rows", set_route_rows, METH_O,
      "set_route_rows(rows): {route: Row}, where a labelled task's busy time goes when it ends."},
+    {"set_request_routes", (PyCFunction)(void (*)(void))set_request_routes, METH_FASTCALL,
+     "set_request_routes(canonical, failed): aiohttp requests' routes read from their match "
+     "(None, None: off)."},
+    {"request_route", request_route_py, METH_O,
+     "request_route(request): the route label of an aiohttp request, or None before routing."},
     {"observe_request", (PyCFunction)(void (*)(void))observe_request, METH_FASTCALL,
      "observe_request(rows, route, busy): a request's busy time into rows[route] (a Row); "
      "False if there is none."},
@@ -4327,8 +4345,8 @@ PyInit__accel(void)
     INTERN(h_root_path, "root_path");
     INTERN(h_app_root_path, "app_root_path");
     INTERN(h_path, "path");
-    INTERN(h_router, "_router");
-    INTERN(h_resolve, "resolve");
+    INTERN(h__match_info, "_match_info");
+    INTERN(h__method, "_method");
     INTERN(h_route, "route");
     INTERN(h_empty, "");
     INTERN(h_unmatched, "<unmatched>");
@@ -4356,8 +4374,7 @@ PyInit__accel(void)
     if (PyType_Ready(&Counts_Type) < 0 || PyType_Ready(&Row_Type) < 0 || PyType_Ready(&Watch_Type) < 0 ||
         PyType_Ready(&Timed_Type) < 0 || PyType_Ready(&Factory_Type) < 0 ||
         PyType_Ready(&Pulse_Type) < 0 || PyType_Ready(&Hook_Type) < 0 ||
-        PyType_Ready(&Thread_Type) < 0 || PyType_Ready(&FrameworkHook_Type) < 0 ||
-        PyType_Ready(&Resolving_Type) < 0) {
+        PyType_Ready(&Thread_Type) < 0 || PyType_Ready(&FrameworkHook_Type) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&accel_module);

@@ -27,6 +27,7 @@ from ._stats import LATENCY_BUCKETS, Histogram, HistogramSnapshot
 
 # A request's busy time into its route's compiled Row (False: the route has none yet).
 _observe_request = getattr(ACCEL, "observe_request", None)
+_request_route = getattr(ACCEL, "request_route", None)
 
 
 class _TaskRoutes:
@@ -75,11 +76,13 @@ proxy_routes: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 proxy_routes_held: dict[Any, str] = proxy_routes.data  # type: ignore[attr-defined]  # its dict
 
 
-def set_route(task: asyncio.Task[Any], route: str | None, *, on_proxy: bool = True) -> None:
-    """Label ``task`` with ``route`` (None: take the label off). ``on_proxy``: on the task's
-    step-timing proxy if it has one (its busy time then goes to the route when it ends)."""
+def set_route(task: asyncio.Task[Any], route: str | None) -> None:
+    """Label ``task`` with ``route`` (None: take the label off): on the task's step-timing proxy
+    if it has one (its busy time then goes to the route when it ends)."""
     proxy: Any = getattr(task, "_coro", None)
-    if on_proxy and type(proxy) in proxy_types and proxy._owner is not None:
+    # (A proxy that is the task's coroutine: the task factory's, or one a framework hook made
+    # for a task no factory sees, an aiohttp request's.)
+    if type(proxy) in proxy_types:
         if hasattr(type(proxy), "_route"):
             proxy._route = route
         elif route is None:
@@ -88,17 +91,6 @@ def set_route(task: asyncio.Task[Any], route: str | None, *, on_proxy: bool = Tr
             proxy_routes[proxy] = route
         return
     _routes.set(task, route)
-
-
-def proxy_route(task: asyncio.Task[Any] | None) -> str | None:
-    """The route a task's own step-timing proxy carries (it reports the busy time itself)."""
-    proxy = getattr(task, "_coro", None)
-    if type(proxy) not in proxy_types or getattr(proxy, "_owner", None) is None:
-        return None
-    route: str | None = getattr(proxy, "_route", None) or (
-        proxy_routes.get(proxy) if proxy_routes_held else None
-    )
-    return route
 
 
 def route_of(task: asyncio.Task[Any] | None) -> str | None:
@@ -111,6 +103,14 @@ def route_of(task: asyncio.Task[Any] | None) -> str | None:
         )
         if route is not None:
             return route
+        request = getattr(proxy, "_request", None)
+        if request is not None and _request_route is not None:
+            # An aiohttp request's task: its route read from its match, once routed.
+            try:
+                found: str | None = _request_route(request)
+            except Exception:  # noqa: BLE001 - a finding without its route, never an error
+                return None
+            return found
     try:
         return _routes.get(task)
     except TypeError:  # a task-like object that cannot be weakly referenced

@@ -402,7 +402,7 @@ def test_task_labels_go_with_their_tasks(kind: str, monkeypatch: pytest.MonkeyPa
         refs = []
         for i in range(50):
             task = asyncio.get_running_loop().create_task(serve())
-            _context.set_route(task, f"GET /{i}", on_proxy=False)
+            _context._routes.set(task, f"GET /{i}")
             assert _context.route_of(task) == f"GET /{i}"
             await task
             refs.append(weakref.ref(task))
@@ -413,10 +413,10 @@ def test_task_labels_go_with_their_tasks(kind: str, monkeypatch: pytest.MonkeyPa
         assert alive < 50 and len(_context._routes.data) == before + alive
         fresh = asyncio.get_running_loop().create_task(serve())
         assert _context.route_of(fresh) is None
-        _context.set_route(fresh, "GET /x", on_proxy=False)
-        _context.set_route(fresh, None, on_proxy=False)
+        _context._routes.set(fresh, "GET /x")
+        _context._routes.set(fresh, None)
         assert _context.route_of(fresh) is None
-        _context.set_route(fresh, "GET /y", on_proxy=False)
+        _context._routes.set(fresh, "GET /y")
         _context._routes.clear()
         assert _context.route_of(fresh) is None
         await fresh
@@ -514,7 +514,7 @@ def test_the_starlette_hook_labels_the_request_and_calls_starlettes_own(
 
             failing = _hooks._FrameworkHook(
                 _hooks._HOOK_ROUTE, own, broken, _hooks.label_request,
-                lambda exc: _hooks._failed("Starlette", exc), None, None, None, None,
+                lambda exc: _hooks._failed("Starlette", exc), None,
             )  # fmt: skip
             Route.handle = failing
             _hooks._patched.append((Route, "handle", own))
@@ -531,13 +531,78 @@ def test_the_starlette_hook_labels_the_request_and_calls_starlettes_own(
         assert "ValueError: no task here" in err
 
 
-def test_the_aiohttp_hooks_label_the_request_and_time_its_handler(kind: str) -> None:
-    """In process, on a watched loop: aiohttp's Application._handle and UrlDispatcher.resolve,
-    hooked, label the request's task (its findings' route) and time its handler (the busy time,
-    by route, when it ends), answer as aiohttp does unhooked (a 404 too), let a failing router's
-    error through unchanged, and keep nothing once the request is done."""
+class Wire(asyncio.Transport):
+    """A connection's transport without a socket, for aiohttp's own RequestHandler in process:
+    what the server writes is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.out += data
+
+    def writelines(self, data: Any) -> None:
+        for chunk in data:
+            self.out += chunk
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def served_in_process(app: Any, paths: list[str]) -> list[bytes]:
+    """The responses (status line and body) of aiohttp's own server to GET requests of these
+    paths, one keep-alive connection over a Wire: the request tasks made as aiohttp makes them
+    (eagerly from Python 3.12, with no task factory; through the loop's on 3.11)."""
     from aiohttp import web
-    from aiohttp.test_utils import make_mocked_request
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    assert runner.server is not None
+    protocol = runner.server()
+    wire = Wire()
+    protocol.connection_made(wire)
+    raw = b"".join(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode() for path in paths)
+    protocol.data_received(raw)
+    for _ in range(1000):
+        if wire.out.count(b"HTTP/1.1 ") == len(paths):
+            break
+        await asyncio.sleep(0.001)
+    protocol.connection_lost(None)
+    await runner.cleanup()
+    responses = []
+    for part in bytes(wire.out).split(b"HTTP/1.1 ")[1:]:
+        head, _, body = part.partition(b"\r\n\r\n")
+        responses.append(head.split(b"\r\n")[0] + b" " + body)
+    return responses
+
+
+def test_the_aiohttp_hook_times_each_request_and_labels_it_by_its_match(
+    kind: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """In process, on a watched loop, through aiohttp's own RequestHandler: each request's task
+    is timed (from Python 3.12 a task no task factory sees) and carries its route once routed
+    (read in the handler), the busy time goes to the route when the task ends (a 404 to
+    ``GET <unmatched>``), aiohttp answers as it does unhooked, a router that fails gives aiohttp's
+    own 500 and no route, and a hook that fails says so once, puts aiohttp's own functions back
+    and the requests are still answered."""
+    from aiohttp import web
 
     import loopwatch
     from loopwatch import _runtime
@@ -548,66 +613,73 @@ def test_the_aiohttp_hooks_label_the_request_and_time_its_handler(kind: str) -> 
     async def user(request: web.Request) -> web.Response:
         seen.append(route_of())
         await asyncio.sleep(0)
-        return web.Response(text=f"user {request.match_info['user_id']}")
+        return web.Response(text=f"user {request.match_info.get('user_id', '')}")
 
-    async def main() -> None:
+    def make_app() -> web.Application:
         app = web.Application()
         app.router.add_get("/users/{user_id}", user)
-        app.freeze()
-        loop = asyncio.get_running_loop()
+        app.router.add_route("*", "/any", user)
+        return app
 
-        async def serve(path: str) -> Any:
-            request = make_mocked_request("GET", path, app=app)
-            return await loop.create_task(app._handle(request))
+    async def main() -> None:
+        import aiohttp.web_protocol
+        import aiohttp.web_urldispatcher
 
-        ok = await serve("/users/7")
-        assert (ok.status, ok.text) == (200, "user 7")
-        with pytest.raises(web.HTTPNotFound):  # (as unhooked: the server makes it a 404)
-            await serve("/nowhere")
-        assert seen == ["GET /users/{user_id}"]
+        handler_cls = aiohttp.web_protocol.RequestHandler
+        hook = handler_cls.__dict__["_handle_request"]
+        own = getattr(hook, "__wrapped__", hook)
+        if _hooks._FrameworkHook is not None or sys.version_info >= (3, 12):
+            assert own is not hook and hook.__loopwatch__
+        out = await served_in_process(make_app(), ["/users/7", "/nowhere", "/users/8", "/any"])
+        assert out == [
+            b"200 OK user 7",
+            b"404 Not Found 404: Not Found",
+            b"200 OK user 8",
+            b"200 OK user ",
+        ]
+        assert seen == ["GET /users/{user_id}", "GET /users/{user_id}", "GET /any"]
         runtime = _runtime.current()
         assert runtime is not None
         busy = {r: h.count for r, h in runtime.requests.histograms().items()}
-        assert busy == {"GET /users/{user_id}": 1, "GET <unmatched>": 1}
-        assert _hooks._handlers == {}
+        assert busy == {"GET /users/{user_id}": 2, "GET <unmatched>": 1, "GET /any": 1}
 
         class Broken(Exception):
             pass
 
-        import aiohttp.web_app
-        import aiohttp.web_urldispatcher
-
         dispatcher = aiohttp.web_urldispatcher.UrlDispatcher
-        own = dispatcher.__dict__["resolve"].__wrapped__
 
         async def failing(self: Any, request: Any) -> Any:
-            if request.path.endswith("/9"):
-                await asyncio.Event().wait()  # (until cancelled)
             await asyncio.sleep(0)
             raise Broken("router down")
 
-        # The hooks made again around a router that fails once it has waited.
-        _hooks.unhook_frameworks()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(dispatcher, "resolve", failing)
-            patch.setattr(_hooks, "_watching", True)
-            _hooks._hook_aiohttp(aiohttp.web_urldispatcher)
-            _hooks._hook_aiohttp_app(aiohttp.web_app)
-            assert dispatcher.__dict__["resolve"].__wrapped__ is failing
-            with pytest.raises(Broken, match="router down"):
-                await serve("/users/8")
-            waiting = loop.create_task(app._handle(make_mocked_request("GET", "/users/9", app=app)))
-            await asyncio.sleep(0.01)
-            waiting.cancel()  # (thrown into the router through the hook)
-            with pytest.raises(asyncio.CancelledError):
-                await waiting
-            _hooks.unhook_frameworks()
-        assert dispatcher.__dict__["resolve"] is own
-        assert _hooks._handlers == {} and seen == ["GET /users/{user_id}"]
+            out = await served_in_process(make_app(), ["/users/9"])
+        assert out[0].startswith(b"500 Internal Server Error")
+        busy = {r: h.count for r, h in runtime.requests.histograms().items()}
+        assert busy == {"GET /users/{user_id}": 2, "GET <unmatched>": 1, "GET /any": 1}
+
+        if _hooks._FrameworkHook is not None:
+            # A failure: the route of a request cannot be read (a stand-in for anything).
+            def broken(match: Any, route: Any) -> None:
+                raise ValueError("no route here")
+
+            from loopwatch._native import ACCEL
+
+            assert ACCEL is not None
+            ACCEL.set_request_routes(broken, _hooks._aiohttp_failed)
+            out = await served_in_process(make_app(), ["/any", "/users/10"])
+            assert out == [b"200 OK user ", b"200 OK user 10"]
+            assert handler_cls.__dict__["_handle_request"] is own  # (put back)
+            assert seen[-2:] == [None, None]
 
     loopwatch.install(log="off")
     factory = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop
     run_on_loop(factory, main())
+    if _hooks._FrameworkHook is not None:
+        err = capfd.readouterr().err
+        assert err.count("labelling aiohttp requests by route failed") == 1, err
+        assert "ValueError: no route here" in err
 
 
 def run_on_loop(factory: Any, coro: Any) -> Any:
@@ -615,18 +687,19 @@ def run_on_loop(factory: Any, coro: Any) -> Any:
         return runner.run(coro)
 
 
-def test_an_aiohttp_router_of_its_own_is_labelled_by_hand(kind: str) -> None:
-    """A router class of the application's own (aiohttp's deprecated ``router=``) is not hooked
-    (compiled): the handler is still timed, and a label set by hand in the handler gets the busy
-    time, once (the task's own proxy carries it: the handler's does not count it again)."""
+def test_an_aiohttp_router_of_its_own_is_labelled_and_a_label_by_hand_comes_first(
+    kind: str,
+) -> None:
+    """A router class of the application's own (aiohttp's deprecated ``router=``) is labelled as
+    aiohttp's is (the route is read from the match it returns); a label set by hand in the
+    handler takes over, and gets the busy time, once."""
     import warnings
 
     from aiohttp import web
-    from aiohttp.test_utils import make_mocked_request
 
     import loopwatch
     from loopwatch import _runtime
-    from loopwatch.integrations import _hooks, label_request, route_of
+    from loopwatch.integrations import label_request, route_of
 
     seen: list[Any] = []
 
@@ -646,23 +719,12 @@ def test_an_aiohttp_router_of_its_own_is_labelled_by_hand(kind: str) -> None:
             warnings.simplefilter("ignore", DeprecationWarning)
             app = web.Application(router=OwnRouter())
         app.router.add_get("/users/{user_id}", user)
-        app.freeze()
-        request = make_mocked_request("GET", "/users/7", app=app)
-
-        async def handle_request() -> Any:  # (as aiohttp's RequestHandler awaits the handler)
-            return await app._handle(request)
-
-        response = await asyncio.get_running_loop().create_task(handle_request())
-        assert response.text == "ok"
-        # (Compiled, only aiohttp's own router class is hooked; the Python hook of
-        # UrlDispatcher.resolve also labels through the subclass's super() call.)
-        first = None if _hooks._FrameworkHook is not None else "GET /users/{user_id}"
-        assert seen == [first, "GET /own/{user_id}"]
+        assert await served_in_process(app, ["/users/7"]) == [b"200 OK ok"]
+        assert seen == ["GET /users/{user_id}", "GET /own/{user_id}"]
         runtime = _runtime.current()
         assert runtime is not None
         busy = {r: h.count for r, h in runtime.requests.histograms().items()}
         assert busy == {"GET /own/{user_id}": 1}
-        assert _hooks._handlers == {}
 
     loopwatch.install(log="off")
     factory = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop

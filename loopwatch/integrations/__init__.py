@@ -5,7 +5,10 @@ frameworks a service imports, when it imports them:
 
 - Starlette (and FastAPI, whose routes are Starlette's): ``Route.handle`` and
   ``Router.not_found`` of ``starlette.routing`` (and FastAPI's ``_route_selected``);
-- aiohttp: ``Application._handle`` (which times the handler) and ``UrlDispatcher.resolve``.
+- aiohttp: ``RequestHandler._handle_request`` of ``aiohttp.web_protocol``, the coroutine of each
+  request's task (put in a step-timing proxy where no task factory sees the task: aiohttp 3.10+
+  on Python 3.12+); the route is read from the request's match (``request.match_info``) when the
+  task ends or a finding asks (and, in pure Python, ``UrlDispatcher.resolve`` labels the task).
 
 Each hook runs once per request, at routing time; with the compiled module it has no frame at
 all, and in pure Python it is gone from the stack before the request's handler runs: a
@@ -37,27 +40,19 @@ def request_busy(route: str, busy: float) -> None:
         runtime.requests.observe(route, busy)
 
 
-def request_ended(task: asyncio.Task[Any] | None, busy: float) -> None:
-    """A labelled request ended, timed by its caller: its busy time, to its task's route."""
-    route = _context.route_of(task)
-    if route is not None:
-        request_busy(route, busy)
-
-
 if ACCEL is not None:
     ACCEL.set_request_end(request_busy)
 _timing.request_end = request_busy
 
 
-def label_request(route: str, task: asyncio.Task[Any] | None = None, *, timed: bool = True) -> None:
+def label_request(route: str, task: asyncio.Task[Any] | None = None) -> None:
     """Label the task serving a request (the current task by default) with its route template.
 
     Its findings then carry ``route``, and its busy time goes to
     ``loopwatch_request_busy_seconds{route}`` when it ends. Call it once routing is done, with the
     template, never the raw path (``"GET /users/{id}"``): each distinct value is a series of its
     own (at most ``LOOPWATCH_COROUTINE_LABELS``; the rest share ``other``). Labelling the same
-    task again changes its route; outside a watched loop's task it does nothing. ``timed=False``:
-    the caller reports the busy time itself (:func:`request_ended`)."""
+    task again changes its route; outside a watched loop's task it does nothing."""
     if task is None:
         try:
             task = asyncio.current_task()
@@ -65,7 +60,7 @@ def label_request(route: str, task: asyncio.Task[Any] | None = None, *, timed: b
             return
         if task is None:
             return
-    _context.set_route(task, route, on_proxy=timed)
+    _context.set_route(task, route)
 
 
 def route_of(task: asyncio.Task[Any] | None = None) -> str | None:

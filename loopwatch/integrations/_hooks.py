@@ -11,19 +11,21 @@ import weakref
 from types import ModuleType
 from typing import Any
 
-from .. import _config, _context, _import_hooks
+from .. import _config, _import_hooks
 from .._native import ACCEL
 from .._timing import PyTimed, StepWatch
-from . import label_request, request_ended, route_of
+from . import label_request, route_of
 
 # (owner, attribute, the framework's own): what uninstall puts back.
 _patched: list[tuple[Any, str, Any]] = []
+_undo: list[Any] = []  # and what else it undoes
 _watching = False
 _current_task = asyncio.current_task
 _compiled_proxy = ACCEL.Timed if ACCEL is not None else None
-# The compiled hooks (``_accel.FrameworkHook``: route, application, resolve), or the Python ones.
+# The compiled hooks (``_accel.FrameworkHook``: Starlette's route, aiohttp's request), or the
+# Python ones.
 _FrameworkHook = getattr(ACCEL, "FrameworkHook", None)
-_HOOK_ROUTE, _HOOK_APP, _HOOK_RESOLVE = 0, 1, 2
+_HOOK_ROUTE, _HOOK_REQUEST = 0, 1
 # How they find the running task: asyncio.current_task, compiled from 3.12; on 3.11 a Python
 # function (a frame per request), so the running loop and asyncio's own dict of current tasks.
 _current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
@@ -43,14 +45,15 @@ def hook_frameworks() -> None:
     _import_hooks.when_imported("starlette.routing", _hook_starlette)
     _import_hooks.when_imported("fastapi.routing", _hook_fastapi)
     _import_hooks.when_imported("aiohttp.web_urldispatcher", _hook_aiohttp)
-    _import_hooks.when_imported("aiohttp.web_app", _hook_aiohttp_app)
+    _import_hooks.when_imported("aiohttp.web_protocol", _hook_aiohttp_protocol)
 
 
 def unhook_frameworks() -> None:
     """Put every framework function back (uninstall)."""
     global _watching
     _watching = False
-    _handlers.clear()  # (a request between its handler and its router: its proxy let go of)
+    while _undo:
+        _undo.pop()()
     while _patched:
         owner, name, original = _patched.pop()
         if vars(owner).get(name) is not original:
@@ -131,7 +134,7 @@ def _hook_starlette(module: ModuleType) -> None:
         # The same, compiled: no frame, a few hundred instructions a request.
         route_handle = _FrameworkHook(
             _HOOK_ROUTE, handle, _task_source, label_request,
-            lambda exc: _failed("Starlette", exc), None, None, None, None,
+            lambda exc: _failed("Starlette", exc), None,
         )  # fmt: skip
     _patch(route_cls, "handle", route_handle, handle)
     _patch(router_cls, "not_found", router_not_found, not_found)
@@ -171,112 +174,73 @@ def _hook_fastapi(module: ModuleType) -> None:
 # -- aiohttp -------------------------------------------------------------------------------
 
 
-# The step-timing proxy around each request's Application._handle, by id(request), from the
-# moment the handler is called to the moment its router starts resolving (within the handler's
-# first step): the route found is put on the proxy, which puts the request's busy time into the
-# route's row itself when the handler ends (in C).
-_handlers: dict[int, Any] = {}
+def _hook_aiohttp_protocol(module: ModuleType) -> None:
+    # Each request's task runs RequestHandler._handle_request (routing, middlewares, handler and
+    # the response). aiohttp 3.10+ on Python 3.12+ makes that task with asyncio.Task(...,
+    # eager_start=True), which no task factory sees: its coroutine is put in a step-timing proxy
+    # that carries the request, so the task is timed all the same. Compiled, that is all done
+    # per request: the route is read from the request's match (request._match_info, put there by
+    # Application._handle once its router resolved it) when the task ends or a finding asks. In
+    # pure Python, the router's resolve is hooked too and labels the task.
+    if not _watching:
+        return
+    handler_cls = getattr(module, "RequestHandler", None)
+    handle = handler_cls.__dict__.get("_handle_request") if handler_cls is not None else None
+    if handle is None or getattr(handle, "__loopwatch__", False):
+        return
+    failed = _aiohttp_failed
+    if _FrameworkHook is not None:
+        assert ACCEL is not None
+        ACCEL.set_request_routes(_aiohttp_canonical, failed)
+        _undo.append(lambda: ACCEL.set_request_routes(None, None))
+        hook: Any = _FrameworkHook(_HOOK_REQUEST, handle, _task_source, None, failed, _WATCH)
+    elif sys.version_info >= (3, 12):
+
+        def hook(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            coro = handle(self, request, *args, **kwargs)
+            try:
+                return PyTimed(coro, _WATCH)
+            except Exception as exc:  # noqa: BLE001 - the request runs untimed
+                failed(exc)
+                return coro
+
+    else:
+        return  # (pure Python on 3.11: the task factory's own proxy times the request's task)
+    _patch(handler_cls, "_handle_request", hook, handle)
 
 
 def _hook_aiohttp(module: ModuleType) -> None:
-    if not _watching:
+    # Pure Python only: the router's own coroutine, awaited through, labels the request's task
+    # when it returns its match (this frame is on the stack while the router resolves, never
+    # while the handler runs).
+    if not _watching or _FrameworkHook is not None:
         return
     dispatcher_cls = getattr(module, "UrlDispatcher", None)
     resolve = dispatcher_cls.__dict__.get("resolve") if dispatcher_cls is not None else None
     if resolve is None or getattr(resolve, "__loopwatch__", False):
         return
 
-    # The router's own coroutine, awaited through: this frame is on the stack while the router
-    # resolves, never while the handler runs.
     async def dispatcher_resolve(self: Any, request: Any) -> Any:
-        proxy = _handlers.pop(id(request), None) if _handlers else None
         match_info = await resolve(self, request)
         try:
-            _label_aiohttp(request, match_info, proxy)
+            _label_aiohttp(request, match_info)
         except Exception as exc:  # noqa: BLE001 - never into the request
-            _failed("aiohttp", exc)
+            _aiohttp_failed(exc)
         return match_info
 
-    if _FrameworkHook is not None:
-        # The same, compiled: the router's coroutine awaited through a C object, which labels
-        # the request when it returns (the canonical path asked of aiohttp once per route).
-        routes = _context._routes
-        dispatcher_resolve = _FrameworkHook(
-            _HOOK_RESOLVE, resolve, _task_source, _aiohttp_canonical,
-            lambda exc: _failed("aiohttp", exc), _handlers, None, routes.data, routes._pop,
-        )  # fmt: skip
     _patch(dispatcher_cls, "resolve", dispatcher_resolve, resolve)
 
 
-def _hook_aiohttp_app(module: ModuleType) -> None:
-    # aiohttp 3.12+ on Python 3.12+ runs each request in a task made with asyncio.Task(...,
-    # eager_start=True), which no task factory sees: its busy time is the request handler's,
-    # timed by a step-timing proxy around the coroutine of Application._handle (routing,
-    # middlewares and handler), a C object with no frame of its own.
-    if not _watching:
-        return
-    app_cls = getattr(module, "Application", None)
-    handle = app_cls.__dict__.get("_handle") if app_cls is not None else None
-    if handle is None or getattr(handle, "__loopwatch__", False):
-        return
-
-    def application_handle(self: Any, request: Any) -> Any:
-        coro = handle(self, request)
-        try:
-            proxy = _time_handler(coro)
-            # (Only for a router whose resolve is hooked: its hook takes the entry back.)
-            if getattr(type(self._router).resolve, "__loopwatch__", False):
-                _handlers[id(request)] = proxy
-            return proxy
-        except Exception as exc:  # noqa: BLE001 - the handler runs untimed
-            _failed("aiohttp", exc)
-            return coro
-
-    if _FrameworkHook is not None:
-        application_handle = _FrameworkHook(
-            _HOOK_APP, handle, _task_source, _HANDLER_END,
-            lambda exc: _failed("aiohttp", exc), _handlers, _WATCH, None, None,
-        )  # fmt: skip
-    _patch(app_cls, "_handle", application_handle, handle)
+def _aiohttp_failed(exc: BaseException) -> None:
+    _failed("aiohttp", exc)
 
 
-class _HandlerEnd:
-    """The owner of a request handler's step-timing proxy in pure Python: when the handler
-    ends, its busy time goes to its task's route (the proxy calls ``proxy_ended`` in the task,
-    at its last step). The compiled proxy has no owner: the route is on it (``_route``)."""
-
-    __slots__ = ()
-
-    def proxy_ended(self, proxy: Any, _exc: BaseException) -> None:
-        try:
-            task = _current_task()
-        except RuntimeError:
-            return
-        if _context.proxy_route(task) is None:  # (else the task's own proxy reports it)
-            request_ended(task, proxy.busy)
-
-    def cancel_arrived(self, proxy: Any, exc: BaseException) -> None:
-        pass  # (the task's own proxy judges its cancellations)
-
-    def cancel_ended(self, proxy: Any, exc: BaseException | None) -> None:
-        pass
-
-
-_HANDLER_END = _HandlerEnd()
 _WATCH = StepWatch()
-
-
-def _time_handler(coro: Any) -> Any:
-    if ACCEL is not None:
-        return ACCEL.Timed(coro, _WATCH, None)
-    proxy = PyTimed(coro, _WATCH)
-    proxy._owner = _HANDLER_END
-    return proxy
 
 
 def _aiohttp_canonical(match_info: Any, route: Any) -> str | None:
     """The canonical path of the route aiohttp matched (``/users/{user_id}``), or None for a
-    request no route matched (the compiled resolve hook asks once per route object)."""
+    request no route matched (the compiled path asks once per route object)."""
     resource = getattr(route, "resource", None)
     canonical = getattr(resource, "canonical", None) if resource is not None else None
     if canonical is None or getattr(match_info, "http_exception", None) is not None:
@@ -284,23 +248,12 @@ def _aiohttp_canonical(match_info: Any, route: Any) -> str | None:
     return canonical  # type: ignore[no-any-return]
 
 
-def _label_aiohttp(request: Any, match_info: Any, proxy: Any) -> None:
-    method = getattr(request, "method", "")
-    route = getattr(match_info, "route", None)
-    resource = getattr(route, "resource", None)
-    canonical = getattr(resource, "canonical", None) if resource is not None else None
-    if canonical is None or getattr(match_info, "http_exception", None) is not None:
-        route = f"{method} <unmatched>"
-    else:
-        route = f"{method} {canonical}"
+def _label_aiohttp(request: Any, match_info: Any) -> None:
+    canonical = _aiohttp_canonical(match_info, getattr(match_info, "route", None))
+    route = f"{getattr(request, 'method', '')} {canonical or '<unmatched>'}"
     try:
         task = _current_task()
     except RuntimeError:
         return
-    if task is None:
-        return
-    if type(proxy) is _compiled_proxy:
-        # The handler's busy time goes to the route when it ends (the proxy does it); the task
-        # carries the route for its findings.
-        proxy._route = route
-    label_request(route, task, timed=False)
+    if task is not None:
+        label_request(route, task)
