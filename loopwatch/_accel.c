@@ -3540,7 +3540,7 @@ FrameworkHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyO
     }
     /* HOOK_REQUEST: the coroutine of the request's task, in a proxy that carries the request. */
     PyObject *coro = PyObject_Vectorcall(self->original, args, nargsf, kwnames);
-    if (coro == NULL || nargs < 2) {
+    if (coro == NULL || nargs < 2 || !PyCoro_CheckExact(coro)) {
         return coro;
     }
     TimedObject *timed = timed_new(&Timed_Type, coro, self->watch, NULL, NULL);

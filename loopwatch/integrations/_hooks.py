@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import weakref
-from types import ModuleType
+from types import CoroutineType, ModuleType
 from typing import Any
 
 from .. import _config, _import_hooks
@@ -198,6 +198,8 @@ def _hook_aiohttp_protocol(module: ModuleType) -> None:
 
         def hook(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
             coro = handle(self, request, *args, **kwargs)
+            if type(coro) is not CoroutineType:
+                return coro
             try:
                 return PyTimed(coro, _WATCH)
             except Exception as exc:  # noqa: BLE001 - the request runs untimed
