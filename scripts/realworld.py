@@ -41,15 +41,16 @@ into the corpus venv's site-packages. The ``.pth`` line imports the module only 
 ``REALWORLD_UVLOOP=1``; the module sets ``uvloop.EventLoopPolicy()`` as the process's policy (what
 ``uvloop.install()`` does, without its deprecation warning on 3.12+). Every loop made through the
 policy is then a uvloop loop: ``asyncio.new_event_loop()``, ``asyncio.run``, ``asyncio.Runner``
-without ``loop_factory``, pytest-asyncio 1.x (its runner takes loops from the policy),
-anyio's pytest plugin (``asyncio.Runner`` with the backend option ``loop_factory`` unset) and
+without ``loop_factory``, pytest-asyncio 1.x (its runner takes loops from the policy), anyio's
+pytest plugin (``asyncio.Runner`` with the backend option ``loop_factory`` unset) and
 ``unittest.IsolatedAsyncioTestCase`` (``asyncio.Runner(debug=True)``). Before the suite, a probe
-test is written into the suite's tree (next to its conftest, so its own configuration applies),
-run once in ``watched-uvloop`` mode, and deleted; it prints ``type(asyncio.get_running_loop())``
-and its MRO, which is stored in the results (``probe``) and shown in the summary. It shows
-``uvloop.Loop`` for pytest-asyncio (janus, async-lru, aiofiles, asgiref), anyio's plugin (anyio,
-starlette, httpx) and IsolatedAsyncioTestCase (aiosqlite). Where the policy cannot take effect,
-or uvloop alone breaks the suite, the uvloop modes are not run (``Suite.no_uvloop`` says why):
+test is written into the suite's tree (next to its conftest, so its own configuration applies), run
+once in ``watched-uvloop`` mode, and deleted; it prints ``type(asyncio.get_running_loop())`` and its
+MRO, which is stored in the results (``probe``) and shown in the summary. It shows ``uvloop.Loop``
+for pytest-asyncio (janus, async-lru, aiofiles, asgiref), anyio's plugin (anyio, starlette, httpx),
+IsolatedAsyncioTestCase (aiosqlite) and aiohttp's own pytest plugin (its ``loop`` fixture's default
+factory is ``asyncio.new_event_loop``). Where the policy cannot take effect, or uvloop alone breaks
+the suite, the uvloop modes are not run (``Suite.no_uvloop`` says why):
 
 - aiostream: its tests run on its own ``TimeTrackingTestLoop`` (a ``BaseEventLoop`` subclass that
   its conftest's ``pytest_asyncio_loop_factories`` hook names), whatever the policy; the probe
@@ -65,14 +66,14 @@ Set-up (done by the script, so that a fresh clone can rerun it)
 --------------------------------------------------------------
 Per library: ``pip download --no-binary :all: --no-deps LIB==VERSION`` into ``.realworld/sdists``,
 unpacked into ``.realworld/src``; a venv ``.realworld/venvs/<lib>-<X.Y>`` made with ``--python``,
-into which go the library from its sdist, its test requirements, the common tools (``TOOLS``) and
-loopwatch itself, editable from this repository (``pip install -e``), so every run tests the
-working tree as it is. ``--ref COMMIT`` tests a commit instead, and ``--ref worktree`` a copy of
-the working tree taken when the script starts (both under ``.realworld/loopwatch/``), so that a
-long run is not disturbed by edits made meanwhile; loopwatch's C accelerator is compiled for
-``--python`` in that tree when it is older than its source. Venvs that exist (with a matching
-stamp) are reused. Nothing of the libraries' code is ever kept in the repository:
-``.realworld/`` is git-ignored.
+into which go the library from its sdist (aiohttp: its binary wheel, see ``Suite.wheel``), its test
+requirements, the common tools (``TOOLS``) and loopwatch itself, editable from this repository
+(``pip install -e``), so every run tests the working tree as it is. ``--ref COMMIT`` tests a commit
+instead, and ``--ref worktree`` a copy of the working tree taken when the script starts (both under
+``.realworld/loopwatch/``), so that a long run is not disturbed by edits made meanwhile; loopwatch's
+C accelerator is compiled for ``--python`` in that tree when it is older than its source. Venvs that
+exist (with a matching stamp) are reused. Nothing of the libraries' code is ever kept in the
+repository: ``.realworld/`` is git-ignored.
 
 Tests run from the unpacked sdist with ``python -m pytest`` (it is pytest's rootdir, so the suite's
 own ini file and conftest apply), one pytest process at a time, never in parallel (no xdist): the
@@ -80,9 +81,12 @@ machine is shared. ``python -m`` puts the unpacked sdist first on ``sys.path``, 
 package sits at the top of its sdist (janus, async_lru, asgiref, aiosqlite, httpx, starlette,
 looptime, aiostream) is imported from there, not from site-packages, as in most projects' own CI:
 loopwatch then counts its frames as the program's own code (``origin: "program"``), not as an
-installed library's. pytest-timeout stops a single hanging test (``--test-timeout``);
-``--timeout`` bounds a whole pytest run (SIGINT, so that pytest still writes its junit XML, then
-SIGKILL); after ``plain``, a mode's run is given at most max(300 s, 8 x plain's time).
+installed library's. aiohttp is the exception: its package there is Cython source without its
+compiled modules, so its wheel is installed and its runs have ``PYTHONSAFEPATH=1``, which keeps the
+sdist's top off ``sys.path`` (pytest still puts ``tests/`` there for the suite's conftest).
+pytest-timeout stops a single hanging test (``--test-timeout``); ``--timeout`` bounds a whole pytest
+run (SIGINT, so that pytest still writes its junit XML, then SIGKILL); after ``plain``, a mode's run
+is given at most max(300 s, 8 x plain's time).
 
 What each suite runs, and what is left out and why, is in ``SUITES`` below. Where a suite's own
 ``addopts`` asks for coverage (pytest-cov), it is replaced by the same options without it:
@@ -165,6 +169,13 @@ class Suite:
     no_uvloop: str = ""
     probe_dir: str = "tests"  # where the probe is written, relative to the unpacked sdist
     notes: str = ""  # what else to know about this suite here
+    # Install the library as NAME==VERSION from the index (its binary wheel) instead of from its
+    # sdist, and run pytest with PYTHONSAFEPATH=1 (Python 3.11+: `python -m` and `python -c`,
+    # in the suite's subprocesses too, do not put the working directory on sys.path), so that
+    # the uncompiled package at the top of the sdist does not shadow the installed one. The
+    # suite's own conftest still applies: pytest puts the tests' folder (not the sdist's top)
+    # on sys.path for it.
+    wheel: bool = False
 
     @property
     def dist(self) -> str:
@@ -362,6 +373,88 @@ SUITES: tuple[Suite, ...] = (
         kind="pytest-asyncio (strict)",
         deps=("packaging", "pytest-codspeed==5.0.4"),
     ),
+    Suite(
+        # aiohttp's server side, on aiohttp's own pytest plugin (aiohttp.pytest_plugin, which its
+        # conftest loads): its `loop` fixture makes each test's loop with the factory of the
+        # parameter "pyloop", asyncio.new_event_loop, i.e. through the policy, so the uvloop
+        # modes give it uvloop loops with the same node ids (its --aiohttp-loop=uvloop would
+        # call uvloop.new_event_loop directly, under other ids, and so compare with nothing).
+        # Servers, clients and the request handler run in the test's loop, which exercises
+        # loopwatch's aiohttp request hook on a real RequestHandler.
+        name="aiohttp",
+        version="3.14.5",
+        kind="aiohttp pytest plugin (aiohttp_client, aiohttp_server)",
+        deps=(
+            "blockbuster==1.5.29",
+            "brotli==1.2.1",
+            # Not for coverage (no pytest-cov): a filterwarnings line of its ini names
+            # coverage.exceptions.CoverageWarning, which pytest must import. aiohttp's own pin.
+            "coverage==7.14.1",
+            "freezegun==1.5.5",
+            "gunicorn==27.0.1",
+            "isal==1.9.1",
+            "pytest-mock==3.17.0",
+            "re-assert==1.1.0",
+            "trustme==1.2.1",
+            "zlib-ng==1.1.0",
+        ),
+        # Its sdist has the package (Cython sources, no compiled modules) at its top: the
+        # binary wheel is installed and the sdist gives only the tests (see `wheel`).
+        wheel=True,
+        paths=tuple(
+            f"tests/{name}.py"
+            for name in (
+                "test_web_functional",
+                "test_web_protocol",
+                "test_web_request_handler",
+                "test_web_server",
+                "test_web_app",
+                "test_web_middleware",
+                "test_web_urldispatcher",
+                "test_web_runner",
+                "test_run_app",
+                "test_web_sendfile_functional",
+                "test_web_response",
+                "test_web_request",
+                "test_web_exceptions",
+                "test_classbasedview",
+                "test_test_utils",
+                "test_pytest_plugin",
+            )
+        ),
+        # The suite's addopts add xdist (--numprocesses=auto), coverage and --doctest-modules;
+        # its own filterwarnings (error, with its ignores) and markers stay. pytest-asyncio
+        # (installed in every venv) is not in its CI: its async tests are aiohttp's plugin's.
+        args=("-o", "addopts=--strict-markers", "-p", "no:asyncio"),
+        deselect=(
+            (
+                "-m not dev_mode and not autobahn and not internal",
+                "the suite's own default (its addopts): those need its CI's set-up",
+            ),
+            (
+                "tests/test_web_urldispatcher.py::"
+                "test_static_directory_without_read_permission[pyloop-]",
+                "fails as root (here): it expects 403 for a directory root can read anyway",
+            ),
+            (
+                "tests/test_web_urldispatcher.py::"
+                "test_static_directory_without_read_permission[pyloop-my_file.txt]",
+                "fails as root (here), as the one above",
+            ),
+            (
+                "tests/test_web_urldispatcher.py::test_static_file_without_read_permission[pyloop]",
+                "fails as root (here): it expects 403 for a file root can read anyway",
+            ),
+        ),
+        probe="aiohttp",
+        notes=(
+            "The server-side test files only (the client, parser and websocket ones are left "
+            "out). aiohttp 3.14.5 from its binary wheel, the tests from its sdist. "
+            "test_web_functional.py::test_keepalive_expires_on_time[pyloop] fails on uvloop "
+            "alone (it mocks loop.time, which uvloop's timers do not use): a plain-uvloop "
+            "difference, the same in watched-uvloop."
+        ),
+    ),
 )
 
 
@@ -404,6 +497,13 @@ def anyio_backend():
 
 @pytest.mark.anyio
 async def test_realworld_probe():
+    _say(asyncio.get_running_loop())
+""",
+    "aiohttp": PROBE_PRINT
+    + """
+import asyncio
+
+async def test_realworld_probe(loop):  # run by aiohttp's pytest plugin, in its `loop` fixture
     _say(asyncio.get_running_loop())
 """,
     "unittest": PROBE_PRINT
@@ -475,7 +575,14 @@ def clean_env() -> dict[str, str]:
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("LOOPWATCH", "REALWORLD_", "PYTEST_", "VIRTUAL_ENV", "COV_"))
-        and k not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONASYNCIODEBUG", "PYTHONDEVMODE")
+        and k
+        not in (
+            "PYTHONPATH",
+            "PYTHONSAFEPATH",
+            "PYTHONSTARTUP",
+            "PYTHONASYNCIODEBUG",
+            "PYTHONDEVMODE",
+        )
     }
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -501,9 +608,10 @@ class Env:
 
     def stamp(self) -> str:
         """What the venv was made from: when it changes, the venv is made again."""
-        text = json.dumps(
-            [self.python, self.suite.dist, self.suite.extras, self.suite.deps, TOOLS, 1]
-        )
+        made_from = [self.python, self.suite.dist, self.suite.extras, self.suite.deps, TOOLS, 1]
+        if self.suite.wheel:  # only then, so that the other suites' venvs keep their stamps
+            made_from.append("wheel")
+        text = json.dumps(made_from)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def sdist(self) -> Path:
@@ -561,10 +669,17 @@ class Env:
             shutil.rmtree(self.venv, ignore_errors=True)
             run([self.python, "-m", "venv", self.venv])
             run([*pip, "--upgrade", "pip"])
-            library = str(self.sdist())
+            binary: list[str] = []
+            if self.suite.wheel:
+                if tuple(map(int, self.version.split("."))) < (3, 11):
+                    raise SetupError(f"{self.suite.name}: PYTHONSAFEPATH needs Python 3.11+")
+                library = f"{self.suite.name}=={self.suite.version}"
+                binary = ["--only-binary", self.suite.name]
+            else:
+                library = str(self.sdist())
             if self.suite.extras:
                 library += f"[{self.suite.extras}]"
-            run([*pip, library, *self.suite.deps, *TOOLS])
+            run([*pip, *binary, library, *self.suite.deps, *TOOLS])
             stamp_file.write_text(self.stamp() + "\n")
         # loopwatch, editable, from the tree under test; again whenever that tree changes.
         installed = self.venv / "realworld-loopwatch"
@@ -670,6 +785,8 @@ def pytest_run(
         str(env.src),
     ]
     process_env = mode_env(mode, log)
+    if env.suite.wheel:
+        process_env["PYTHONSAFEPATH"] = "1"  # see Suite.wheel
     process_env["PATH"] = f"{env.bin}{os.pathsep}{process_env.get('PATH', '')}"
     started = time.monotonic()
     timed_out = False
