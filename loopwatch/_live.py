@@ -232,11 +232,18 @@ class _Reader:
             steps = proxy.steps
         else:
             coro = task.get_coro()
+            own: Any = coro
             mark = self.tracker.mark_of(task) if self.tracker is not None else None
             if mark is not None:
                 age = self.now - mark.born
                 busy = getattr(mark, "busy", 0.0)  # (a TaskMark, without a proxy, counts neither)
                 steps = getattr(mark, "steps", 0)
+            elif type(own) is Timed and own._owner is None and hasattr(own, "born"):
+                # A task no task factory made whose coroutine a framework hook put in a proxy
+                # (an aiohttp request's, from Python 3.12): the proxy's own counts.
+                age = self.now - own.born
+                busy = own.busy
+                steps = own.steps
             else:
                 age = busy = 0.0
                 steps = 0

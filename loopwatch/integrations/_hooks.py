@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import weakref
+from time import monotonic as _monotonic
 from types import CoroutineType, ModuleType
 from typing import Any
 
@@ -201,7 +202,9 @@ def _hook_aiohttp_protocol(module: ModuleType) -> None:
             if type(coro) is not CoroutineType:
                 return coro
             try:
-                return PyTimed(coro, _WATCH)
+                proxy = PyTimed(coro, _WATCH)
+                proxy.born = _monotonic()  # (its age, in the live view)
+                return proxy
             except Exception as exc:  # noqa: BLE001 - the request runs untimed
                 failed(exc)
                 return coro
