@@ -10,11 +10,11 @@ frameworks a service imports, when it imports them:
   on Python 3.12+); the route is read from the request's match (``request.match_info``) when the
   task ends or a finding asks (and, in pure Python, ``UrlDispatcher.resolve`` labels the task).
 
-Each hook runs once per request, at routing time; with the compiled module it has no frame at
-all, and in pure Python it is gone from the stack before the request's handler runs: a
-handler's traceback has no frame of loopwatch's. A request is labelled
-``METHOD /template`` (``GET /users/{user_id}``), never with its raw path; a request no route
-matched is labelled ``METHOD <unmatched>``.
+Each hook runs once per request, at routing time (aiohttp's when the request's task is made);
+with the compiled module it has no frame at all, and in pure Python it is gone from the stack
+before the request's handler runs: a handler's traceback has no frame of loopwatch's. A request
+is labelled ``METHOD /template`` (``GET /users/{user_id}``), never with its raw path; a request
+no route matched is labelled ``METHOD <unmatched>``.
 
 Then the findings of that task carry ``route``, and when the task ends its busy time (the sum of
 its steps) goes to ``loopwatch_request_busy_seconds{route}``. Servers run each request in a task

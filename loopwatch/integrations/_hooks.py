@@ -189,12 +189,13 @@ def _hook_aiohttp_protocol(module: ModuleType) -> None:
     handle = handler_cls.__dict__.get("_handle_request") if handler_cls is not None else None
     if handle is None or getattr(handle, "__loopwatch__", False):
         return
-    failed = _aiohttp_failed
     if _FrameworkHook is not None:
         assert ACCEL is not None
-        ACCEL.set_request_routes(_aiohttp_canonical, failed)
+        ACCEL.set_request_routes(_aiohttp_canonical, _aiohttp_failed)
         _undo.append(lambda: ACCEL.set_request_routes(None, None))
-        hook: Any = _FrameworkHook(_HOOK_REQUEST, handle, _task_source, None, failed, _WATCH)
+        hook: Any = _FrameworkHook(
+            _HOOK_REQUEST, handle, _task_source, None, _aiohttp_failed, _WATCH
+        )
     elif sys.version_info >= (3, 12):
 
         def hook(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -206,7 +207,7 @@ def _hook_aiohttp_protocol(module: ModuleType) -> None:
                 proxy.born = _monotonic()  # (its age, in the live view)
                 return proxy
             except Exception as exc:  # noqa: BLE001 - the request runs untimed
-                failed(exc)
+                _aiohttp_failed(exc)
                 return coro
 
     else:
