@@ -78,6 +78,7 @@ class Loops:
         self.retired_lag = Histogram()
         self.retired_busy = 0.0
         self.global_mode = False
+        self._uvloop_hooked = False
         # (class, attribute, previous value or _ABSENT): what global mode changed, to undo it.
         self._patches: list[tuple[type, str, Any]] = []
         # class -> {name: the class's own method before the hook}, while hooked
@@ -285,8 +286,12 @@ class Loops:
                 return
             self.global_mode = True
             self._patch_init(BaseEventLoop)
-            if "uvloop" in sys.modules:
-                self.patch_uvloop()
+        if "uvloop" in sys.modules:
+            self.patch_uvloop()
+        elif not self._uvloop_hooked:
+            # (install() in code: LOOPWATCH=1 and the pytest plugin hook the import themselves)
+            self._uvloop_hooked = True
+            _import_hooks.when_imported("uvloop", lambda _module: self.patch_uvloop())
 
     def patch_uvloop(self) -> None:
         """Wrap ``uvloop.Loop.__init__`` if global mode is on (called when uvloop is imported)."""

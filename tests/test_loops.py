@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -170,6 +175,32 @@ def test_global_install_watches_every_new_loop(events: Recorder) -> None:
     asyncio.run(block_briefly())
     time.sleep(0.2)
     assert len(events) == 4
+
+
+def test_global_install_watches_uvloop_imported_after_it() -> None:
+    """install() outside a loop, then ``import uvloop`` (a program's usual order): uvloop's loops
+    are watched too (they were not: only LOOPWATCH=1 and the pytest plugin hooked the import)."""
+    program = textwrap.dedent(
+        """
+        import asyncio, sys, time
+        import loopwatch
+        loopwatch.install(log="json", slow_callback_ms=50)
+        assert "uvloop" not in sys.modules
+        import uvloop
+
+        async def main():
+            time.sleep(0.1)
+
+        uvloop.run(main())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    found = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [(e["event"], e["loop"]) for e in found] == [("loopwatch.slow_callback", "uvloop")]
 
 
 def test_settings_from_install_apply(events: Recorder) -> None:
