@@ -390,6 +390,9 @@ def test_fork_after_preload_adds_no_warning(tmp_path: Path, kind: str) -> None:
 KEYBOARD_INTERRUPT = """
 import asyncio, os, signal, sys, threading, time
 
+# (Python leaves SIGINT ignored when it starts with it ignored, as a shell's background job does.)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 async def main():
     await asyncio.sleep(0.01)
     threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
