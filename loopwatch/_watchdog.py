@@ -312,6 +312,9 @@ class LoopState:
         self.alarm: Alarm | None = new_alarm()
         self.block: _Block | None = None
         self.exact: _Exact | None = None
+        # Long steps accounted for, as (end, duration): reported, or holding ones that were (an
+        # eager task's first step runs inside the step that made it). Loop thread only.
+        self._accounted: list[tuple[float, float]] = []
         # The frame that called run_forever, while the loop runs (the loop's thread sets it).
         self.boundary: FrameType | None = None
         self.tasks: TaskTracker | None = None  # set by Loops.attach, which configures again
@@ -503,6 +506,11 @@ class LoopState:
         # run): a step cannot have lasted longer than that, whatever its clock says (the
         # compiled proxy times steps with the processor's counter, see _accel.c).
         took = min(took, max(monotonic() - self.pulse.woke, 0.0))
+        # The long steps of tasks made and run eagerly inside this one are theirs: this step is
+        # reported for its own time only (else one block is reported once per task it nests in).
+        whole = took
+        if self._accounted:
+            took = max(took - self._nested(end - took, end), 0.0)
         step = step_of(task)  # the proxy counts this step once this call has returned
         step = step if step is not None else -1
         # First: from now on the watchdog takes a sample of this step for this step, and never
@@ -514,7 +522,10 @@ class LoopState:
                 self.block = None
                 if took >= self.threshold:
                     self._emit_slow(block, took)
+                    self._account(end, whole)
             return
+        if whole > took or took >= self.threshold:
+            self._account(end, whole)
         if took >= self.threshold:
             self.emit(
                 SlowCallback(
@@ -529,6 +540,26 @@ class LoopState:
                     **about(task, threading.get_ident()),
                 )
             )
+
+    def _nested(self, start: float, end: float) -> float:
+        """The time of the accounted steps that ran between ``start`` and ``end`` (taken off the
+        list: the step that held them stands for them now)."""
+        inside = 0.0
+        kept = []
+        for at, took in self._accounted:
+            # (A millisecond's play: a compiled proxy's durations come from another clock.)
+            if start < at <= end + 1e-3 and at - took >= start - 1e-3:
+                inside += took
+            else:
+                kept.append((at, took))
+        self._accounted = kept
+        return inside
+
+    def _account(self, end: float, took: float) -> None:
+        accounted = self._accounted
+        accounted.append((end, took))
+        if len(accounted) > 16:  # (steps that no later step held: nothing will ask for them)
+            del accounted[0]
 
     def detach(self) -> None:
         """Stop watching. Safe from any thread."""

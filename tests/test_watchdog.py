@@ -7,6 +7,7 @@ import contextlib
 import gc
 import re
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -399,6 +400,52 @@ def test_two_blocks_in_a_row_are_two_events(factory: Factory, kind: str, events:
     ]
     assert abs(found[0].duration_s - 0.2) <= TOLERANCE  # type: ignore[attr-defined]
     assert abs(found[1].duration_s - 0.25) <= TOLERANCE  # type: ignore[attr-defined]
+
+
+async def eager_child() -> None:
+    time.sleep(0.25)  # BLOCK:eager-child
+
+
+async def eager_parent(eager: dict[str, Any], blocks: bool) -> None:
+    child = asyncio.get_running_loop().create_task(eager_child(), **eager)
+    assert child.done()  # (its one step ran inside this one)
+    if blocks:
+        time.sleep(0.25)  # BLOCK:eager-parent
+    await child
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks arrived in Python 3.12")
+@pytest.mark.parametrize("parent_blocks", [False, True], ids=["child-only", "parent-too"])
+def test_a_block_in_an_eager_task_is_one_event_not_one_per_task_it_ran_inside(
+    factory: Factory, kind: str, events: Recorder, parent_blocks: bool
+) -> None:
+    """An eager task's first step runs inside the step of the task that made it, which ran
+    inside main's: the child's block is one event, the child's, not one more for each step it
+    ran inside (aiohttp's request tasks run so inside their connection's task from Python 3.12).
+    A parent that then blocks on its own is reported for its own time, at its own line."""
+    # (asyncio's eager_task_factory; on uvloop from 3.13, which hands eager_start to every task
+    # factory, create_task(eager_start=True): see test_tasks.test_eager_tasks_are_tracked.)
+    use_factory = kind == "asyncio" or sys.version_info < (3, 13)
+    eager: dict[str, Any] = {} if use_factory else {"eager_start": True}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if use_factory:
+            loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+        await loop.create_task(eager_parent(eager, parent_blocks), **eager)
+        await asyncio.sleep(0.05)
+
+    run_on(factory, main())
+    found = events.wait_for(2 if parent_blocks else 1)
+    child = place(HERE, "BLOCK:eager-child", "eager_child")
+    # (No task names: asyncio names a task made through a factory once the factory returned,
+    # after an eager task's first step.)
+    expected = [("eager_child", child)]
+    if parent_blocks:
+        expected.append(("eager_parent", place(HERE, "BLOCK:eager-parent", "eager_parent")))
+    assert [(e.coroutine, e.location) for e in found] == expected, found  # type: ignore[attr-defined]
+    for event in found:
+        assert abs(event.duration_s - 0.25) <= TOLERANCE, found  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("threshold_ms", [50])
