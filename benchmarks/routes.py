@@ -1,14 +1,17 @@
 """What route labelling costs per request, measured inside one process: a real Starlette app and a
 real aiohttp application, each request served in a task of its own (as uvicorn and aiohttp serve
-them) on a loop watched with the default settings, with the framework hooks off and on in turns
-(``hook_frameworks()`` / ``unhook_frameworks()``, what ``LOOPWATCH=1`` and ``LOOPWATCH_ROUTES=0``
-do), many times; the median of the paired differences, with a distribution-free interval.
+them) on a loop watched with the default settings, with the framework hooks as
+``LOOPWATCH_ROUTES=0`` and as ``LOOPWATCH=1`` set them (``hook_frameworks(routes=False)`` /
+``hook_frameworks(routes=True)``) in turns, many times; the median of the paired differences,
+with a distribution-free interval. ``--tasks`` also measures what ``LOOPWATCH_ROUTES=0`` itself
+adds on aiohttp from Python 3.12: its request tasks, made where no task factory sees them, tracked
+and timed as every other task (no hook against ``hook_frameworks(routes=False)``).
 
 The requests skip the network (the ASGI app is called with a scope; aiohttp's own RequestHandler
 is given requests as bytes on a connection without a socket, ten pipelined at a time), so what
-differs between the two sides of a pair is only the hooks: routing-time labelling (on aiohttp
-from Python 3.12, the step-timing proxy of a request task no task factory sees, too), and the
-route's busy-time histogram at the request's end. The budget (issue 18) is on
+differs between the two sides of a pair is only the route: Starlette's routing-time label,
+aiohttp's request carried by its task's proxy and its route read from its match when the task
+ends, and the route's busy-time histogram. The budget (issue 18) is on
 requests per second: labelling may cost at most 1% of a request. A served HTTP request costs far
 more than the bare dispatch measured here (parsing, the socket, the response), so the report gives
 the added time both per request and as a share of a served request's time (``--served-us``: the
@@ -17,6 +20,7 @@ time per request of ``benchmarks/bench.py``'s HTTP services with the default set
 
     python benchmarks/routes.py                       # both apps, both loops, 31 pairs
     python benchmarks/routes.py --pairs 61 --apps starlette --loops uvloop
+    python benchmarks/routes.py --apps aiohttp --tasks  # and tracking aiohttp's request tasks
 """
 
 from __future__ import annotations
@@ -188,21 +192,31 @@ def turn(kind: str, app: str) -> float:
         loop.close()
 
 
-def measure(app: str, kind: str, pairs: int) -> tuple[float, float, float, float]:
-    """(median seconds per request without the hooks, median added, interval low, high)."""
+def hook(side: bool | None) -> None:
+    """None: no framework hook (what ``LOOPWATCH=1`` did before aiohttp's request tasks were
+    tracked); False: ``LOOPWATCH_ROUTES=0`` (aiohttp's request tasks tracked from Python 3.12, no
+    route); True: ``LOOPWATCH=1``'s default (routes)."""
+    unhook_frameworks()
+    if side is not None:
+        hook_frameworks(routes=side)
+
+
+def measure(
+    app: str, kind: str, pairs: int, sides: tuple[bool | None, bool | None]
+) -> tuple[float, float, float, float]:
+    """(median seconds per request on the first side, median added by the second, interval low,
+    high)."""
     plain: list[float] = []
     added: list[float] = []
+    first, second = sides
     for i in range(pairs):
-        sides: dict[bool, float] = {}
-        for hooked in (False, True) if i % 2 == 0 else (True, False):
-            if hooked:
-                hook_frameworks()
-            else:
-                unhook_frameworks()
-            sides[hooked] = turn(kind, app)
+        took: dict[bool | None, float] = {}
+        for side in sides if i % 2 == 0 else (second, first):
+            hook(side)
+            took[side] = turn(kind, app)
         unhook_frameworks()
-        plain.append(sides[False])
-        added.append(sides[True] - sides[False])
+        plain.append(took[first])
+        added.append(took[second] - took[first])
     low, high, _ = median_interval(added)
     return statistics.median(plain), statistics.median(added), low, high
 
@@ -213,22 +227,42 @@ def main() -> int:
     parser.add_argument("--apps", default="starlette,aiohttp")
     parser.add_argument("--loops", default="asyncio,uvloop")
     parser.add_argument("--served-us", type=float, default=110.0)
+    parser.add_argument(
+        "--tasks",
+        action="store_true",
+        help="also measure what tracking aiohttp's request tasks costs (no hook against "
+        "LOOPWATCH_ROUTES=0; nothing is hooked on Python 3.11, where the task factory sees them)",
+    )
     args = parser.parse_args()
     _api.activate(log="off")
     print(
         f"route labelling: Python {sys.version.split()[0]}, {args.pairs} pairs of "
-        f"{REQUESTS} requests, hooks off vs on, loop watched with the default settings"
+        f"{REQUESTS} requests, LOOPWATCH_ROUTES=0 vs routes, loop watched with the default "
+        "settings"
     )
-    for app in args.apps.split(","):
-        for kind in args.loops.split(","):
-            base, extra, low, high = measure(app, kind, args.pairs)
-            share = extra / (args.served_us * 1e-6) * 100
-            print(
-                f"{app:10} {kind:8} {extra * 1e9:+7,.0f} ns per request "
-                f"(CI {low * 1e9:+,.0f} to {high * 1e9:+,.0f}) of {base * 1e9:,.0f} dispatched: "
-                f"{share:+.2f}% of a served request of {args.served_us:.0f} us "
-                f"(budget <= 1%: {'met' if share <= 1.0 else 'MISSED'})"
-            )
+    comparisons: list[tuple[str, tuple[bool | None, bool | None], float | None]] = [
+        ("routes", (False, True), 1.0)
+    ]
+    if args.tasks:
+        comparisons.append(("tasks", (None, False), None))
+    for what, sides, budget in comparisons:
+        for app in args.apps.split(","):
+            if what == "tasks" and app != "aiohttp":
+                continue
+            for kind in args.loops.split(","):
+                base, extra, low, high = measure(app, kind, args.pairs, sides)
+                share = extra / (args.served_us * 1e-6) * 100
+                verdict = (
+                    ""
+                    if budget is None
+                    else f" (budget <= {budget:g}%: {'met' if share <= budget else 'MISSED'})"
+                )
+                print(
+                    f"{what:6} {app:10} {kind:8} {extra * 1e9:+7,.0f} ns per request "
+                    f"(CI {low * 1e9:+,.0f} to {high * 1e9:+,.0f}) of {base * 1e9:,.0f} "
+                    f"dispatched: {share:+.2f}% of a served request of {args.served_us:.0f} us"
+                    f"{verdict}"
+                )
     return 0
 
 

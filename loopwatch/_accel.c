@@ -63,7 +63,7 @@
 #define HAVE_TSC 1
 #endif
 
-#define API_VERSION 15
+#define API_VERSION 16
 #define MAX_BUCKETS 40
 
 /* -- module-wide configuration (set once by loopwatch._timing / _tasks) ---------------- */
@@ -80,7 +80,7 @@ static PyObject *g_loop_kwnames; /* ("loop",) */
 static PyObject *s_cancel_arrived, *s_cancel_ended;
 static PyObject *s_proxy_ended, *s_half, *s_threshold, *s_on_slow, *s_throw, *s_close, *s_name,
     *s_qualname, *s_cr_frame, *s_cr_code, *s_cr_await, *s_cr_running, *s_cr_suspended,
-    *s_cr_origin, *s_row, *s_loop;
+    *s_cr_origin, *s_row, *s_loop, *s__compiled, *s_adopt;
 
 static inline double
 now_s(void)
@@ -1469,45 +1469,28 @@ task_kwnames(FactoryObject *self, PyObject *kwnames)
     return out;
 }
 
-static PyObject *
-Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* The proxy this factory makes for the task of coro (counted as created): its label, its
+   creation site (the frames now) and its loop's bookkeeping. NULL, with no exception set, where
+   the Python factory decides: a coroutine that is not plain or not the program's, a file not
+   known yet, the loop's own code making the task, deeper creation stacks. Used by the factory,
+   and by aiohttp's hook for a task no factory sees (HOOK_REQUEST). */
+static TimedObject *
+factory_proxy(FactoryObject *self, PyObject *coro)
 {
-    FactoryObject *self = (FactoryObject *)op;
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    if (nargs != 2) {
-        goto slow;
-    }
-    PyObject *loop = args[0], *coro = args[1];
-    TimedObject *given = NULL;
-    if (Py_IS_TYPE(coro, &Timed_Type) && ((TimedObject *)coro)->request != NULL &&
-        ((TimedObject *)coro)->owner == NULL && ((TimedObject *)coro)->steps == 0 &&
-        ((TimedObject *)coro)->step_at == 0 && !((TimedObject *)coro)->ended) {
-        /* An aiohttp request's proxy (HOOK_REQUEST), made for a task no factory would see and
-           given to this one after all (Python 3.11, or an aiohttp that makes its request tasks
-           with create_task): the task's own proxy takes its coroutine and its request. */
-        given = (TimedObject *)coro;
-        coro = given->coro;
-    }
-    if (nkw > MAX_KW || !PyCoro_CheckExact(coro) || self->depth > 1 || g_machinery == NULL) {
-        goto slow;
-    }
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        if (PyTuple_GET_ITEM(kwnames, i) == s_loop) {
-            goto slow; /* Task(coro, loop=loop, loop=...) is Python's TypeError to raise */
-        }
+    if (!PyCoro_CheckExact(coro) || self->depth > 1 || g_machinery == NULL) {
+        return NULL;
     }
     /* The label: the coroutine's qualified name, if it is the program's own. */
     PyObject *coro_code = code_of(coro);
     if (coro_code == NULL) {
         PyErr_Clear(); /* loopwatch's own trouble: the Python factory copes, or steps aside */
-        goto slow;
+        return NULL;
     }
     PyObject *kind = machinery_kind(((PyCodeObject *)coro_code)->co_filename);
     if (kind != Py_False) {
         Py_DECREF(coro_code);
         PyErr_Clear();
-        goto slow;
+        return NULL;
     }
     PyObject *label = Py_NewRef(((PyCodeObject *)coro_code)->co_qualname);
     Py_DECREF(coro_code);
@@ -1523,7 +1506,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
         PyObject *code = lw_code(f);
         if (code == NULL || !PyCode_Check(code)) {
             Py_DECREF(label);
-            goto slow;
+            return NULL;
         }
         kind = machinery_kind(((PyCodeObject *)code)->co_filename);
         if (kind == Py_False) {
@@ -1535,7 +1518,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
             (self->boundary != NULL && (PyObject *)f->frame_obj == self->boundary)) {
             Py_DECREF(label);
             PyErr_Clear();
-            goto slow;
+            return NULL;
         }
         f = lw_first_complete(f->previous);
     }
@@ -1557,7 +1540,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
             Py_DECREF(frame);
             Py_DECREF(label);
             PyErr_Clear();
-            goto slow;
+            return NULL;
         }
         Py_DECREF(code);
         PyFrameObject *back = PyFrame_GetBack(frame);
@@ -1567,7 +1550,7 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
 #endif
     if (site == NULL) {
         Py_DECREF(label);
-        goto slow;
+        return NULL;
     }
 
     TimedObject *proxy = timed_new(&Timed_Type, coro, self->watch, self->tracker, NULL);
@@ -1575,16 +1558,57 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
         Py_DECREF(label);
         Py_DECREF(site);
         PyErr_Clear();
-        goto slow;
+        return NULL;
     }
     proxy->label = label;
     proxy->code = site;
     proxy->lasti = lasti;
     proxy->timing = (char)self->timing;
     proxy->sink = Py_NewRef(self->counts);
-    proxy->request = given != NULL ? Py_NewRef(given->request) : NULL;
+    ((CountsObject *)self->counts)->created++;
+    return proxy;
+}
+
+static PyObject *
+Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    FactoryObject *self = (FactoryObject *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs != 2 || nkw > MAX_KW) {
+        goto slow;
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        if (PyTuple_GET_ITEM(kwnames, i) == s_loop) {
+            goto slow; /* Task(coro, loop=loop, loop=...) is Python's TypeError to raise */
+        }
+    }
+    PyObject *loop = args[0], *coro = args[1];
+    TimedObject *given = NULL, *proxy = NULL;
+    if (Py_IS_TYPE(coro, &Timed_Type) && ((TimedObject *)coro)->steps == 0 &&
+        ((TimedObject *)coro)->step_at == 0 && !((TimedObject *)coro)->ended) {
+        TimedObject *t = (TimedObject *)coro;
+        if (t->owner != NULL && t->owner == self->tracker) {
+            /* Already this factory's proxy, made by aiohttp's hook (HOOK_REQUEST) for a task it
+               expected no factory to see: the task runs it as it is. */
+            proxy = (TimedObject *)Py_NewRef(coro);
+        }
+        else if (t->owner == NULL && t->request != NULL) {
+            /* An aiohttp request's proxy (HOOK_REQUEST, carrying the request only), given to
+               this factory after all (Python 3.11, or an aiohttp that makes its request tasks
+               with create_task): the task's own proxy takes its coroutine and its request. */
+            given = t;
+            coro = given->coro;
+        }
+    }
+    if (proxy == NULL) {
+        proxy = factory_proxy(self, coro);
+        if (proxy == NULL) {
+            goto slow;
+        }
+        proxy->request = given != NULL ? Py_NewRef(given->request) : NULL;
+    }
     CountsObject *counts = (CountsObject *)self->counts;
-    counts->created++;
 
     PyObject *stack[MAX_KW + 2];
     PyObject *task;
@@ -1592,8 +1616,10 @@ Factory_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject 
         /* asyncio.Task(proxy, loop=loop, **kwargs) */
         PyObject *names = task_kwnames(self, kwnames);
         if (names == NULL) {
-            counts->created--;
-            proxy->ended = 1; /* never a task: nothing to count */
+            if ((PyObject *)proxy != args[1]) { /* (a hook's stays whole for the Python one) */
+                counts->created--;
+                proxy->ended = 1; /* never a task: nothing to count */
+            }
             Py_DECREF(proxy);
             PyErr_Clear();
             goto slow;
@@ -3103,15 +3129,23 @@ PyWeakref_GetRef(PyObject *ref, PyObject **result)
    HOOK_REQUEST  aiohttp's RequestHandler._handle_request(self, request, ...), the coroutine of
                  a request's task: put in a step-timing proxy that carries the request (_request).
                  aiohttp 3.10+ on Python 3.12+ makes that task eagerly, with no task factory:
-                 the proxy is the task's coroutine and times it. Given to loopwatch's task factory
-                 after all (Python 3.11), the factory's own proxy takes the coroutine and the
-                 request. Nothing more is done per request until the task ends: its route is
-                 read from the request's match then (request_route), or when a finding asks.
+                 with `slow` set (running_factory), the proxy is the one the running
+                 loop's compiled Factory would make for the task (factory_proxy: label, creation
+                 site, the loop's bookkeeping; its tracker's adopt(coro) where the factory would
+                 step aside), so the task is tracked and timed as any other; on a loop not
+                 watched, a bare proxy. Given to loopwatch's task factory after all (Python 3.11,
+                 or 3.14's create_task), the factory takes its own proxy as it is, and makes one
+                 for a bare one's coroutine and request. Nothing more is done per request until
+                 the task ends: its route is read from the request's match then
+                 (request_route), or when a finding asks.
+   HOOK_TASK     The same with routes off, or aiohttp's RequestHandler.start(self) (each
+                 connection's task, made the same way): the factory's proxy only, no request,
+                 and the coroutine as it is where the loop is not watched.
 
    A hook that fails calls failed(exc) (which puts the framework's functions back and says so
    once), never raises into the request, and calls the framework's own function all the same. */
 
-enum { HOOK_ROUTE, HOOK_REQUEST };
+enum { HOOK_ROUTE, HOOK_REQUEST, HOOK_TASK };
 
 typedef struct {
     PyObject_HEAD
@@ -3119,7 +3153,9 @@ typedef struct {
     int kind;
     PyObject *original;     /* the framework's own function */
     PyObject *current_task; /* asyncio.current_task, or (get_running_loop, {loop: task}) */
-    PyObject *slow;         /* HOOK_ROUTE: label_request(route, task) */
+    PyObject *slow;         /* HOOK_ROUTE: label_request(route, task); HOOK_REQUEST and
+                               HOOK_TASK: (asyncio._get_running_loop, tracker_of(loop)), or
+                               None (Python 3.11: the task factory sees the task) */
     PyObject *failed;       /* failed(exc) */
     PyObject *watch;        /* HOOK_REQUEST: the proxies' StepWatch */
     PyObject *canonicals;   /* HOOK_ROUTE: {path: {method: label}} */
@@ -3526,6 +3562,83 @@ set_request_routes(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* The running loop's compiled Factory, for aiohttp's hook: the last loop it was asked for (a
+   weak reference) and its Factory, or None where that loop is not watched so; found again for
+   another loop, and forgotten whenever a loop is attached or detached (forget_factories), so
+   that nothing of a closed loop is kept. */
+static PyObject *g_factory_loop, *g_factory;
+
+static PyObject *
+forget_factories(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(g_factory_loop);
+    Py_CLEAR(g_factory);
+    Py_RETURN_NONE;
+}
+
+/* find: (asyncio._get_running_loop, tracker_of(loop)). A new reference, or NULL (an exception
+   set if finding it failed). */
+static FactoryObject *
+running_factory(PyObject *find)
+{
+    PyObject *loop = PyObject_CallNoArgs(PyTuple_GET_ITEM(find, 0));
+    if (loop == NULL || loop == Py_None) {
+        Py_XDECREF(loop);
+        return NULL;
+    }
+    PyObject *known = NULL;
+    if (g_factory_loop == NULL || PyWeakref_GetRef(g_factory_loop, &known) < 0 ||
+        known != loop) {
+        PyErr_Clear();
+        PyObject *tracker = PyObject_CallOneArg(PyTuple_GET_ITEM(find, 1), loop);
+        PyObject *factory = tracker == NULL      ? NULL
+                            : tracker == Py_None ? Py_NewRef(Py_None)
+                                                 : PyObject_GetAttr(tracker, s__compiled);
+        Py_XDECREF(tracker);
+        PyObject *ref = factory != NULL ? PyWeakref_NewRef(loop, NULL) : NULL;
+        if (ref == NULL) {
+            Py_XDECREF(factory);
+            Py_XDECREF(known);
+            Py_DECREF(loop);
+            return NULL;
+        }
+        Py_XSETREF(g_factory_loop, ref);
+        Py_XSETREF(g_factory, factory);
+    }
+    Py_XDECREF(known);
+    Py_DECREF(loop);
+    PyObject *factory = g_factory;
+    return factory != NULL && Py_IS_TYPE(factory, &Factory_Type)
+               ? (FactoryObject *)Py_NewRef(factory)
+               : NULL;
+}
+
+/* The proxy the running loop's compiled Factory makes for coro's task (factory_proxy, or its
+   tracker's adopt(coro) where that steps aside), for a task about to be made with no factory;
+   NULL where the loop is not watched that way (an exception set if that failed). */
+static TimedObject *
+hook_adopt(PyObject *find, PyObject *coro)
+{
+    FactoryObject *f = running_factory(find);
+    if (f == NULL) {
+        return NULL;
+    }
+    TimedObject *proxy = factory_proxy(f, coro);
+    if (proxy == NULL) {
+        /* (A file not known yet, or deeper creation stacks: the Python factory's way, which
+           learns the file for the next time.) */
+        PyObject *r = PyObject_CallMethodOneArg(f->tracker, s_adopt, coro);
+        if (r != NULL && Py_IS_TYPE(r, &Timed_Type) && ((TimedObject *)r)->owner == f->tracker) {
+            proxy = (TimedObject *)r;
+        }
+        else {
+            Py_XDECREF(r);
+        }
+    }
+    Py_DECREF(f);
+    return proxy;
+}
+
 static PyObject *
 FrameworkHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -3538,17 +3651,29 @@ FrameworkHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyO
         }
         return PyObject_Vectorcall(self->original, args, nargsf, kwnames);
     }
-    /* HOOK_REQUEST: the coroutine of the request's task, in a proxy that carries the request. */
+    /* HOOK_REQUEST, HOOK_TASK: the coroutine of the request's task, in the proxy the loop's
+       factory would make for it, carrying the request (HOOK_REQUEST). */
     PyObject *coro = PyObject_Vectorcall(self->original, args, nargsf, kwnames);
-    if (coro == NULL || nargs < 2 || !PyCoro_CheckExact(coro)) {
+    if (coro == NULL || nargs < 1 || !PyCoro_CheckExact(coro)) {
         return coro;
     }
-    TimedObject *timed = timed_new(&Timed_Type, coro, self->watch, NULL, NULL);
-    if (timed == NULL) {
+    int carry = self->kind == HOOK_REQUEST && nargs >= 2;
+    TimedObject *timed = self->slow != Py_None ? hook_adopt(self->slow, coro) : NULL;
+    if (timed == NULL && PyErr_Occurred()) {
         hook_failed(self);
-        return coro; /* (the request runs untimed) */
     }
-    timed->request = Py_NewRef(args[1]);
+    if (timed == NULL && carry) {
+        timed = timed_new(&Timed_Type, coro, self->watch, NULL, NULL);
+        if (timed == NULL) {
+            hook_failed(self);
+        }
+    }
+    if (timed == NULL) {
+        return coro; /* (the request runs as it would without loopwatch) */
+    }
+    if (carry) {
+        Py_XSETREF(timed->request, Py_NewRef(args[1]));
+    }
     Py_DECREF(coro);
     return (PyObject *)timed;
 }
@@ -3568,12 +3693,16 @@ FrameworkHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         }
         return NULL;
     }
-    if (kind < HOOK_ROUTE || kind > HOOK_REQUEST || !PyCallable_Check(original) ||
+    if (kind < HOOK_ROUTE || kind > HOOK_TASK || !PyCallable_Check(original) ||
         !(PyCallable_Check(current_task) ||
           (PyTuple_CheckExact(current_task) && PyTuple_GET_SIZE(current_task) == 2 &&
            PyCallable_Check(PyTuple_GET_ITEM(current_task, 0)) &&
            PyDict_CheckExact(PyTuple_GET_ITEM(current_task, 1)))) ||
-        !PyCallable_Check(failed) || (kind == HOOK_ROUTE && !PyCallable_Check(slow))) {
+        !PyCallable_Check(failed) || (kind == HOOK_ROUTE && !PyCallable_Check(slow)) ||
+        (kind != HOOK_ROUTE && slow != Py_None &&
+         !(PyTuple_CheckExact(slow) && PyTuple_GET_SIZE(slow) == 2 &&
+           PyCallable_Check(PyTuple_GET_ITEM(slow, 0)) &&
+           PyCallable_Check(PyTuple_GET_ITEM(slow, 1))))) {
         PyErr_SetString(PyExc_TypeError, "FrameworkHook: bad arguments for its kind");
         return NULL;
     }
@@ -4238,6 +4367,9 @@ static PyMethodDef module_methods[] = {
     {"thread_context", thread_context, METH_O,
      "The contextvars.Context the thread with this ident runs in now, or None."},
     {"set_task_type", set_task_type, METH_O, "The task class the factory makes tasks of."},
+    {"forget_factories", forget_factories, METH_NOARGS,
+     "forget_factories(): a loop was attached or detached: aiohttp's hook finds the running "
+     "loop's Factory again."},
     {"forget_kinds", forget_kinds, METH_NOARGS,
      "Empty the cache in front of the machinery dictionary (when it is emptied)."},
     {"task_type", task_type, METH_O,
@@ -4319,6 +4451,8 @@ PyInit__accel(void)
     INTERN(s_cr_origin, "cr_origin");
     INTERN(s_row, "row");
     INTERN(s_loop, "loop");
+    INTERN(s__compiled, "_compiled");
+    INTERN(s_adopt, "adopt");
     INTERN(s_clear, "clear");
     INTERN(s_fd, "fd");
     INTERN(s_gi_frame, "gi_frame");

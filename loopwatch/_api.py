@@ -119,9 +119,11 @@ def enable_global(*, serve_pid: bool = False) -> None:
 
 
 def _hook_routes(runtime: Runtime) -> None:
-    """Label requests by route in the frameworks the program imports (LOOPWATCH_ROUTES)."""
-    if runtime.settings.routes:
-        hook_frameworks()
+    """Label requests by route in the frameworks the program imports (LOOPWATCH_ROUTES), and
+    track the request tasks that no task factory sees (aiohttp's, from Python 3.12)."""
+    settings = runtime.settings
+    if settings.routes or settings.tasks:
+        hook_frameworks(routes=settings.routes)
     else:
         unhook_frameworks()
 

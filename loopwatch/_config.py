@@ -275,7 +275,8 @@ SPECS: Final[dict[str, Spec]] = {
             "1 or 0 (also true/false, yes/no, on/off)",
             "With `LOOPWATCH=1` (or `install()` outside a loop), label each request's task of a "
             "Starlette/FastAPI or aiohttp service by its route template: findings carry `route`, "
-            "and `loopwatch_request_busy_seconds{route}` counts each request's busy time.",
+            "and `loopwatch_request_busy_seconds{route}` counts each request's busy time. (Off, "
+            "aiohttp's request tasks are still tracked where no task factory sees them.)",
         ),
         Spec(
             "otel",

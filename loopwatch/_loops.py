@@ -162,6 +162,8 @@ class Loops:
                 state.configure(settings)  # now that it has a tracker, pass it the timing settings
             self._hook_loop_class(type(loop))
             self._states[loop] = state
+            if ACCEL is not None:
+                ACCEL.forget_factories()  # (aiohttp's hook finds this loop's factory anew)
             if state.tasks is not None:
                 _unhooked(loop, "set_task_factory")(loop, state.tasks.factory)
             self.process_hooks.install()
@@ -181,6 +183,8 @@ class Loops:
             state = self._states.pop(loop, None)
         if state is None:
             return
+        if ACCEL is not None:
+            ACCEL.forget_factories()
         self._forget(loop, state)
         self.watchdog.remove(state)
         if not self._states:

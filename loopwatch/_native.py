@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _config
 
-API = 15  # the loopwatch._accel.API this code is written for
+API = 16  # the loopwatch._accel.API this code is written for
 TESTED = ((3, 11), (3, 12), (3, 13))
 
 

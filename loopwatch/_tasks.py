@@ -536,6 +536,50 @@ class TaskTracker:
         watch = self.step_watch
         compiled = ACCEL is not None
 
+        def prepare(coro: Any, caller: FrameType | None) -> tuple[Mark, Any]:
+            """The mark of a task of ``coro`` made from ``caller``'s frame, and what the task
+            runs: ``coro``, or the proxy that is its mark. Raises on loopwatch's own failure."""
+            plain = type(coro) is CoroutineType
+            code = coro.cr_code if plain else None
+            run = coro
+            mark: Mark
+            if plain and compiled:
+                mark = run = proxy = Timed(coro, watch, tracker)
+                proxy._sink = stats
+                proxy._timing = tracker._timing
+            elif plain and tracker._timing and not _origin_depth():
+                # (With coroutine origin tracking on, a Python proxy would show its own frame in
+                # every cr_origin made during a step: the task goes untimed.)
+                mark = run = proxy = _new_object(Timed)  # Timed.__init__, inlined
+                proxy._coro = coro
+                proxy._cfg = watch
+                proxy._watch = 0.0
+                proxy.busy = proxy.max_step = 0.0
+                proxy.steps = proxy.slow_steps = 0
+            else:
+                mark = _new_object(TaskMark)
+            mark._leaked = False
+            mark._ended = False
+            mark._owner = tracker
+            mark._by = None
+            frame = _site_frame(caller, tracker.boundary)
+            if frame is None:
+                mark._code = mark._stack = None
+                mark._lasti = 0
+                mark._by = made_by(caller, coro, tracker.boundary)
+            else:
+                mark._code = frame.f_code
+                mark._lasti = frame.f_lasti
+                depth = tracker._depth
+                mark._stack = _stack_from(frame, depth) if depth > 1 else None
+            del caller, frame
+            if code is not None and _machinery.get(code.co_filename) is False:
+                mark._label = code.co_qualname
+            else:
+                mark._label = _label(coro, mark._code)
+            mark.born = monotonic()
+            return mark, run
+
         def task_factory(
             loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
         ) -> asyncio.Task[Any]:
@@ -546,61 +590,23 @@ class TaskTracker:
             inner = tracker._inner
             if tracker.broken:
                 return _make_task(inner, loop, coro, kwargs)
-            given = coro
+            if type(coro) is not CoroutineType and type(coro) is Timed and _adopted(coro):
+                # This factory's proxy already, made by a framework hook (adopt) for a task it
+                # expected no factory to see: the task runs it as it is.
+                return _make_task(inner, loop, coro, kwargs)
             try:
-                plain = type(coro) is CoroutineType
-                code = coro.cr_code if plain else None
-                mark: Mark
-                if plain and compiled:
-                    mark = proxy = Timed(coro, watch, tracker)
-                    proxy._sink = stats
-                    proxy._timing = tracker._timing
-                    coro = proxy
-                elif plain and tracker._timing and not _origin_depth():
-                    # (With coroutine origin tracking on, a Python proxy would show its own
-                    # frame in every cr_origin made during a step: the task goes untimed.)
-                    mark = proxy = _new_object(Timed)  # Timed.__init__, inlined
-                    proxy._coro = coro
-                    proxy._cfg = watch
-                    proxy._watch = 0.0
-                    proxy.busy = proxy.max_step = 0.0
-                    proxy.steps = proxy.slow_steps = 0
-                    coro = proxy
-                else:
-                    mark = _new_object(TaskMark)
-                mark._leaked = False
-                mark._ended = False
-                mark._owner = tracker
-                mark._by = None
                 try:
                     caller = _getframe(1)
                 except ValueError:  # called with no Python frame below (from C code alone)
                     caller = None
-                frame = _site_frame(caller, tracker.boundary)
-                if frame is None:
-                    mark._code = mark._stack = None
-                    mark._lasti = 0
-                    mark._by = made_by(caller, given, tracker.boundary)
-                else:
-                    mark._code = frame.f_code
-                    mark._lasti = frame.f_lasti
-                    depth = tracker._depth
-                    mark._stack = _stack_from(frame, depth) if depth > 1 else None
-                del caller, frame
-                if code is not None:
-                    if _machinery.get(code.co_filename) is False:
-                        mark._label = code.co_qualname
-                    else:
-                        mark._label = _label(given, mark._code)
-                else:
-                    mark._label = _label(given, mark._code)
-                mark.born = monotonic()
+                mark, run = prepare(coro, caller)
+                del caller
             except Exception as exc:  # noqa: BLE001 - never the program's: see above
                 tracker.fail(exc)
-                return _make_task(inner, loop, given, kwargs)
+                return _make_task(inner, loop, coro, kwargs)
             stats.created += 1
             try:
-                task = _make_task(inner, loop, coro, kwargs)
+                task = _make_task(inner, loop, run, kwargs)
             except BaseException:
                 if type(mark) is not Timed or mark.steps == 0:  # no task came of it
                     stats.created -= 1
@@ -613,6 +619,35 @@ class TaskTracker:
                     task.add_done_callback(mark, context=no_context)
             return task
 
+        def _adopted(proxy: Any) -> bool:
+            return proxy._owner is tracker and proxy.steps == 0 and not proxy._ended
+
+        def adopt(coro: Any) -> Any:
+            """What the task of ``coro``, about to be made where no task factory sees it, should
+            run: the proxy this factory would make for it (a framework hook's way in: aiohttp's
+            request tasks from Python 3.12), or ``coro`` as it is where it would make none (a
+            mark needs the task itself)."""
+            if (
+                tracker.broken
+                or type(coro) is not CoroutineType
+                or not (compiled or (tracker._timing and not _origin_depth()))
+            ):
+                return coro
+            try:
+                try:
+                    caller = _getframe(1)
+                except ValueError:
+                    caller = None
+                _mark, run = prepare(coro, caller)
+                del caller
+            except Exception as exc:  # noqa: BLE001 - never the program's
+                tracker.fail(exc)
+                return coro
+            stats.created += 1
+            return run
+
+        self.adopt = adopt
+        task_factory.adopt = adopt  # type: ignore[attr-defined]
         task_factory.__loopwatch__ = True  # type: ignore[attr-defined]
         return task_factory
 

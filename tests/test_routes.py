@@ -293,6 +293,48 @@ def test_routes_off_labels_nothing(tmp_path: Path, kind: str) -> None:
     assert busy_by_route(run["metrics"]) == {}
 
 
+def busy_by_coroutine(text: str, coroutine: str) -> tuple[float, float]:
+    """``(count, sum)`` of loopwatch_task_busy_seconds for one coroutine."""
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "loopwatch_task_busy_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("coroutine") != coroutine:
+                continue
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+    return count, total
+
+
+@pytest.mark.parametrize("routes", ["1", "0"], ids=["routes", "no-routes"])
+def test_aiohttp_request_tasks_are_timed_per_coroutine_with_routes_or_without(
+    tmp_path: Path, kind: str, routes: str
+) -> None:
+    """Every request's task of a real aiohttp server is counted and timed in the per-coroutine
+    metrics, routes or not, on every Python: from 3.12 aiohttp makes these tasks with no task
+    factory, and the hooks give each the proxy the loop's factory would have made (on 3.11 the
+    factory sees them); each connection's task too. The readiness probe's request and the test's
+    five, each on a connection of its own: six tasks of each, two of them blocked 0.25 s.
+    Without routes, no route anywhere."""
+    run = run_service(tmp_path, "aiohttp", kind, LOOPWATCH_ROUTES=routes)
+    assert run["statuses"]["/users/8"] == 200, run["stderr"]
+    count, total = busy_by_coroutine(run["metrics"], "RequestHandler._handle_request")
+    assert count == 6.0 and 0.5 <= total < 0.5 + 0.1, run["metrics"]
+    # Each of the six connections' tasks (made the same way), ended when its client closed it.
+    assert busy_by_coroutine(run["metrics"], "RequestHandler.start")[0] == 6.0, run["metrics"]
+    blocks = [e for e in run["events"] if e["event"] == "loopwatch.slow_callback"]
+    assert [e["coroutine"] for e in blocks] == ["RequestHandler._handle_request"] * 2
+    if routes == "1":
+        assert [e["route"] for e in blocks] == ["GET /users/{user_id}"] * 2
+        assert busy_by_route(run["metrics"])["GET /users/{user_id}"][0] == 2.0
+    else:
+        assert all("route" not in e for e in blocks), blocks
+        assert busy_by_route(run["metrics"]) == {}
+
+
 ROUTING_FIRST = """
 import sys
 from starlette.routing import Route  # imports asyncio, which starts loopwatch, half way in
@@ -771,6 +813,16 @@ def test_the_live_view_shows_an_aiohttp_request_task_with_its_steps_and_busy_tim
         line = next(i for i, text in enumerate(source, 1) if "# WAIT:handler" in text)
         assert row["await_chain"][-1] == f"{__file__}:{line} in slow", row
         assert row["awaiting"] == row["await_chain"][-1]
+        # Where aiohttp made the task: the line that makes the task (3.11, through the loop's
+        # factory), or the coroutine for a task no factory sees (3.12+, through the hook).
+        import aiohttp.web_protocol
+
+        made = "loop.create_task(coro)" if sys.version_info < (3, 12) else "self._handle_request("
+        protocol = Path(aiohttp.web_protocol.__file__)
+        line = next(
+            i for i, text in enumerate(protocol.read_text().splitlines(), 1) if made in text
+        )
+        assert row["created_at"] == f"{protocol}:{line} in start", row
 
     loopwatch.install(log="off")
     factory = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop

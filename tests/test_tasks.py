@@ -14,7 +14,7 @@ import pytest
 from conftest import Recorder, place, registry, run_on
 
 import loopwatch
-from loopwatch import _api
+from loopwatch import _api, _timing
 
 HERE = __file__
 Factory = Callable[[], asyncio.AbstractEventLoop]
@@ -230,6 +230,50 @@ def test_eager_tasks_are_tracked(
     leak = only(events.wait_for(1), "loopwatch.task_leaked")
     assert leak.task == "eager-left"
     assert leak.created_at == place(HERE, "CREATE:eager", "main")
+
+
+def test_a_task_no_factory_sees_is_tracked_through_adopt(
+    tracking: str, factory: Factory, events: Recorder
+) -> None:
+    """What aiohttp's hook does from Python 3.12, where aiohttp makes each request's task with
+    ``asyncio.Task(coro, eager_start=True)`` and no task factory sees it: ``adopt`` gives the
+    proxy the loop's factory would have made (creation site, label, the loop's bookkeeping), so
+    the task is counted, timed and reported as any other. Given to the factory after all (Python
+    3.14's ``create_task``), the task runs that proxy as it is and is counted once. Pure Python
+    with step timing off follows a task by a done callback, which needs the task: nothing is
+    adopted there."""
+    eager: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tracker = registry().tracker_of(loop)
+        assert tracker is not None
+        coro = fetch()
+        adopted = tracker.adopt(coro)
+        if tracking == "untimed" and _timing.ACCEL is None:
+            assert adopted is coro and tracker.stats.created == 1  # (main's task)
+            assert await asyncio.Task(adopted, loop=loop, **eager) == 1
+            return
+        assert adopted is not coro and adopted._owner is tracker
+        assert await asyncio.Task(adopted, loop=loop, **eager) == 1  # no factory
+        through = tracker.adopt(fetch())
+        assert await loop.create_task(through) == 1  # the factory after all
+        left = tracker.adopt(sleeper())  # ADOPT:leak
+        asyncio.Task(left, loop=loop, name="adopted-left", **eager)
+        await asyncio.sleep(0.01)
+        stats = tracker.stats
+        assert (stats.created, stats.ok) == (4, 2)  # with main's task
+        row = tracker.rows["fetch"]
+        assert (row.count, row.steps) == (2, 2 if tracking == "timed" else 0)
+
+    run_on(factory, main())
+    if tracking == "untimed" and _timing.ACCEL is None:
+        assert events.wait_for(1, timeout=0.3) == []
+        return
+    leak = only(events.wait_for(1), "loopwatch.task_leaked")
+    assert (leak.task, leak.coroutine) == ("adopted-left", "sleeper")
+    assert leak.created_at == place(HERE, "ADOPT:leak", "main")
+    assert leak.awaiting == place(HERE, "AWAIT:leak", "sleeper")
 
 
 def test_task_factory_set_before_and_after_is_still_called(factory: Factory, kind: str) -> None:

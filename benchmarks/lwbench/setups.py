@@ -30,13 +30,21 @@ def _uvloop_loop() -> LoopFactory:
 def _watched(kind: str, settings: Mapping[str, str]) -> Callable[[], LoopFactory]:
     """A set-up for a watched loop of ``kind``: loopwatch's settings go into the environment
     (``LOOPWATCH_<NAME>``) before loopwatch is first imported, as a program's would, and the loop
-    factory is ``loopwatch.new_event_loop`` or ``loopwatch.new_uvloop_event_loop``."""
+    factory is ``loopwatch.new_event_loop`` or ``loopwatch.new_uvloop_event_loop``. With task
+    tracking, aiohttp's request tasks are tracked as ``LOOPWATCH=1`` tracks them (from Python
+    3.12, where no task factory sees them: ``hook_frameworks(routes=False)``)."""
 
     def setup() -> LoopFactory:
         for name, value in settings.items():
             os.environ[f"LOOPWATCH_{name.upper()}"] = value
         import loopwatch
 
+        if settings.get("tasks") != "0":
+            from loopwatch import _api
+            from loopwatch.integrations._hooks import hook_frameworks
+
+            _api.activate()
+            hook_frameworks(routes=False)
         factory: LoopFactory = (
             loopwatch.new_event_loop if kind == "asyncio" else loopwatch.new_uvloop_event_loop
         )
@@ -59,7 +67,7 @@ def _with_routes(make: Callable[[], LoopFactory]) -> Callable[[], LoopFactory]:
         from loopwatch.integrations._hooks import hook_frameworks
 
         _api.activate()
-        hook_frameworks()
+        hook_frameworks(routes=True)
         return factory
 
     return setup

@@ -6,9 +6,11 @@ frameworks a service imports, when it imports them:
 - Starlette (and FastAPI, whose routes are Starlette's): ``Route.handle`` and
   ``Router.not_found`` of ``starlette.routing`` (and FastAPI's ``_route_selected``);
 - aiohttp: ``RequestHandler._handle_request`` of ``aiohttp.web_protocol``, the coroutine of each
-  request's task (put in a step-timing proxy where no task factory sees the task: aiohttp 3.10+
-  on Python 3.12+); the route is read from the request's match (``request.match_info``) when the
-  task ends or a finding asks (and, in pure Python, ``UrlDispatcher.resolve`` labels the task).
+  request's task, which carries the request; the route is read from the request's match
+  (``request.match_info``) when the task ends or a finding asks (and, in pure Python,
+  ``UrlDispatcher.resolve`` labels the task). Where no task factory sees that task (aiohttp 3.10+
+  on Python 3.12+), the coroutine is put in the proxy loopwatch's task factory would have made,
+  routes or not (``LOOPWATCH_ROUTES=0`` keeps that part, so the task is tracked as any other).
 
 Each hook runs once per request, at routing time (aiohttp's when the request's task is made);
 with the compiled module it has no frame at all, and in pure Python it is gone from the stack

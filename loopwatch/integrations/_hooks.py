@@ -12,7 +12,7 @@ from time import monotonic as _monotonic
 from types import CoroutineType, ModuleType
 from typing import Any
 
-from .. import _config, _import_hooks
+from .. import _config, _import_hooks, _runtime
 from .._native import ACCEL
 from .._timing import PyTimed, StepWatch
 from . import label_request, route_of
@@ -21,12 +21,14 @@ from . import label_request, route_of
 _patched: list[tuple[Any, str, Any]] = []
 _undo: list[Any] = []  # and what else it undoes
 _watching = False
+_routes = True  # (with the routers hooked, or aiohttp's request tasks alone)
 _current_task = asyncio.current_task
+_get_running_loop = asyncio._get_running_loop
 _compiled_proxy = ACCEL.Timed if ACCEL is not None else None
 # The compiled hooks (``_accel.FrameworkHook``: Starlette's route, aiohttp's request), or the
 # Python ones.
 _FrameworkHook = getattr(ACCEL, "FrameworkHook", None)
-_HOOK_ROUTE, _HOOK_REQUEST = 0, 1
+_HOOK_ROUTE, _HOOK_REQUEST, _HOOK_TASK = 0, 1, 2
 # How they find the running task: asyncio.current_task, compiled from 3.12; on 3.11 a Python
 # function (a frame per request), so the running loop and asyncio's own dict of current tasks.
 _current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
@@ -37,15 +39,20 @@ _task_source: Any = (
 )
 
 
-def hook_frameworks() -> None:
-    """Hook Starlette's and aiohttp's routers now if imported, else when they are."""
-    global _watching
-    if _watching:
+def hook_frameworks(*, routes: bool = True) -> None:
+    """Hook Starlette's and aiohttp's routers now if imported, else when they are (``routes``);
+    with or without them, aiohttp's request tasks where no task factory sees them (Python 3.12+),
+    so that they are tracked and timed as every other task."""
+    global _watching, _routes
+    if _watching and _routes == routes:
         return
-    _watching = True
-    _import_hooks.when_imported("starlette.routing", _hook_starlette)
-    _import_hooks.when_imported("fastapi.routing", _hook_fastapi)
-    _import_hooks.when_imported("aiohttp.web_urldispatcher", _hook_aiohttp)
+    if _watching:
+        unhook_frameworks()
+    _watching, _routes = True, routes
+    if routes:
+        _import_hooks.when_imported("starlette.routing", _hook_starlette)
+        _import_hooks.when_imported("fastapi.routing", _hook_fastapi)
+        _import_hooks.when_imported("aiohttp.web_urldispatcher", _hook_aiohttp)
     _import_hooks.when_imported("aiohttp.web_protocol", _hook_aiohttp_protocol)
 
 
@@ -69,10 +76,13 @@ def _patch(owner: Any, name: str, hook: Any, original: Any) -> None:
 
 
 def _failed(what: str, exc: BaseException) -> None:
+    routes = _routes
     unhook_frameworks()
+    failure = f"({type(exc).__name__}: {exc})"
     _config.report(
-        f"loopwatch: labelling {what} requests by route failed ({type(exc).__name__}: {exc}); "
-        "routes are off"
+        f"loopwatch: labelling {what} requests by route failed {failure}; routes are off"
+        if routes
+        else f"loopwatch: following {what}'s request tasks failed {failure}; they are untracked"
     )
 
 
@@ -178,41 +188,92 @@ def _hook_fastapi(module: ModuleType) -> None:
 def _hook_aiohttp_protocol(module: ModuleType) -> None:
     # Each request's task runs RequestHandler._handle_request (routing, middlewares, handler and
     # the response). aiohttp 3.10+ on Python 3.12+ makes that task with asyncio.Task(...,
-    # eager_start=True), which no task factory sees: its coroutine is put in a step-timing proxy
-    # that carries the request, so the task is timed all the same. Compiled, that is all done
-    # per request: the route is read from the request's match (request._match_info, put there by
-    # Application._handle once its router resolved it) when the task ends or a finding asks. In
-    # pure Python, the router's resolve is hooked too and labels the task.
+    # eager_start=True), which no task factory sees: its coroutine is put in the proxy the
+    # running loop's task factory would have made (its adopt), so the task is tracked and timed
+    # as any other, routes or not. With routes, the proxy also carries the request (on a loop not
+    # watched, a bare proxy does) and, compiled, that is all done per request: the route is read
+    # from the request's match (request._match_info, put there by Application._handle once its
+    # router resolved it) when the task ends or a finding asks. In pure Python, the router's
+    # resolve is hooked too and labels the task.
     if not _watching:
         return
     handler_cls = getattr(module, "RequestHandler", None)
     handle = handler_cls.__dict__.get("_handle_request") if handler_cls is not None else None
     if handle is None or getattr(handle, "__loopwatch__", False):
         return
+    routes = _routes
+    adopts = sys.version_info >= (3, 12)
+    if not routes and not adopts:
+        return  # (on 3.11 the task factory sees these tasks: nothing to do without routes)
+    hook: Any
     if _FrameworkHook is not None:
         assert ACCEL is not None
-        ACCEL.set_request_routes(_aiohttp_canonical, _aiohttp_failed)
-        _undo.append(lambda: ACCEL.set_request_routes(None, None))
-        hook: Any = _FrameworkHook(
-            _HOOK_REQUEST, handle, _task_source, None, _aiohttp_failed, _WATCH
-        )
-    elif sys.version_info >= (3, 12):
+        if routes:
+            ACCEL.set_request_routes(_aiohttp_canonical, _aiohttp_failed)
+            _undo.append(lambda: ACCEL.set_request_routes(None, None))
+        hook = _FrameworkHook(
+            _HOOK_REQUEST if routes else _HOOK_TASK, handle, _task_source,
+            (_get_running_loop, _tracker_of) if adopts else None, _aiohttp_failed, _WATCH,
+        )  # fmt: skip
+    elif adopts:
 
         def hook(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
             coro = handle(self, request, *args, **kwargs)
             if type(coro) is not CoroutineType:
                 return coro
             try:
-                proxy = PyTimed(coro, _WATCH)
-                proxy.born = _monotonic()  # (its age, in the live view)
+                proxy = _adopt(coro)
+                if proxy is coro and routes:
+                    proxy = PyTimed(coro, _WATCH)
+                    proxy.born = _monotonic()  # (its age, in the live view)
                 return proxy
-            except Exception as exc:  # noqa: BLE001 - the request runs untimed
+            except Exception as exc:  # noqa: BLE001 - the request runs as without loopwatch
                 _aiohttp_failed(exc)
                 return coro
 
     else:
         return  # (pure Python on 3.11: the task factory's own proxy times the request's task)
     _patch(handler_cls, "_handle_request", hook, handle)
+    # Each connection's task (RequestHandler.start) is made the same way: tracked the same way.
+    start = handler_cls.__dict__.get("start")
+    if adopts and start is not None and not getattr(start, "__loopwatch__", False):
+        _patch(handler_cls, "start", _adopting(start), start)
+
+
+def _adopting(original: Any) -> Any:
+    """``original``, a function that returns the coroutine of a task made where no task factory
+    sees it, returning the proxy the running loop's factory would have made instead."""
+    if _FrameworkHook is not None:
+        return _FrameworkHook(
+            _HOOK_TASK, original, _task_source, (_get_running_loop, _tracker_of),
+            _aiohttp_failed, _WATCH,
+        )  # fmt: skip
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        coro = original(*args, **kwargs)
+        if type(coro) is not CoroutineType:
+            return coro
+        try:
+            return _adopt(coro)
+        except Exception as exc:  # noqa: BLE001 - the task runs as without loopwatch
+            _aiohttp_failed(exc)
+            return coro
+
+    return hook
+
+
+def _tracker_of(loop: asyncio.AbstractEventLoop) -> Any:
+    """The task tracker of ``loop`` if it is watched, else None."""
+    runtime = _runtime.current()
+    return runtime.loops.tracker_of(loop) if runtime is not None else None
+
+
+def _adopt(coro: Any) -> Any:
+    """The proxy the running loop's task factory would make for the task of ``coro``, about to
+    be made where it does not see it; ``coro`` itself where the loop is not watched."""
+    loop = _get_running_loop()
+    tracker = _tracker_of(loop) if loop is not None else None
+    return tracker.adopt(coro) if tracker is not None else coro
 
 
 def _hook_aiohttp(module: ModuleType) -> None:
