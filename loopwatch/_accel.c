@@ -3138,9 +3138,8 @@ PyWeakref_GetRef(PyObject *ref, PyObject **result)
                  for a bare one's coroutine and request. Nothing more is done per request until
                  the task ends: its route is read from the request's match then
                  (request_route), or when a finding asks.
-   HOOK_TASK     The same with routes off, or aiohttp's RequestHandler.start(self) (each
-                 connection's task, made the same way): the factory's proxy only, no request,
-                 and the coroutine as it is where the loop is not watched.
+   HOOK_TASK     The same with routes off: the factory's proxy only, no request, and the
+                 coroutine as it is where the loop is not watched.
 
    A hook that fails calls failed(exc) (which puts the framework's functions back and says so
    once), never raises into the request, and calls the framework's own function all the same. */

@@ -315,16 +315,13 @@ def test_aiohttp_request_tasks_are_timed_per_coroutine_with_routes_or_without(
 ) -> None:
     """Every request's task of a real aiohttp server is counted and timed in the per-coroutine
     metrics, routes or not, on every Python: from 3.12 aiohttp makes these tasks with no task
-    factory, and the hooks give each the proxy the loop's factory would have made (on 3.11 the
-    factory sees them); each connection's task too. The readiness probe's request and the test's
-    five, each on a connection of its own: six tasks of each, two of them blocked 0.25 s.
-    Without routes, no route anywhere."""
+    factory, and the hook gives each the proxy the loop's factory would have made (on 3.11 the
+    factory sees them). The readiness probe's request and the test's five: six tasks, two of
+    them blocked 0.25 s. Without routes, no route anywhere."""
     run = run_service(tmp_path, "aiohttp", kind, LOOPWATCH_ROUTES=routes)
     assert run["statuses"]["/users/8"] == 200, run["stderr"]
     count, total = busy_by_coroutine(run["metrics"], "RequestHandler._handle_request")
     assert count == 6.0 and 0.5 <= total < 0.5 + 0.1, run["metrics"]
-    # Each of the six connections' tasks (made the same way), ended when its client closed it.
-    assert busy_by_coroutine(run["metrics"], "RequestHandler.start")[0] == 6.0, run["metrics"]
     blocks = [e for e in run["events"] if e["event"] == "loopwatch.slow_callback"]
     assert [e["coroutine"] for e in blocks] == ["RequestHandler._handle_request"] * 2
     if routes == "1":

@@ -234,32 +234,6 @@ def _hook_aiohttp_protocol(module: ModuleType) -> None:
     else:
         return  # (pure Python on 3.11: the task factory's own proxy times the request's task)
     _patch(handler_cls, "_handle_request", hook, handle)
-    # Each connection's task (RequestHandler.start) is made the same way: tracked the same way.
-    start = handler_cls.__dict__.get("start")
-    if adopts and start is not None and not getattr(start, "__loopwatch__", False):
-        _patch(handler_cls, "start", _adopting(start), start)
-
-
-def _adopting(original: Any) -> Any:
-    """``original``, a function that returns the coroutine of a task made where no task factory
-    sees it, returning the proxy the running loop's factory would have made instead."""
-    if _FrameworkHook is not None:
-        return _FrameworkHook(
-            _HOOK_TASK, original, _task_source, (_get_running_loop, _tracker_of),
-            _aiohttp_failed, _WATCH,
-        )  # fmt: skip
-
-    def hook(*args: Any, **kwargs: Any) -> Any:
-        coro = original(*args, **kwargs)
-        if type(coro) is not CoroutineType:
-            return coro
-        try:
-            return _adopt(coro)
-        except Exception as exc:  # noqa: BLE001 - the task runs as without loopwatch
-            _aiohttp_failed(exc)
-            return coro
-
-    return hook
 
 
 def _tracker_of(loop: asyncio.AbstractEventLoop) -> Any:
