@@ -332,6 +332,23 @@ def test_aiohttp_request_tasks_are_timed_per_coroutine_with_routes_or_without(
         assert busy_by_route(run["metrics"]) == {}
 
 
+def test_routes_turned_off_before_the_framework_is_imported_stay_off() -> None:
+    """``install()`` (routes on), then ``install(routes=False)``, then Starlette imported: its
+    router is not hooked (the hook asked for first used to run when Starlette arrived)."""
+    program = (
+        "import loopwatch\n"
+        "loopwatch.install(log='off')\n"
+        "loopwatch.install(routes=False)\n"
+        "import starlette.routing\n"
+        "print(getattr(starlette.routing.Route.handle, '__loopwatch__', False))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (done.stdout, done.stderr, done.returncode) == ("False\n", "", 0)
+
+
 ROUTING_FIRST = """
 import sys
 from starlette.routing import Route  # imports asyncio, which starts loopwatch, half way in

@@ -100,7 +100,7 @@ def _label(route: str, *, first_only: bool = False) -> None:
 
 
 def _hook_starlette(module: ModuleType) -> None:
-    if not _watching:
+    if not _watching or not _routes:  # (a hook asked for before routes were turned off)
         return
     route_cls = getattr(module, "Route", None)
     router_cls = getattr(module, "Router", None)
@@ -158,7 +158,7 @@ _mount_prefix: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = weakref.WeakK
 
 
 def _hook_fastapi(module: ModuleType) -> None:
-    if not _watching:
+    if not _watching or not _routes:  # (a hook asked for before routes were turned off)
         return
     selected = module.__dict__.get("_route_selected")
     if selected is None or getattr(selected, "__loopwatch__", False):
@@ -254,7 +254,7 @@ def _hook_aiohttp(module: ModuleType) -> None:
     # Pure Python only: the router's own coroutine, awaited through, labels the request's task
     # when it returns its match (this frame is on the stack while the router resolves, never
     # while the handler runs).
-    if not _watching or _FrameworkHook is not None:
+    if not _watching or not _routes or _FrameworkHook is not None:
         return
     dispatcher_cls = getattr(module, "UrlDispatcher", None)
     resolve = dispatcher_cls.__dict__.get("resolve") if dispatcher_cls is not None else None
