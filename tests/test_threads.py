@@ -374,10 +374,11 @@ def test_threads_started_while_the_loop_is_busy_get_the_gil_at_once(
         assert runtime is not None
         workers.extend([runtime.watchdog.worker, runtime.dispatcher.worker])
         await done
-        # Started within 10 iterations (1 to 2 here; the OS may run a new thread late on a host
-        # with CPU steal); starved, not within the whole 0.4 s run (thousands of iterations).
+        # Started within a few iterations (1 to 2 here), or within the first 5% of the run
+        # where the OS runs a new thread late (a host with CPU steal: 150 iterations, 7 ms, seen
+        # once in CI); starved, it would not start within the whole 0.4 s run.
         assert "started" in at, (at, ran[0], [w.native_id for w in workers])
-        assert at["started"] - at["install"] <= 200, (at, ran[0])
+        assert at["started"] - at["install"] <= max(200, ran[0] // 20), (at, ran[0])
 
     loop = factory()
     try:
