@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -104,6 +107,14 @@ EVENT = SlowCallback(
     time=1700000000.0,
     pid=42,
 )
+
+
+def run_program(source: str) -> subprocess.CompletedProcess[str]:
+    """``python -c source`` in a process of its own, with none of this run's LOOPWATCH_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
+    return subprocess.run(
+        [sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def line_of(path: str | Path, marker: str) -> int:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -17,7 +14,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from conftest import LOOP_FACTORIES, Recorder, place, registry, run_on
+from conftest import LOOP_FACTORIES, Recorder, place, registry, run_on, run_program
 
 import loopwatch
 from loopwatch import _api, _runtime, _threads
@@ -194,10 +191,7 @@ def test_global_install_watches_uvloop_imported_after_it() -> None:
         uvloop.run(main())
         """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
-    done = subprocess.run(
-        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60
-    )
+    done = run_program(program)
     assert done.returncode == 0, done.stderr
     found = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert [(e["event"], e["loop"]) for e in found] == [("loopwatch.slow_callback", "uvloop")]

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import run_program
 from prometheus_client.parser import text_string_to_metric_families
 
 APP = """
@@ -342,10 +343,7 @@ def test_routes_turned_off_before_the_framework_is_imported_stay_off() -> None:
         "import starlette.routing\n"
         "print(getattr(starlette.routing.Route.handle, '__loopwatch__', False))\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
-    done = subprocess.run(
-        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60
-    )
+    done = run_program(program)
     assert (done.stdout, done.stderr, done.returncode) == ("False\n", "", 0)
 
 
