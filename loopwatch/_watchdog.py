@@ -511,6 +511,8 @@ class LoopState:
         whole = took
         if self._accounted:
             took = max(took - self._nested(end - took, end), 0.0)
+        if whole > took or took >= self.threshold:
+            self._account(end, whole)  # (for a step that holds this one)
         step = step_of(task)  # the proxy counts this step once this call has returned
         step = step if step is not None else -1
         # First: from now on the watchdog takes a sample of this step for this step, and never
@@ -522,10 +524,7 @@ class LoopState:
                 self.block = None
                 if took >= self.threshold:
                     self._emit_slow(block, took)
-                    self._account(end, whole)
             return
-        if whole > took or took >= self.threshold:
-            self._account(end, whole)
         if took >= self.threshold:
             self.emit(
                 SlowCallback(
