@@ -725,6 +725,7 @@ tell_owner(TimedObject *self, PyObject *name, PyObject *exc)
    (integrations.request_busy: the table makes the row, within its cap); an error is
    unraisable. */
 static PyObject *g_request_end, *g_route_rows;
+static uint64_t g_rows_gen = 1; /* (a new one each set_route_rows: rows kept by aiohttp's cache) */
 
 static PyObject *
 set_request_end(PyObject *Py_UNUSED(m), PyObject *fn)
@@ -741,22 +742,30 @@ set_route_rows(PyObject *Py_UNUSED(m), PyObject *rows)
         return NULL;
     }
     Py_XSETREF(g_route_rows, rows == Py_None ? NULL : Py_NewRef(rows));
+    g_rows_gen++;
     Py_RETURN_NONE;
 }
 
-/* The busy time of one request into its route's row: 1, or 0 where the route has none. */
-static int
+/* The busy time of one request into a route's Row. */
+static inline void
+observe_row(RowObject *r, double busy)
+{
+    r->count++;
+    r->busy += busy;
+    r->busy_counts[bucket(g_latency, g_nlatency, busy)]++;
+}
+
+/* The busy time of one request into its route's row: the row (borrowed), or NULL where the route
+   has none. */
+static PyObject *
 observe_route(PyObject *rows, PyObject *route, double busy)
 {
     PyObject *row = rows != NULL && PyUnicode_Check(route) ? PyDict_GetItem(rows, route) : NULL;
     if (row == NULL || !Py_IS_TYPE(row, &Row_Type) || g_nlatency < 0) {
-        return 0;
+        return NULL;
     }
-    RowObject *r = (RowObject *)row;
-    r->count++;
-    r->busy += busy;
-    r->busy_counts[bucket(g_latency, g_nlatency, busy)]++;
-    return 1;
+    observe_row((RowObject *)row, busy);
+    return row;
 }
 
 /* observe_request(rows, route, busy): the Python side's way in (a pure-Python proxy's end, or
@@ -772,24 +781,26 @@ observe_request(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     if (busy == -1.0 && PyErr_Occurred()) {
         return NULL;
     }
-    return PyBool_FromLong(observe_route(args[0], args[1], busy));
+    return PyBool_FromLong(observe_route(args[0], args[1], busy) != NULL);
 }
 
-static PyObject *request_route(PyObject *request);
+static PyObject *request_route(PyObject *request, Py_ssize_t *at);
 static void request_route_failed(void);
+static int front_observe(Py_ssize_t at, PyObject *route, double busy);
+static void front_keep_row(Py_ssize_t at, PyObject *route, PyObject *row);
 
 static void
 request_end(TimedObject *self)
 {
-    PyObject *exc = NULL;
+    PyObject *exc = take_exception();
+    Py_ssize_t at = -1; /* (where the route is in front of the labels' cache, with its row) */
     if (self->request != NULL) {
         /* An aiohttp request: its route read from its match (set once its router resolved it),
            now that it has ended; a route put on by hand comes first. */
-        exc = take_exception();
         PyObject *request = self->request;
         self->request = NULL;
         if (self->route == NULL) {
-            PyObject *found = request_route(request);
+            PyObject *found = request_route(request, &at);
             if (found == NULL) {
                 request_route_failed();
             }
@@ -803,15 +814,16 @@ request_end(TimedObject *self)
         Py_DECREF(request);
     }
     PyObject *route = self->route, *fn = g_request_end;
-    if (route == NULL || route == Py_None || observe_route(g_route_rows, route, self->busy) ||
-        fn == NULL) {
-        if (exc != NULL) {
-            put_exception(exc);
-        }
-        return;
+    if (route == NULL || route == Py_None || front_observe(at, route, self->busy)) {
+        goto done;
     }
-    if (exc == NULL) {
-        exc = take_exception();
+    PyObject *row = observe_route(g_route_rows, route, self->busy);
+    if (row != NULL) {
+        front_keep_row(at, route, row);
+        goto done;
+    }
+    if (fn == NULL) {
+        goto done;
     }
     PyObject *busy = PyFloat_FromDouble(self->busy);
     if (busy != NULL) {
@@ -830,6 +842,7 @@ request_end(TimedObject *self)
     else {
         PyErr_WriteUnraisable((PyObject *)self);
     }
+done:
     if (exc != NULL) {
         put_exception(exc);
     }
@@ -3316,10 +3329,12 @@ route_label(FrameworkHookObject *self, PyObject *route_obj, PyObject *scope)
 /* -- aiohttp: a request's route, read from its match ------------------------------------------
 
    Set by set_request_routes(canonical, failed) while aiohttp's hooks are on: canonical(match,
-   route) is the canonical path of the route aiohttp matched ("/users/{user_id}") or None for a
-   request no route matched (asked once per route object); failed(exc) turns the hooks off and
-   says so. The labels of each route object by method are kept in g_route_labels, {id(route):
-   (weakref(route), {None: canonical, method: "METHOD canonical"})}. */
+   route) is (the canonical path of the route aiohttp matched, "/users/{user_id}", or None for a
+   request no route matched; the one method the route serves, or None for a route of any
+   method), asked once per route object (a bare str or None is the path, of a route of any
+   method); failed(exc) turns the hooks off and says so. The labels of each route object are
+   kept in g_route_labels, {id(route): (weakref(route), {None: canonical, method: "METHOD
+   canonical"}, its one method or None)}. */
 static PyObject *g_route_canonical, *g_route_failed, *g_route_labels;
 
 static void
@@ -3369,18 +3384,79 @@ slot_or_attr(PyObject *obj, PyObject *name, SlotAt *at)
     return value != NULL ? Py_NewRef(value) : PyObject_GetAttr(obj, name);
 }
 
-/* The labels last made, by route object and method (the same objects request after request:
-   aiohttp's parser gives each method as one str), in front of g_route_labels: a route's label
-   found with two comparisons. Direct-mapped; an entry holds its route weakly. */
+/* The labels last met, in front of g_route_labels, with the Row each goes to: a request's route
+   found with a few loads. Direct-mapped, an entry holding its route object weakly. The label of
+   a route that serves one method is keyed by the route alone (method NULL: the request's method
+   is not read); one of a route of any method by the route and the request's method (the same
+   str object request after request: aiohttp's parser gives each method as one). The row is that
+   of g_route_rows as of generation `gen` (set_route_rows starts a new one). */
 #define LABEL_SLOTS 64
-static struct {
-    PyObject *ref, *method, *label;
-} g_label_at[LABEL_SLOTS];
-
+typedef struct {
+    PyObject *ref, *method, *label, *row;
+    uint64_t gen;
+} LabelAt;
+static LabelAt g_label_at[LABEL_SLOTS];
 static inline Py_ssize_t
 label_slot(PyObject *route_obj, PyObject *method)
 {
     return (Py_ssize_t)((((uintptr_t)route_obj >> 4) ^ ((uintptr_t)method >> 4)) % LABEL_SLOTS);
+}
+
+/* Whether entry `at` is the label of `route_obj` for `method` (NULL: of any request it serves). */
+static inline int
+front_holds(Py_ssize_t at, PyObject *route_obj, PyObject *method)
+{
+    LabelAt *e = &g_label_at[at];
+    if (e->method != method || e->ref == NULL) {
+        return 0;
+    }
+    PyObject *held;
+    if (PyWeakref_GetRef(e->ref, &held) <= 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(held); /* (a route is compared by identity only: while its entry's ref holds) */
+    return held == route_obj;
+}
+
+static void
+front_put(Py_ssize_t at, PyObject *route_obj, PyObject *method, PyObject *label)
+{
+    PyObject *ref = PyWeakref_NewRef(route_obj, NULL);
+    if (ref == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    LabelAt *e = &g_label_at[at];
+    Py_XSETREF(e->ref, ref);
+    Py_XSETREF(e->method, Py_XNewRef(method));
+    Py_XSETREF(e->label, Py_NewRef(label));
+    Py_CLEAR(e->row);
+}
+
+/* A request's busy time into the row kept with its label at `at`: 1, or 0 where there is none
+   (yet, or any more). */
+static int
+front_observe(Py_ssize_t at, PyObject *route, double busy)
+{
+    if (at < 0) {
+        return 0;
+    }
+    LabelAt *e = &g_label_at[at];
+    if (e->label != route || e->row == NULL || e->gen != g_rows_gen || g_nlatency < 0) {
+        return 0;
+    }
+    observe_row((RowObject *)e->row, busy);
+    return 1;
+}
+
+static void
+front_keep_row(Py_ssize_t at, PyObject *route, PyObject *row)
+{
+    if (at >= 0 && g_label_at[at].label == route) {
+        Py_XSETREF(g_label_at[at].row, Py_NewRef(row));
+        g_label_at[at].gen = g_rows_gen;
+    }
 }
 
 static void
@@ -3390,52 +3466,51 @@ forget_labels(void)
         Py_CLEAR(g_label_at[i].ref);
         Py_CLEAR(g_label_at[i].method);
         Py_CLEAR(g_label_at[i].label);
+        Py_CLEAR(g_label_at[i].row);
     }
 }
 
-/* "METHOD canonical" for the route of a match, "METHOD <unmatched>" where no route matched. */
+/* canonical(match, route)'s answer: the path (a new reference: a str, or None) and the one
+   method the route serves (borrowed, or NULL). */
 static PyObject *
-aiohttp_route_label(PyObject *method, PyObject *match)
+canonical_answer(PyObject *answer, PyObject **only)
 {
-    /* (The match's route: its slot, read without the property's frame where it has one.) */
-    PyObject *route_obj = slot_or_attr(match, h__route, &g_at_route);
-    if (route_obj == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            return NULL;
-        }
-        PyErr_Clear();
-        route_obj = PyObject_GetAttr(match, h_route);
-        if (route_obj == NULL) {
-            return NULL;
-        }
+    *only = NULL;
+    if (PyTuple_Check(answer) && PyTuple_GET_SIZE(answer) == 2) {
+        PyObject *method = PyTuple_GET_ITEM(answer, 1);
+        *only = PyUnicode_Check(method) ? method : NULL;
+        return Py_NewRef(PyTuple_GET_ITEM(answer, 0));
     }
-    Py_ssize_t at = label_slot(route_obj, method);
-    if (g_label_at[at].method == method && g_label_at[at].ref != NULL) {
-        PyObject *held;
-        if (PyWeakref_GetRef(g_label_at[at].ref, &held) > 0) {
-            Py_DECREF(held);
-            if (held == route_obj) {
-                Py_DECREF(route_obj);
-                return Py_NewRef(g_label_at[at].label);
-            }
-        }
-        PyErr_Clear();
+    return Py_NewRef(answer);
+}
+
+/* "METHOD canonical" for the route `route_obj` of a match, "METHOD <unmatched>" where no route
+   matched; *at: where it was put in front (-1: it was not). */
+static PyObject *
+aiohttp_route_label(PyObject *method, PyObject *match, PyObject *route_obj, Py_ssize_t *at)
+{
+    Py_ssize_t by_method = label_slot(route_obj, method);
+    if (front_holds(by_method, route_obj, method)) {
+        *at = by_method;
+        return Py_NewRef(g_label_at[by_method].label);
     }
-    PyObject *route = NULL, *labels = NULL, *key = PyLong_FromVoidPtr(route_obj);
+    PyObject *route = NULL, *labels = NULL, *only = NULL, *key = PyLong_FromVoidPtr(route_obj);
     PyObject *cache = g_route_labels, *canonical_of = g_route_canonical;
     if (cache == NULL || canonical_of == NULL) {
         Py_XDECREF(key);
-        Py_DECREF(route_obj);
         return Py_NewRef(Py_None); /* (the hooks were turned off meanwhile) */
     }
     Py_INCREF(cache);
     Py_INCREF(canonical_of);
     PyObject *entry = key != NULL ? PyDict_GetItemWithError(cache, key) : NULL;
-    if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2) {
+    if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 3) {
         PyObject *held;
         if (PyWeakref_GetRef(PyTuple_GET_ITEM(entry, 0), &held) > 0) {
             if (held == route_obj) {
                 labels = PyTuple_GET_ITEM(entry, 1); /* (borrowed: the cache holds it) */
+                only = PyTuple_GET_ITEM(entry, 2);
+                Py_INCREF(labels);
+                Py_INCREF(only);
             }
             Py_DECREF(held);
         }
@@ -3456,7 +3531,9 @@ aiohttp_route_label(PyObject *method, PyObject *match)
     }
     else if (key != NULL && !PyErr_Occurred()) {
         PyObject *args[2] = {match, route_obj};
-        PyObject *canonical = PyObject_Vectorcall(canonical_of, args, 2, NULL);
+        PyObject *answer = PyObject_Vectorcall(canonical_of, args, 2, NULL);
+        PyObject *canonical = answer != NULL ? canonical_answer(answer, &only) : NULL;
+        only = Py_NewRef(only != NULL ? only : Py_None);
         if (canonical != NULL) {
             route = PyUnicode_FromFormat("%S %S", method,
                                          canonical == Py_None ? h_unmatched : canonical);
@@ -3470,35 +3547,34 @@ aiohttp_route_label(PyObject *method, PyObject *match)
                 if (PyDict_GET_SIZE(cache) >= 4096) {
                     PyDict_Clear(cache);
                 }
-                PyObject *fresh = PyDict_New();
-                PyObject *value = fresh != NULL ? PyTuple_Pack(2, ref, fresh) : NULL;
-                if (value == NULL || PyDict_SetItem(fresh, Py_None, canonical) < 0 ||
-                    PyDict_SetItem(fresh, method, route) < 0 ||
+                labels = PyDict_New();
+                PyObject *value = labels != NULL ? PyTuple_Pack(3, ref, labels, only) : NULL;
+                if (value == NULL || PyDict_SetItem(labels, Py_None, canonical) < 0 ||
+                    PyDict_SetItem(labels, method, route) < 0 ||
                     PyDict_SetItem(cache, key, value) < 0) {
                     Py_CLEAR(route);
                 }
                 Py_XDECREF(value);
-                Py_XDECREF(fresh);
                 Py_DECREF(ref);
             }
         }
         Py_XDECREF(canonical);
+        Py_XDECREF(answer);
     }
     if (route != NULL && labels != NULL) {
-        /* (A label of a route the cache holds: put in front. A route no route matched, made
-           each time, is not.) */
-        PyObject *ref = PyWeakref_NewRef(route_obj, NULL);
-        if (ref == NULL) {
+        /* (A label of a route the cache holds: put in front, by the route alone where the route
+           serves this one method. A route no route matched, made each time, is not.) */
+        int one = only != NULL && PyUnicode_Check(only) &&
+                  PyUnicode_Compare(only, method) == 0;
+        if (!one && PyErr_Occurred()) {
             PyErr_Clear();
         }
-        else {
-            Py_XSETREF(g_label_at[at].ref, ref);
-            Py_XSETREF(g_label_at[at].method, Py_NewRef(method));
-            Py_XSETREF(g_label_at[at].label, Py_NewRef(route));
-        }
+        *at = one ? label_slot(route_obj, NULL) : by_method;
+        front_put(*at, route_obj, one ? NULL : method, route);
     }
+    Py_XDECREF(labels);
+    Py_XDECREF(only);
     Py_XDECREF(key);
-    Py_DECREF(route_obj);
     Py_DECREF(cache);
     Py_DECREF(canonical_of);
     return route;
@@ -3506,14 +3582,17 @@ aiohttp_route_label(PyObject *method, PyObject *match)
 
 /* The route of an aiohttp request (a new reference): its label once Application._handle has put
    its router's match on it (request._match_info), None before that (or for a request no
-   application routed), NULL with an error set. Reads the request's own attributes only. */
+   application routed), NULL with an error set; *at: where the label is in front of the labels'
+   cache, or -1. Reads the request's own attributes only: its match, and its method unless its
+   route serves one method. */
 static PyObject *
-request_route(PyObject *request)
+request_route(PyObject *request, Py_ssize_t *at)
 {
+    *at = -1;
     if (g_route_canonical == NULL) {
         return Py_NewRef(Py_None);
     }
-    PyObject *match = NULL, *method = NULL;
+    PyObject *match = NULL;
     if (PyObject_GetOptionalAttr(request, h__match_info, &match) < 0) {
         return NULL;
     }
@@ -3521,13 +3600,32 @@ request_route(PyObject *request)
         Py_XDECREF(match);
         return Py_NewRef(Py_None);
     }
-    method = slot_or_attr(request, h__method, &g_at_method);
-    if (method == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+    /* (The match's route: its slot, read without the property's frame where it has one.) */
+    PyObject *route_obj = slot_or_attr(match, h__route, &g_at_route);
+    if (route_obj == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
         PyErr_Clear();
-        method = PyObject_GetAttr(request, h_method); /* (a request class without the slot) */
+        route_obj = PyObject_GetAttr(match, h_route);
     }
-    PyObject *route = method != NULL ? aiohttp_route_label(method, match) : NULL;
-    Py_XDECREF(method);
+    if (route_obj == NULL) {
+        Py_DECREF(match);
+        return NULL;
+    }
+    PyObject *route = NULL;
+    Py_ssize_t alone = label_slot(route_obj, NULL);
+    if (front_holds(alone, route_obj, NULL)) {
+        *at = alone;
+        route = Py_NewRef(g_label_at[alone].label);
+    }
+    else {
+        PyObject *method = slot_or_attr(request, h__method, &g_at_method);
+        if (method == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            method = PyObject_GetAttr(request, h_method); /* (a request class without one) */
+        }
+        route = method != NULL ? aiohttp_route_label(method, match, route_obj, at) : NULL;
+        Py_XDECREF(method);
+    }
+    Py_DECREF(route_obj);
     Py_DECREF(match);
     return route;
 }
@@ -3536,7 +3634,8 @@ request_route(PyObject *request)
 static PyObject *
 request_route_py(PyObject *Py_UNUSED(m), PyObject *request)
 {
-    return request_route(request);
+    Py_ssize_t at;
+    return request_route(request, &at);
 }
 
 /* set_request_routes(canonical, failed), or (None, None): see above. */

@@ -621,9 +621,10 @@ class Wire(asyncio.Transport):
 
 
 async def served_in_process(app: Any, paths: list[str]) -> list[bytes]:
-    """The responses (status line and body) of aiohttp's own server to GET requests of these
-    paths, one keep-alive connection over a Wire: the request tasks made as aiohttp makes them
-    (eagerly from Python 3.12, with no task factory; through the loop's on 3.11)."""
+    """The responses (status line and body) of aiohttp's own server to requests of these paths
+    (GET, or the method given before the path: ``"POST /any"``), one keep-alive connection over a
+    Wire: the request tasks made as aiohttp makes them (eagerly from Python 3.12, with no task
+    factory; through the loop's on 3.11)."""
     from aiohttp import web
 
     runner = web.AppRunner(app, access_log=None)
@@ -632,7 +633,10 @@ async def served_in_process(app: Any, paths: list[str]) -> list[bytes]:
     protocol = runner.server()
     wire = Wire()
     protocol.connection_made(wire)
-    raw = b"".join(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode() for path in paths)
+    raw = b"".join(
+        f"{path if ' ' in path else 'GET ' + path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+        for path in paths
+    )
     protocol.data_received(raw)
     for _ in range(1000):
         if wire.out.count(b"HTTP/1.1 ") == len(paths):
@@ -734,6 +738,76 @@ def test_the_aiohttp_hook_times_each_request_and_labels_it_by_its_match(
         err = capfd.readouterr().err
         assert err.count("labelling aiohttp requests by route failed") == 1, err
         assert "ValueError: no route here" in err
+
+
+def test_aiohttp_requests_are_labelled_by_method_and_route_request_after_request(
+    kind: str,
+) -> None:
+    """The labels of aiohttp's requests, the same routes met again and again (the path where the
+    compiled hook keeps each label and its row): a route of one method (``add_get`` also makes a
+    HEAD route), a route of any method labelled by each request's method, a method the route does
+    not serve (405) unmatched, and every request counted under its own label: in a table started
+    anew under the same hooks and routes, and in a second runtime's table for a new
+    application's routes (uninstall, install)."""
+    from aiohttp import web
+
+    import loopwatch
+    from loopwatch import _runtime
+
+    def counts() -> dict[str, int]:
+        runtime = _runtime.current()
+        assert runtime is not None
+        return {r: h.count for r, h in runtime.requests.histograms().items()}
+
+    before_clear: list[dict[str, int]] = []
+
+    async def user(request: web.Request) -> web.Response:
+        await asyncio.sleep(0)
+        return web.Response(text="ok")
+
+    async def clear(request: web.Request) -> web.Response:
+        before_clear.append(counts())
+        runtime = _runtime.current()
+        assert runtime is not None
+        runtime.requests.clear()  # (the table started anew: as a runtime's own does at its end)
+        return web.Response(text="ok")
+
+    def make_app() -> web.Application:
+        app = web.Application()
+        app.router.add_get("/users/{user_id}", user)
+        app.router.add_route("*", "/any", user)
+        app.router.add_post("/clear", clear)
+        return app
+
+    requests = [
+        "/users/1", "POST /any", "/users/2", "HEAD /users/3", "/any", "POST /any",
+        "DELETE /users/4", "/users/5", "HEAD /users/6", "PUT /any", "/users/7",
+    ]  # fmt: skip
+    statuses = [b"200"] * 6 + [b"405"] + [b"200"] * 4
+    expected = {
+        "GET /users/{user_id}": 4,
+        "HEAD /users/{user_id}": 2,
+        "POST /any": 2,
+        "GET /any": 1,
+        "PUT /any": 1,
+        "DELETE <unmatched>": 1,
+    }
+
+    def served(paths: list[str]) -> list[bytes]:
+        async def main() -> list[bytes]:
+            return await served_in_process(make_app(), paths)
+
+        factory = loopwatch.new_uvloop_event_loop if kind == "uvloop" else loopwatch.new_event_loop
+        return [line.split(b" ")[0] for line in run_on_loop(factory, main())]
+
+    loopwatch.install(log="off")
+    assert served([*requests, "POST /clear", *requests]) == [*statuses, b"200", *statuses]
+    assert before_clear == [expected]
+    assert counts() == {**expected, "POST /clear": 1}
+    loopwatch.uninstall()
+    loopwatch.install(log="off")
+    assert served(requests) == statuses
+    assert counts() == expected
 
 
 def run_on_loop(factory: Any, coro: Any) -> Any:

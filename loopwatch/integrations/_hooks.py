@@ -209,7 +209,7 @@ def _hook_aiohttp_protocol(module: ModuleType) -> None:
     if _FrameworkHook is not None:
         assert ACCEL is not None
         if routes:
-            ACCEL.set_request_routes(_aiohttp_canonical, _aiohttp_failed)
+            ACCEL.set_request_routes(_aiohttp_route, _aiohttp_failed)
             _undo.append(lambda: ACCEL.set_request_routes(None, None))
         hook = _FrameworkHook(
             _HOOK_REQUEST if routes else _HOOK_TASK, handle, _task_source,
@@ -287,6 +287,20 @@ def _aiohttp_canonical(match_info: Any, route: Any) -> str | None:
     if canonical is None or getattr(match_info, "http_exception", None) is not None:
         return None
     return canonical  # type: ignore[no-any-return]
+
+
+def _aiohttp_route(match_info: Any, route: Any) -> tuple[str | None, str | None]:
+    """For the compiled path, asked once per route object: its canonical path (as
+    ``_aiohttp_canonical``) and the one method it serves, or None for a route of any method
+    (``*``) or of a router of the program's own (a request of such a route has its method read
+    from it)."""
+    canonical = _aiohttp_canonical(match_info, route)
+    dispatcher = sys.modules.get("aiohttp.web_urldispatcher")
+    own = getattr(dispatcher, "ResourceRoute", None)
+    if canonical is None or own is None or type(route) is not own:
+        return canonical, None
+    method = getattr(route, "method", None)
+    return canonical, method if type(method) is str and method != "*" else None
 
 
 def _label_aiohttp(request: Any, match_info: Any) -> None:
