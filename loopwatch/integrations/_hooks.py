@@ -291,9 +291,9 @@ def _aiohttp_canonical(match_info: Any, route: Any) -> str | None:
 
 def _aiohttp_route(match_info: Any, route: Any) -> tuple[str | None, str | None]:
     """For the compiled path, asked once per route object: its canonical path (as
-    ``_aiohttp_canonical``) and the one method it serves, or None for a route of any method
-    (``*``) or of a router of the program's own (a request of such a route has its method read
-    from it)."""
+    ``_aiohttp_canonical``) and the one method it serves (aiohttp's own ``ResourceRoute`` of a
+    method: its resources match it for that method only), or None for a route of any method
+    (``*``) or of another class (a request of such a route has its method read from it)."""
     canonical = _aiohttp_canonical(match_info, route)
     dispatcher = sys.modules.get("aiohttp.web_urldispatcher")
     own = getattr(dispatcher, "ResourceRoute", None)
