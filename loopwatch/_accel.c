@@ -792,11 +792,12 @@ static void front_keep_row(Py_ssize_t at, PyObject *route, PyObject *row);
 static void
 request_end(TimedObject *self)
 {
-    PyObject *exc = take_exception();
+    PyObject *exc = NULL;
     Py_ssize_t at = -1; /* (where the route is in front of the labels' cache, with its row) */
     if (self->request != NULL) {
         /* An aiohttp request: its route read from its match (set once its router resolved it),
            now that it has ended; a route put on by hand comes first. */
+        exc = take_exception();
         PyObject *request = self->request;
         self->request = NULL;
         if (self->route == NULL) {
@@ -824,6 +825,9 @@ request_end(TimedObject *self)
     }
     if (fn == NULL) {
         goto done;
+    }
+    if (exc == NULL) {
+        exc = take_exception();
     }
     PyObject *busy = PyFloat_FromDouble(self->busy);
     if (busy != NULL) {
